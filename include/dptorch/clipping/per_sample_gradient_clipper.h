@@ -1,0 +1,103 @@
+#pragma once
+
+#include <dptorch/clipping/norm_clipper.h>
+#include <dptorch/grad_sample/grad_sample_module.h>
+
+#include <functional>
+#include <memory>
+#include <string>
+#include <vector>
+
+namespace dptorch {
+
+/// What the on-batch-clip callback sees: once per trainable parameter after each
+/// clip_and_accumulate(), then once with an empty `name` to mark the end of the batch.
+struct ClipEvent {
+  /// The parameter's name in module->named_parameters(); empty for the end-of-batch call.
+  std::string name;
+  /// Clip factor per sample [B].
+  torch::Tensor clip_factor;
+  /// The threshold the parameter was clipped at (the flat threshold for flat clipping).
+  double threshold = 0;
+  /// Per-sample norm [B] that was clipped (the flat norm for flat clipping).
+  torch::Tensor per_sample_norm;
+  /// The materialised per-sample gradient [B, ...], only if the callback asked for it.
+  torch::Tensor grad_sample;
+};
+
+/// What pre_step() reports about the accumulated logical batch.
+struct ClipStats {
+  /// The largest threshold each trainable parameter was clipped at, over the accumulated calls.
+  std::vector<double> max_norms;
+  /// Samples accumulated since the last pre_step().
+  int64_t batch_size = 0;
+};
+
+/// Clips per-sample gradients and accumulates their sum (DESIGN.md §3): after each backward,
+/// clip_and_accumulate() computes per-sample norms, clip factors, and adds Σ_i factor_i G_i to
+/// each parameter's accumulator; pre_step() writes the accumulated sum into `.grad` (÷ batch size
+/// for "mean") and resets. Several clip_and_accumulate() calls before one pre_step() are virtual
+/// steps of one logical batch.
+///
+/// Example:
+///   dptorch::PerSampleGradientClipper clipper(
+///       model, std::make_shared<dptorch::ConstantFlatClipper>(1.0));
+///   loss.backward();
+///   clipper.clip_and_accumulate();
+///   auto stats = clipper.pre_step();
+///   optimizer.step();
+class PerSampleGradientClipper {
+ public:
+  /// Attaches to `module`; `loss_reduction` is "mean" or "sum".
+  PerSampleGradientClipper(std::shared_ptr<torch::nn::Module> module,
+                           std::shared_ptr<NormClipper> norm_clipper, bool batch_first = true,
+                           const std::string& loss_reduction = "mean");
+  template <typename M>
+  PerSampleGradientClipper(const torch::nn::ModuleHolder<M>& module,
+                           std::shared_ptr<NormClipper> norm_clipper, bool batch_first = true,
+                           const std::string& loss_reduction = "mean")
+      : PerSampleGradientClipper(module.ptr(), std::move(norm_clipper), batch_first,
+                                 loss_reduction) {}
+
+  /// Clips the per-sample gradients of the last backward and adds their sum to the accumulators.
+  void clip_and_accumulate();
+  /// Writes the accumulated sums into each parameter's `.grad` (÷ accumulated batch size for
+  /// "mean"), returns the thresholds and batch size, and resets. Error if nothing accumulated.
+  ClipStats pre_step();
+  /// Drops accumulated sums and recorded per-sample gradients, and zeroes `.grad`.
+  void zero_grad();
+  /// Detaches from the module (the module runs as plain torch again).
+  void close();
+  /// Sets the callback run after each clip_and_accumulate() (see ClipEvent); with
+  /// `with_grad_sample` it also receives the materialised per-sample gradients (costly).
+  void set_on_batch_clip_func(std::function<void(const ClipEvent&)> func,
+                              bool with_grad_sample = false);
+
+  /// Accumulated Σ clipped per-sample gradients per trainable parameter (undefined until the
+  /// first clip_and_accumulate()), in the order of grad_sample_module().parameter_names().
+  [[nodiscard]] const std::vector<torch::Tensor>& accumulated() const { return summed_; }
+  /// Samples accumulated since the last reset.
+  [[nodiscard]] int64_t accumulated_batch_size() const { return batch_size_; }
+  /// clip_and_accumulate() calls since the last reset.
+  [[nodiscard]] int64_t accumulated_iterations() const { return iterations_; }
+  /// The largest threshold per parameter over the accumulated calls.
+  [[nodiscard]] const std::vector<double>& accumulated_max_norms() const { return max_norms_; }
+  /// Forgets accumulated sums, thresholds and batch size (keeps `.grad`).
+  void reset_accumulation();
+  /// The tape the clipper reads.
+  [[nodiscard]] GradSampleModule& grad_sample_module() { return *gsm_; }
+  /// The norm clipper in use.
+  [[nodiscard]] const std::shared_ptr<NormClipper>& norm_clipper() const { return norm_clipper_; }
+
+ private:
+  std::unique_ptr<GradSampleModule> gsm_;
+  std::shared_ptr<NormClipper> norm_clipper_;
+  std::vector<torch::Tensor> summed_;
+  std::vector<double> max_norms_;
+  int64_t batch_size_ = 0;
+  int64_t iterations_ = 0;
+  std::function<void(const ClipEvent&)> on_batch_clip_;
+  bool with_grad_sample_ = false;
+};
+
+}  // namespace dptorch

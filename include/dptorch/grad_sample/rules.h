@@ -1,0 +1,130 @@
+#pragma once
+
+#include <dptorch/common.h>
+
+#include <torch/types.h>
+
+#include <memory>
+#include <optional>
+#include <string>
+#include <vector>
+
+/// The per-sample gradient rules of DESIGN.md §2: from what a layer recorded in forward and
+/// backward, the per-sample squared norms, the weighted (clipped) sum, and on request the
+/// materialised per-sample gradients. Stateless math is in free functions; the classes hold one
+/// layer's tensors for one backward pass.
+namespace dptorch::grad_sample {
+
+// ---------------------------------------------------------------------------------------------
+// Linear-like layers: activations a [B, T, G·d], output gradients g [B, T, G·p], G groups.
+// Per sample and group, G_i = Σ_t g_t a_tᵀ ([p, d]).
+
+/// ‖G_i‖² summed over groups, without forming G_i: Σ_{t,s} (a_t·a_s)(g_t·g_s) (Li et al. 2021).
+[[nodiscard]] torch::Tensor ghost_norm_sq(const torch::Tensor& a, const torch::Tensor& g,
+                                          int64_t groups);
+
+/// G_i for every sample: [B, G·p, d].
+[[nodiscard]] torch::Tensor materialize(const torch::Tensor& a, const torch::Tensor& g,
+                                        int64_t groups);
+
+/// Σ_i w_i G_i as one matmul over B·T rows: [G·p, d].
+[[nodiscard]] torch::Tensor weighted_sum(const torch::Tensor& a, const torch::Tensor& g,
+                                         const torch::Tensor& w, int64_t groups);
+
+/// Whether materialising costs fewer flops than ghost norms: d·p <= T·(d + p) per group.
+[[nodiscard]] bool materialize_is_cheaper(int64_t T, int64_t d, int64_t p);
+
+/// Unfolds a convolution input [B, C, S1..SD] into [B, T, C·k1..kD] patches, T = number of
+/// output positions, columns in the order of the weight's [C, k1..kD] layout. Works for any D.
+[[nodiscard]] torch::Tensor unfold_patches(const torch::Tensor& input, at::IntArrayRef kernel,
+                                           at::IntArrayRef stride, at::IntArrayRef padding,
+                                           at::IntArrayRef dilation);
+
+// ---------------------------------------------------------------------------------------------
+// Embedding-like layers: N lookups, row index[n] of the table used by sample sample[n], with
+// output gradient rows g [N, dim]. G_i = Σ_{n: sample[n]=i} e_{index[n]} g_nᵀ.
+
+/// ‖G_i‖² = Σ_v ‖Σ_{n: sample[n]=i, index[n]=v} g_n‖² in O(N·dim) time and memory; never forms a
+/// [B, vocab, dim] tensor.
+[[nodiscard]] torch::Tensor embedding_norm_sq(const torch::Tensor& index,
+                                              const torch::Tensor& sample, const torch::Tensor& g,
+                                              int64_t batch_size, int64_t num_embeddings);
+
+// ---------------------------------------------------------------------------------------------
+
+/// Per-sample gradients of one layer's trainable parameters for one backward pass: the rule's
+/// three answers (DESIGN.md §2). Results are in the order of `names()`, for the gradient of the
+/// loss as recorded (the caller rescales for the loss reduction).
+class PerSampleGrads {
+ public:
+  virtual ~PerSampleGrads() = default;
+  /// Local names of the parameters covered ("weight", "bias").
+  [[nodiscard]] virtual std::vector<std::string> names() const = 0;
+  /// Squared per-sample norms, [B] per parameter.
+  [[nodiscard]] virtual std::vector<torch::Tensor> norm_sq() = 0;
+  /// Σ_i w_i G_i per parameter, each with its own weights w [B].
+  [[nodiscard]] virtual std::vector<torch::Tensor> weighted_sum(
+      const std::vector<torch::Tensor>& w) = 0;
+  /// The per-sample gradients [B, param shape...] per parameter (costly; on request only).
+  [[nodiscard]] virtual std::vector<torch::Tensor> materialize() = 0;
+};
+
+/// Rule for Linear and Conv: weight [G·p, d] (viewed as the parameter's shape) and bias [G·p].
+class LinearLikeGrads final : public PerSampleGrads {
+ public:
+  /// a [B, T, G·d], g [B, T, G·p]; `weight_shape` empty when the weight is frozen.
+  LinearLikeGrads(torch::Tensor a, torch::Tensor g, int64_t groups,
+                  std::vector<int64_t> weight_shape, bool has_bias, NormMethod method);
+  std::vector<std::string> names() const override;
+  std::vector<torch::Tensor> norm_sq() override;
+  std::vector<torch::Tensor> weighted_sum(const std::vector<torch::Tensor>& w) override;
+  std::vector<torch::Tensor> materialize() override;
+  /// Whether the weight's norms are computed by materialising (after the cost model).
+  [[nodiscard]] bool materializes() const { return materialize_; }
+
+ private:
+  const torch::Tensor& weight_samples();
+  const torch::Tensor& bias_samples();
+
+  torch::Tensor a_, g_;
+  int64_t groups_;
+  std::vector<int64_t> weight_shape_;
+  bool has_bias_;
+  bool materialize_;
+  torch::Tensor weight_samples_;  // [B, G·p, d], formed once if needed
+  torch::Tensor bias_samples_;    // [B, G·p]
+};
+
+/// Rule for Embedding and EmbeddingBag: weight [num_embeddings, dim].
+class EmbeddingGrads final : public PerSampleGrads {
+ public:
+  /// index [N] rows used, sample [N] their samples, g [N, dim] the gradient rows.
+  EmbeddingGrads(torch::Tensor index, torch::Tensor sample, torch::Tensor g, int64_t batch_size,
+                 int64_t num_embeddings);
+  std::vector<std::string> names() const override;
+  std::vector<torch::Tensor> norm_sq() override;
+  std::vector<torch::Tensor> weighted_sum(const std::vector<torch::Tensor>& w) override;
+  std::vector<torch::Tensor> materialize() override;
+
+ private:
+  torch::Tensor index_, sample_, g_;
+  int64_t batch_size_, num_embeddings_;
+};
+
+/// Rule for parameters whose per-sample gradients are small enough to hold (norm layers'
+/// affine parameters): they are formed once and everything else follows from them.
+class MaterializedGrads final : public PerSampleGrads {
+ public:
+  /// One [B, param shape...] tensor per named parameter.
+  MaterializedGrads(std::vector<std::string> names, std::vector<torch::Tensor> samples);
+  std::vector<std::string> names() const override { return names_; }
+  std::vector<torch::Tensor> norm_sq() override;
+  std::vector<torch::Tensor> weighted_sum(const std::vector<torch::Tensor>& w) override;
+  std::vector<torch::Tensor> materialize() override { return samples_; }
+
+ private:
+  std::vector<std::string> names_;
+  std::vector<torch::Tensor> samples_;
+};
+
+}  // namespace dptorch::grad_sample
