@@ -10,3 +10,15 @@
 #include <dptorch/grad_sample/rules.h>
 #include <dptorch/clipping/norm_clipper.h>
 #include <dptorch/clipping/per_sample_gradient_clipper.h>
+#include <dptorch/optim/noise.h>
+#include <dptorch/optim/dp_optimizer.h>
+#include <dptorch/data/fashion_mnist.h>
+#include <dptorch/data/physical_batches.h>
+#include <dptorch/data/poisson_data_loader.h>
+#include <dptorch/data/samplers.h>
+#include <dptorch/accounting/accountant.h>
+#include <dptorch/accounting/calibration.h>
+#include <dptorch/accounting/gdp.h>
+#include <dptorch/accounting/prv.h>
+#include <dptorch/accounting/rdp.h>
+#include <dptorch/engine/privacy_engine.h>

@@ -100,3 +100,42 @@ std::vector<torch::Tensor> DynamicClipper::clipping_factors(
 }
 
 }  // namespace dptorch
+
+namespace dptorch {
+
+AdaptiveClipper::AdaptiveClipper(AdaptiveClipperOptions options)
+    : options_(std::move(options)), max_norm_(options_.initial_max_norm()) {
+  detail::check_positive("initial_max_norm", options_.initial_max_norm());
+  const double gamma = options_.target_unclipped_quantile();
+  TORCH_CHECK_VALUE(gamma > 0 && gamma < 1, "target_unclipped_quantile must be in (0, 1), but is ",
+                    gamma);
+  detail::check_positive("learning_rate", options_.learning_rate());
+  detail::check_positive("unclipped_num_std", options_.unclipped_num_std());
+  detail::check_positive("min_max_norm", options_.min_max_norm());
+  TORCH_CHECK_VALUE(options_.max_max_norm() >= options_.min_max_norm(),
+                    "max_max_norm must be >= min_max_norm, but is ", options_.max_max_norm());
+}
+
+std::vector<torch::Tensor> AdaptiveClipper::clipping_factors(
+    const std::vector<torch::Tensor>& norms) {
+  TORCH_CHECK_VALUE(norms.size() == 1, "AdaptiveClipper clips the flat norm: expected one norm "
+                                       "vector, got ", norms.size());
+  unclipped_ += (norms[0] <= max_norm_).sum().item<double>();
+  return {clip_factor(norms[0], max_norm_)};
+}
+
+void AdaptiveClipper::update(double noise, double expected_batch_size) {
+  detail::check_positive("expected_batch_size", expected_batch_size);
+  const double fraction = (unclipped_ + noise) / expected_batch_size;
+  unclipped_ = 0;
+  max_norm_ *= std::exp(-options_.learning_rate() *
+                        (fraction - options_.target_unclipped_quantile()));
+  max_norm_ = std::clamp(max_norm_, options_.min_max_norm(), options_.max_max_norm());
+}
+
+void AdaptiveClipper::set_max_norm(double max_norm) {
+  detail::check_positive("max_norm", max_norm);
+  max_norm_ = max_norm;
+}
+
+}  // namespace dptorch

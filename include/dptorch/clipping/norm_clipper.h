@@ -94,3 +94,52 @@ class DynamicClipper final : public NormClipper {
 };
 
 }  // namespace dptorch
+
+namespace dptorch {
+
+/// Settings of an AdaptiveClipper (Andrew et al. 2021, "Differentially Private Learning with
+/// Adaptive Clipping", Algorithm 1 with the geometric update).
+struct AdaptiveClipperOptions {
+  /// `initial_max_norm`: C before the first step (finite and > 0).
+  explicit AdaptiveClipperOptions(double initial_max_norm) : initial_max_norm_(initial_max_norm) {}
+  /// C before the first step.
+  TORCH_ARG(double, initial_max_norm);
+  /// γ: the fraction of samples whose norm should stay at or below C (in (0, 1)).
+  TORCH_ARG(double, target_unclipped_quantile) = 0.5;
+  /// η of the geometric update C ← C·exp(−η (b̃ − γ)).
+  TORCH_ARG(double, learning_rate) = 0.2;
+  /// σ_b: standard deviation of the noise on the count of unclipped samples.
+  TORCH_ARG(double, unclipped_num_std) = 1.0;
+  /// Bounds C is kept within.
+  TORCH_ARG(double, min_max_norm) = 1e-6;
+  TORCH_ARG(double, max_max_norm) = 1e6;
+};
+
+/// Flat clipping at a threshold C that follows a private estimate of a quantile of the per-sample
+/// norms (Andrew et al. 2021). It counts the samples with ‖G_i‖ <= C; at each optimiser step the
+/// count gets N(0, σ_b²) noise and C moves geometrically toward the target quantile. The count's
+/// noise costs privacy: with gradient noise σ_Δ the step is accounted at
+/// σ = (σ_Δ⁻² + (2σ_b)⁻²)^(−1/2) (Andrew et al. 2021, Thm 1); DPOptimizer does this split.
+class AdaptiveClipper final : public NormClipper {
+ public:
+  explicit AdaptiveClipper(AdaptiveClipperOptions options);
+  std::vector<torch::Tensor> clipping_factors(const std::vector<torch::Tensor>& norms) override;
+  std::vector<double> thresholds() const override { return {max_norm_}; }
+  bool is_per_layer() const override { return false; }
+  /// Moves C with the noisy fraction of unclipped samples counted since the last update:
+  /// b̃ = (count + noise) / expected_batch_size, `noise` ~ N(0, σ_b²) drawn by the caller.
+  void update(double noise, double expected_batch_size);
+  /// The current threshold C.
+  [[nodiscard]] double max_norm() const { return max_norm_; }
+  /// Sets C (for resuming from a checkpoint).
+  void set_max_norm(double max_norm);
+  /// The settings.
+  [[nodiscard]] const AdaptiveClipperOptions& options() const { return options_; }
+
+ private:
+  AdaptiveClipperOptions options_;
+  double max_norm_;
+  double unclipped_ = 0;
+};
+
+}  // namespace dptorch

@@ -1,0 +1,122 @@
+#pragma once
+
+#include <cstdint>
+#include <iosfwd>
+#include <memory>
+#include <string>
+#include <vector>
+
+namespace dptorch::accounting {
+
+/// One block of an accountant's history: `steps` consecutive steps of the Poisson-subsampled
+/// Gaussian mechanism with noise multiplier σ (noise std / clipping norm) and sample rate q.
+struct HistoryEntry {
+  double noise_multiplier = 0.0;
+  double sample_rate = 0.0;
+  int64_t steps = 0;
+};
+
+/// Entries are equal when σ, q and the step count are all equal.
+bool operator==(const HistoryEntry& a, const HistoryEntry& b);
+/// Negation of operator==.
+bool operator!=(const HistoryEntry& a, const HistoryEntry& b);
+/// Prints "(noise_multiplier=1.5, sample_rate=0.04, steps=2250)".
+std::ostream& operator<<(std::ostream& os, const HistoryEntry& entry);
+
+/// A privacy accountant: records the (σ, q) of every DP-SGD step and answers the ε spent so
+/// far for a given δ. The history is a list of (σ, q, steps) blocks; a step with the same σ
+/// and q as the last block extends it, so a run with a fixed schedule is a single block.
+/// Composition over blocks with different (σ, q) is exact for every accountant.
+///
+/// Example:
+/// ```
+///   auto accountant = dptorch::accounting::make_accountant("prv");
+///   for (int64_t i = 0; i < 2249; ++i) accountant->step(/*noise_multiplier=*/1.5, 0.04);
+///   double eps = accountant->epsilon(/*delta=*/1e-5);  // 6.7774
+///   std::string state = accountant->serialize();       // store with the checkpoint
+/// ```
+class Accountant {
+ public:
+  virtual ~Accountant() = default;
+
+  /// Records `steps` steps with noise multiplier σ and sample rate q; extends the last
+  /// history block if it has the same σ and q. Throws unless σ is finite and >= 0,
+  /// q in [0, 1] and steps >= 0; zero steps record nothing.
+  void step(double noise_multiplier, double sample_rate, int64_t steps = 1);
+
+  /// The recorded (σ, q, steps) blocks, oldest first.
+  const std::vector<HistoryEntry>& history() const noexcept { return history_; }
+
+  /// Replaces the history (for example with one block when calibrating σ). Every entry is
+  /// validated as in step(); entries are kept as given, not merged.
+  void set_history(std::vector<HistoryEntry> history);
+
+  /// Forgets the history.
+  void reset() noexcept { history_.clear(); }
+
+  /// Total number of recorded steps over all blocks.
+  int64_t total_steps() const noexcept;
+
+  /// The ε spent by the recorded history at the given δ in (0, 1). ε = 0 when no step has a
+  /// positive sample rate; ε = +infinity when a step with q > 0 has σ = 0.
+  [[nodiscard]] virtual double epsilon(double delta) const = 0;
+
+  /// The accounting mechanism: "rdp", "prv" or "gdp" (the name make_accountant takes).
+  virtual std::string mechanism() const = 0;
+
+  /// A copy of this accountant, with its options and history.
+  virtual std::unique_ptr<Accountant> clone() const = 0;
+
+  /// The state (mechanism and history) as a JSON string, for checkpoints. Floating-point
+  /// values round-trip exactly. Options (RDP orders, PRV error bounds) are not part of it.
+  std::string serialize() const;
+
+  /// Restores the history from a string written by serialize(). Throws, leaving this
+  /// accountant unchanged, if the string is corrupt or was written by another mechanism.
+  void deserialize(const std::string& state);
+
+ protected:
+  Accountant() = default;
+  Accountant(const Accountant&) = default;
+  Accountant& operator=(const Accountant&) = default;
+
+ private:
+  std::vector<HistoryEntry> history_;
+};
+
+/// The names make_accountant accepts: {"prv", "rdp", "gdp"}; "prv" (the default) first.
+const std::vector<std::string>& accountant_names();
+
+/// A default-configured accountant by mechanism name: "prv" (PrvAccountant, Gopi et al. 2021),
+/// "rdp" (RdpAccountant, Mironov et al. 2019) or "gdp" (GdpAccountant, Dong et al. 2019).
+/// Throws for any other name, listing the valid ones.
+std::unique_ptr<Accountant> make_accountant(const std::string& name);
+
+/// A default-configured accountant of the mechanism named in `state` (written by
+/// Accountant::serialize()), with its history restored.
+std::unique_ptr<Accountant> load_accountant(const std::string& state);
+
+namespace detail {
+
+/// Throws unless σ is finite and >= 0: "noise_multiplier must be finite and >= 0, but is -1".
+void check_noise_multiplier(double noise_multiplier);
+/// Throws unless q is in [0, 1].
+void check_sample_rate(double sample_rate);
+/// Throws unless q is in (0, 1] (calibration: q = 0 spends nothing whatever σ is).
+void check_positive_sample_rate(double sample_rate);
+/// Throws unless steps >= 0.
+void check_steps(int64_t steps);
+/// Throws unless δ is in (0, 1).
+void check_delta(double delta);
+/// Throws unless the history entry's σ, q and steps are valid.
+void check_entry(const HistoryEntry& entry);
+
+/// The entries that spend privacy: steps > 0 and q > 0 (the others are the identity).
+std::vector<HistoryEntry> spending_entries(const std::vector<HistoryEntry>& history);
+
+/// True if some spending entry has σ = 0 (no noise: ε is infinite).
+bool has_noiseless_step(const std::vector<HistoryEntry>& spending);
+
+}  // namespace detail
+
+}  // namespace dptorch::accounting

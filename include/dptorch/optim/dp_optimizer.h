@@ -1,0 +1,87 @@
+#pragma once
+
+#include <dptorch/accounting/accountant.h>
+#include <dptorch/clipping/per_sample_gradient_clipper.h>
+#include <dptorch/optim/noise.h>
+
+#include <torch/arg.h>
+#include <torch/optim/optimizer.h>
+
+#include <memory>
+
+namespace dptorch::optim {
+
+/// Settings of a DPOptimizer.
+struct DPOptimizerOptions {
+  /// `noise_multiplier` σ (the one the accountant is told) and `expected_batch_size` E[B] = q·N,
+  /// the divisor of the noisy sum for "mean" (never the actual, private, batch size).
+  DPOptimizerOptions(double noise_multiplier, double expected_batch_size)
+      : noise_multiplier_(noise_multiplier), expected_batch_size_(expected_batch_size) {}
+  /// σ: the noise std is σ·C (per-layer clipping: C = ‖(C_l)‖₂).
+  TORCH_ARG(double, noise_multiplier);
+  /// E[B]: the expected logical batch size.
+  TORCH_ARG(double, expected_batch_size);
+  /// q: the sample rate reported to the accountant with each step (0: no accountant).
+  TORCH_ARG(double, sample_rate) = 0;
+};
+
+/// DP-SGD around any torch::optim optimiser (DESIGN.md §4): step() clips and accumulates the
+/// last backward if that was not done yet, adds N(0, σ²C²) to each parameter's clipped sum,
+/// divides by the expected batch size ("mean"), runs the inner step, and tells the accountant
+/// (σ, q). A step with nothing accumulated (an empty Poisson batch) adds noise only.
+///
+/// Example:
+///   auto clipper = std::make_shared<dptorch::PerSampleGradientClipper>(
+///       model, std::make_shared<dptorch::ConstantFlatClipper>(1.0));
+///   dptorch::optim::DPOptimizer opt(std::make_shared<torch::optim::SGD>(model->parameters(), 0.1),
+///                                   clipper, DPOptimizerOptions(1.1, 256).sample_rate(256. / N),
+///                                   std::make_shared<dptorch::optim::TorchNoise>(0), accountant);
+///   loss.backward();
+///   opt.step();
+class DPOptimizer {
+ public:
+  /// `accountant` may be null (nothing is accounted); an AdaptiveClipper in `clipper` splits σ
+  /// between the gradient and the unclipped count (Andrew et al. 2021).
+  DPOptimizer(std::shared_ptr<torch::optim::Optimizer> inner,
+              std::shared_ptr<PerSampleGradientClipper> clipper, DPOptimizerOptions options,
+              std::shared_ptr<NoiseSource> noise,
+              std::shared_ptr<accounting::Accountant> accountant = nullptr);
+
+  /// Clips and accumulates the last backward pass (a virtual step); step() does it too.
+  void accumulate();
+  /// One private optimiser step over everything accumulated since the last step.
+  void step();
+  /// Zeroes gradients and drops accumulated sums and recorded per-sample gradients.
+  void zero_grad();
+
+  /// The wrapped optimiser.
+  [[nodiscard]] torch::optim::Optimizer& inner() { return *inner_; }
+  /// The clipper that feeds this optimiser.
+  [[nodiscard]] PerSampleGradientClipper& clipper() { return *clipper_; }
+  /// The accountant told of each step (may be null).
+  [[nodiscard]] const std::shared_ptr<accounting::Accountant>& accountant() const {
+    return accountant_;
+  }
+  /// The noise source.
+  [[nodiscard]] NoiseSource& noise() { return *noise_; }
+  /// The settings.
+  [[nodiscard]] const DPOptimizerOptions& options() const { return options_; }
+  /// The std multiplier of the gradient noise (σ, or σ_Δ > σ with adaptive clipping).
+  [[nodiscard]] double gradient_noise_multiplier() const { return gradient_sigma_; }
+  /// Optimiser steps taken.
+  [[nodiscard]] int64_t steps() const { return steps_; }
+  /// Sets the step count (for resuming from a checkpoint).
+  void set_steps(int64_t steps) { steps_ = steps; }
+
+ private:
+  std::shared_ptr<torch::optim::Optimizer> inner_;
+  std::shared_ptr<PerSampleGradientClipper> clipper_;
+  DPOptimizerOptions options_;
+  std::shared_ptr<NoiseSource> noise_;
+  std::shared_ptr<accounting::Accountant> accountant_;
+  std::shared_ptr<AdaptiveClipper> adaptive_;
+  double gradient_sigma_;
+  int64_t steps_ = 0;
+};
+
+}  // namespace dptorch::optim

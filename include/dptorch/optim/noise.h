@@ -1,0 +1,116 @@
+#pragma once
+
+#include <torch/arg.h>
+#include <torch/types.h>
+
+#include <cstddef>
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <string>
+
+namespace dptorch::optim {
+
+/// Source of the Gaussian noise N(0, σ²C²) that DP-SGD adds to the clipped gradient sum
+/// (DESIGN.md §4); an interface so that tests can replace it.
+class NoiseSource {
+ public:
+  virtual ~NoiseSource() = default;
+
+  /// A tensor of `shape` whose entries are i.i.d. N(0, stddev²), on the device and of the
+  /// floating dtype of `options` (the default dtype if it has none); stddev = 0 gives zeros.
+  [[nodiscard]] virtual torch::Tensor gaussian(at::IntArrayRef shape, double stddev,
+                                               const torch::TensorOptions& options) = 0;
+
+  /// Whether the noise comes from a cryptographically secure generator, hardened against
+  /// floating-point attacks: what a deployed privacy guarantee needs.
+  [[nodiscard]] virtual bool is_secure() const noexcept = 0;
+};
+
+/// Reproducible noise from torch's own generators (mt19937 on the CPU, Philox on CUDA), one per
+/// device, each seeded with `seed`: the same seed and the same calls give the same noise. Fast,
+/// for experiments and tests; NOT secure (the stream is predictable from the seed).
+/// Example:
+///   dptorch::optim::TorchNoise noise(42);
+///   torch::Tensor n = noise.gaussian({10, 5}, sigma * max_grad_norm, param.options());
+class TorchNoise final : public NoiseSource {
+ public:
+  /// Noise determined by `seed`. On the CPU only its low 32 bits matter (torch's mt19937).
+  explicit TorchNoise(uint64_t seed);
+
+  /// N(0, stddev²) entries drawn with the generator of the result's device.
+  [[nodiscard]] torch::Tensor gaussian(at::IntArrayRef shape, double stddev,
+                                       const torch::TensorOptions& options) override;
+
+  /// false: the stream is predictable from the seed.
+  [[nodiscard]] bool is_secure() const noexcept override { return false; }
+
+  /// The seed the generators started from.
+  [[nodiscard]] uint64_t seed() const noexcept { return seed_; }
+
+  /// The seed and every device generator's state as a byte string, for a checkpoint;
+  /// set_state() of it makes this source continue exactly where it was.
+  [[nodiscard]] std::string state() const;
+
+  /// Restores a state from state(), replacing the seed and all generator states.
+  void set_state(const std::string& state);
+
+ private:
+  at::Generator& generator_for(const torch::Device& device);
+
+  uint64_t seed_;
+  mutable std::mutex mutex_;
+  std::map<std::string, at::Generator> generators_;  // keyed by Device::str()
+};
+
+/// Cryptographically secure noise: random bits from the operating system (getrandom(2), else
+/// /dev/urandom), turned into standard Gaussians in double precision by Box–Muller and then
+/// converted to the requested dtype and device. Takes no seed.
+///
+/// Floating-point defence: a naively sampled Gaussian added in floating point leaks the input
+/// through which values are representable (Mironov 2012, "On Significance of the Least
+/// Significant Bits for Differential Privacy", for the Laplace case; Jin et al. 2022,
+/// arXiv:2112.05307, for Gaussians). As in Opacus's secure mode (opacus/optimizers/optimizer.py,
+/// _generate_noise), following Holohan & Braghin 2021 (arXiv:2107.10138), each output is the sum
+/// of kNumDraws = 4 independent standard Gaussians divided by 2 = sqrt(4), still exactly
+/// N(0, 1), before scaling by stddev.
+class SecureNoise final : public NoiseSource {
+ public:
+  /// Independent standard Gaussians summed per output.
+  static constexpr int kNumDraws = 4;
+
+  /// A source drawing from the operating system's CSPRNG.
+  SecureNoise() = default;
+
+  /// N(0, stddev²) entries, generated on the CPU and moved to the result's device.
+  [[nodiscard]] torch::Tensor gaussian(at::IntArrayRef shape, double stddev,
+                                       const torch::TensorOptions& options) override;
+
+  /// true.
+  [[nodiscard]] bool is_secure() const noexcept override { return true; }
+};
+
+/// Fills `buffer` with `size` bytes from the operating system's CSPRNG (getrandom(2), else
+/// /dev/urandom); an error if neither is available.
+void secure_random_bytes(void* buffer, size_t size);
+
+/// 64 bits from the operating system's CSPRNG, e.g. to seed a PoissonSampler whose batches must
+/// stay secret.
+[[nodiscard]] uint64_t secure_seed();
+
+/// Which noise source make_noise_source() builds.
+/// Example: `dptorch::optim::NoiseOptions().secure_mode(true)`.
+struct NoiseOptions {
+  /// Cryptographically secure noise (SecureNoise), which takes no seed.
+  TORCH_ARG(bool, secure_mode) = false;
+  /// Seed of a reproducible TorchNoise; without one, it is drawn from the OS. Refused in
+  /// secure mode.
+  TORCH_ARG(std::optional<uint64_t>, seed) = std::nullopt;
+};
+
+/// SecureNoise in secure mode, else TorchNoise(seed); a seed given with secure mode is an error.
+[[nodiscard]] std::unique_ptr<NoiseSource> make_noise_source(const NoiseOptions& options = {});
+
+}  // namespace dptorch::optim

@@ -1,0 +1,123 @@
+#include "dptorch/data/samplers.h"
+
+#include <c10/util/Exception.h>
+
+#include <algorithm>
+#include <cmath>
+#include <random>
+#include <utility>
+
+namespace dptorch::data {
+namespace {
+
+// Domain separation: the same seed gives unrelated streams to the two samplers.
+constexpr uint64_t kPoissonStream = 0x506F6973736F6E31ULL;   // "Poisson1"
+constexpr uint64_t kShuffledStream = 0x53687566666C6531ULL;  // "Shuffle1"
+
+// SplitMix64's finaliser (Steele, Lea & Flood 2014): a bijective 64-bit mix.
+uint64_t splitmix64(uint64_t x) {
+  x += 0x9E3779B97F4A7C15ULL;
+  x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9ULL;
+  x = (x ^ (x >> 27)) * 0x94D049BB133111EBULL;
+  return x ^ (x >> 31);
+}
+
+std::mt19937_64 make_engine(uint64_t seed, uint64_t stream, int64_t counter) {
+  return std::mt19937_64(
+      splitmix64(splitmix64(splitmix64(seed) ^ stream) ^ static_cast<uint64_t>(counter)));
+}
+
+// Uniform in [0, bound) without modulo bias: reject the lowest 2^64 mod bound values.
+uint64_t uniform_below(std::mt19937_64& engine, uint64_t bound) {
+  const uint64_t threshold = (0 - bound) % bound;
+  while (true) {
+    const uint64_t x = engine();
+    if (x >= threshold) {
+      return x % bound;
+    }
+  }
+}
+
+void check_dataset_size(int64_t dataset_size) {
+  TORCH_CHECK_VALUE(dataset_size >= 1, "dataset_size must be >= 1, but is ", dataset_size);
+}
+
+void check_step(const char* name, int64_t value) {
+  TORCH_CHECK_VALUE(value >= 0, name, " must be >= 0, but is ", value);
+}
+
+}  // namespace
+
+PoissonSampler::PoissonSampler(int64_t dataset_size, double sample_rate, uint64_t seed)
+    : dataset_size_(dataset_size), sample_rate_(sample_rate), seed_(seed) {
+  check_dataset_size(dataset_size);
+  TORCH_CHECK_VALUE(std::isfinite(sample_rate) && sample_rate > 0.0 && sample_rate <= 1.0,
+                    "sample_rate must be in (0, 1], but is ", sample_rate);
+}
+
+std::vector<int64_t> PoissonSampler::indices(int64_t step) const {
+  check_step("step", step);
+  std::mt19937_64 engine = make_engine(seed_, kPoissonStream, step);
+  std::vector<int64_t> batch;
+  batch.reserve(static_cast<size_t>(expected_batch_size() * 1.1 + 16));
+  for (int64_t i = 0; i < dataset_size_; ++i) {
+    const double u = static_cast<double>(engine() >> 11) * 0x1.0p-53;
+    if (u < sample_rate_) {
+      batch.push_back(i);
+    }
+  }
+  return batch;
+}
+
+int64_t PoissonSampler::steps_per_epoch() const {
+  return std::max<int64_t>(1, std::llround(1.0 / sample_rate_));
+}
+
+double PoissonSampler::expected_batch_size() const {
+  return sample_rate_ * static_cast<double>(dataset_size_);
+}
+
+ShuffledSampler::ShuffledSampler(int64_t dataset_size, int64_t batch_size, uint64_t seed)
+    : dataset_size_(dataset_size), batch_size_(batch_size), seed_(seed) {
+  check_dataset_size(dataset_size);
+  TORCH_CHECK_VALUE(batch_size >= 1 && batch_size <= dataset_size,
+                    "batch_size must be in [1, dataset_size = ", dataset_size, "], but is ",
+                    batch_size);
+}
+
+std::vector<int64_t> ShuffledSampler::permutation(int64_t epoch) const {
+  check_step("epoch", epoch);
+  std::mt19937_64 engine = make_engine(seed_, kShuffledStream, epoch);
+  std::vector<int64_t> order(static_cast<size_t>(dataset_size_));
+  for (int64_t i = 0; i < dataset_size_; ++i) {
+    order[static_cast<size_t>(i)] = i;
+  }
+  for (int64_t i = dataset_size_ - 1; i > 0; --i) {
+    const auto j = static_cast<int64_t>(uniform_below(engine, static_cast<uint64_t>(i) + 1));
+    std::swap(order[static_cast<size_t>(i)], order[static_cast<size_t>(j)]);
+  }
+  return order;
+}
+
+std::vector<int64_t> ShuffledSampler::indices(int64_t step) const {
+  check_step("step", step);
+  const int64_t epoch = step / steps_per_epoch();
+  const int64_t begin = (step % steps_per_epoch()) * batch_size_;
+  std::lock_guard<std::mutex> lock(cache_mutex_);
+  if (cached_epoch_ != epoch) {
+    cached_permutation_ = permutation(epoch);
+    cached_epoch_ = epoch;
+  }
+  const auto first = cached_permutation_.begin() + begin;
+  return std::vector<int64_t>(first, first + batch_size_);
+}
+
+int64_t ShuffledSampler::steps_per_epoch() const { return dataset_size_ / batch_size_; }
+
+double ShuffledSampler::sample_rate() const {
+  return static_cast<double>(batch_size_) / static_cast<double>(dataset_size_);
+}
+
+double ShuffledSampler::expected_batch_size() const { return static_cast<double>(batch_size_); }
+
+}  // namespace dptorch::data

@@ -1,0 +1,230 @@
+#include <dptorch/engine/privacy_engine.h>
+
+#include <dptorch/accounting/calibration.h>
+
+#include <torch/torch.h>
+
+#include <cmath>
+#include <cstdio>
+#include <fstream>
+#include <sstream>
+
+namespace dptorch {
+namespace {
+
+constexpr const char* kCheckpointFormat = "dptorch-checkpoint-1";
+// The noise generator's seed is derived from the user's seed, apart from the sampler's.
+constexpr uint64_t kNoiseSeedSalt = 0x9e3779b97f4a7c15ULL;
+
+// Names and shapes of every parameter and buffer: two models with the same fingerprint can
+// exchange state.
+std::string fingerprint(const torch::nn::Module& module) {
+  std::ostringstream out;
+  for (const auto& p : module.named_parameters()) out << p.key() << p.value().sizes() << ";";
+  for (const auto& b : module.named_buffers()) out << b.key() << b.value().sizes() << ";";
+  return out.str();
+}
+
+std::string first_line(const char* what) {
+  std::string s(what);
+  return s.substr(0, s.find('\n'));
+}
+
+}  // namespace
+
+PrivacySettings resolve(const PrivacyOptions& options, int64_t dataset_size) {
+  TORCH_CHECK_VALUE(dataset_size > 0, "the dataset is empty; private training needs examples");
+  TORCH_CHECK_VALUE(options.delta() > 0 && options.delta() < 1, "delta must be in (0, 1), but is ",
+                    options.delta());
+  detail::check_positive("max_grad_norm", options.max_grad_norm());
+  detail::check_positive("epochs", options.epochs());
+  detail::check_positive("expected_batch_size", options.expected_batch_size());
+  TORCH_CHECK_VALUE(options.expected_batch_size() <= static_cast<double>(dataset_size),
+                    "expected_batch_size must be at most the dataset size (", dataset_size,
+                    "), but is ", options.expected_batch_size());
+  (void)parse_loss_reduction(options.loss_reduction());
+  (void)accounting::make_accountant(options.accountant());
+  TORCH_CHECK_VALUE(options.noise_multiplier().has_value() != options.target_epsilon().has_value(),
+                    options.noise_multiplier() ? "noise_multiplier and target_epsilon conflict"
+                                               : "neither noise_multiplier nor target_epsilon is set",
+                    "; set exactly one of them");
+  TORCH_CHECK_VALUE(!(options.secure_mode() && options.seed()),
+                    "secure_mode refuses a seed (its randomness must be unpredictable); unset "
+                    "seed or turn secure_mode off");
+  if (options.clipping() == ClippingMode::kAdaptive) {
+    const double gamma = options.target_unclipped_quantile();
+    TORCH_CHECK_VALUE(gamma > 0 && gamma < 1,
+                      "target_unclipped_quantile must be in (0, 1), but is ", gamma);
+  }
+
+  PrivacySettings s;
+  s.dataset_size = dataset_size;
+  s.expected_batch_size = options.expected_batch_size();
+  s.sample_rate = options.expected_batch_size() / static_cast<double>(dataset_size);
+  s.max_grad_norm = options.max_grad_norm();
+  s.delta = options.delta();
+  s.accountant = options.accountant();
+  s.clipping = options.clipping();
+  s.steps_per_epoch = std::max<int64_t>(1, std::llround(1.0 / s.sample_rate));
+  s.steps = std::max<int64_t>(1, std::llround(options.epochs() * s.steps_per_epoch));
+  if (options.noise_multiplier()) {
+    detail::check_non_negative("noise_multiplier", *options.noise_multiplier());
+    s.noise_multiplier = *options.noise_multiplier();
+  } else {
+    detail::check_positive("target_epsilon", *options.target_epsilon());
+    s.noise_multiplier = accounting::noise_multiplier_for_epsilon(
+        accounting::CalibrationOptions()
+            .target_epsilon(*options.target_epsilon())
+            .delta(s.delta)
+            .sample_rate(s.sample_rate)
+            .steps(s.steps)
+            .accountant(s.accountant));
+  }
+  s.sampler_seed = options.seed() ? *options.seed() : optim::secure_seed();
+  return s;
+}
+
+std::shared_ptr<optim::DPOptimizer> PrivacyEngine::make_optimizer(
+    std::shared_ptr<torch::nn::Module> model, std::shared_ptr<torch::optim::Optimizer> optimizer,
+    const PrivacyOptions& options, const PrivacySettings& settings) {
+  TORCH_CHECK_VALUE(model != nullptr && optimizer != nullptr,
+                    "make_private needs a model and an optimizer");
+  validate(*model);
+  std::shared_ptr<NormClipper> norm_clipper;
+  switch (settings.clipping) {
+    case ClippingMode::kFlat:
+      norm_clipper = std::make_shared<ConstantFlatClipper>(settings.max_grad_norm);
+      break;
+    case ClippingMode::kPerLayer: {
+      size_t n = 0;
+      for (const auto& p : model->parameters()) n += p.requires_grad() ? 1 : 0;
+      TORCH_CHECK_VALUE(n > 0, "the model has no trainable parameters");
+      norm_clipper = std::make_shared<ConstantPerLayerClipper>(
+          std::vector<double>(n, settings.max_grad_norm / std::sqrt(static_cast<double>(n))));
+      break;
+    }
+    case ClippingMode::kAdaptive:
+      norm_clipper = std::make_shared<AdaptiveClipper>(
+          AdaptiveClipperOptions(settings.max_grad_norm)
+              .target_unclipped_quantile(options.target_unclipped_quantile())
+              .unclipped_num_std(
+                  options.unclipped_num_std().value_or(settings.expected_batch_size / 20.0)));
+      break;
+  }
+  auto clipper = std::make_shared<PerSampleGradientClipper>(
+      std::move(model), std::move(norm_clipper), options.batch_first(), options.loss_reduction());
+  std::shared_ptr<optim::NoiseSource> noise = optim::make_noise_source(
+      optim::NoiseOptions()
+          .secure_mode(options.secure_mode())
+          .seed(options.seed() ? std::optional<uint64_t>(*options.seed() ^ kNoiseSeedSalt)
+                               : std::nullopt));
+  accountant_ = accounting::make_accountant(settings.accountant);
+  return std::make_shared<optim::DPOptimizer>(
+      std::move(optimizer), std::move(clipper),
+      optim::DPOptimizerOptions(settings.noise_multiplier, settings.expected_batch_size)
+          .sample_rate(settings.sample_rate),
+      std::move(noise), accountant_);
+}
+
+double PrivacyEngine::epsilon(double delta) const {
+  return accountant_ ? accountant_->epsilon(delta) : 0.0;
+}
+
+void PrivacyEngine::save_checkpoint(const std::string& path, optim::DPOptimizer& optimizer,
+                                    const CheckpointInfo& info) const {
+  TORCH_CHECK_VALUE(accountant_ != nullptr, "save_checkpoint before make_private: nothing to save");
+  auto& module = *optimizer.clipper().grad_sample_module().module();
+  torch::serialize::OutputArchive archive;
+  archive.write("format", c10::IValue(std::string(kCheckpointFormat)));
+  archive.write("fingerprint", c10::IValue(fingerprint(module)));
+  archive.write("accountant", c10::IValue(accountant_->serialize()));
+  archive.write("info", torch::tensor({info.loader_position, info.optimizer_steps,
+                                       static_cast<int64_t>(info.sampler_seed)},
+                                      torch::kLong));
+  if (auto* torch_noise = dynamic_cast<optim::TorchNoise*>(&optimizer.noise())) {
+    archive.write("noise", c10::IValue(torch_noise->state()));
+  }
+  if (auto adaptive =
+          std::dynamic_pointer_cast<AdaptiveClipper>(optimizer.clipper().norm_clipper())) {
+    archive.write("max_norm", c10::IValue(adaptive->max_norm()));
+  }
+  torch::serialize::OutputArchive model_archive, optimizer_archive;
+  module.save(model_archive);
+  optimizer.inner().save(optimizer_archive);
+  archive.write("model", model_archive);
+  archive.write("optimizer", optimizer_archive);
+
+  const std::string tmp = path + ".tmp";
+  try {
+    archive.save_to(tmp);
+  } catch (const c10::Error& e) {
+    std::remove(tmp.c_str());
+    TORCH_CHECK(false, "could not write checkpoint ", path, ": ", first_line(e.what()),
+                "; check that its directory exists and is writable");
+  }
+  if (std::rename(tmp.c_str(), path.c_str()) != 0) {
+    std::remove(tmp.c_str());
+    TORCH_CHECK(false, "could not move checkpoint into place at ", path,
+                "; check that its directory is writable");
+  }
+}
+
+CheckpointInfo PrivacyEngine::load_checkpoint(const std::string& path,
+                                              optim::DPOptimizer& optimizer) {
+  TORCH_CHECK_VALUE(accountant_ != nullptr, "load_checkpoint needs make_private first");
+  TORCH_CHECK_VALUE(std::ifstream(path).good(), "checkpoint ", path, " does not exist");
+  torch::serialize::InputArchive archive;
+  auto read_string = [&](const char* key) {
+    c10::IValue value;
+    TORCH_CHECK(archive.try_read(key, value) && value.isString(), "checkpoint ", path,
+                " is not a dptorch checkpoint (no ", key, ")");
+    return value.toStringRef();
+  };
+  try {
+    archive.load_from(path);
+  } catch (const c10::Error& e) {
+    TORCH_CHECK(false, "checkpoint ", path, " is corrupt or not a dptorch checkpoint: ",
+                first_line(e.what()));
+  }
+  TORCH_CHECK(read_string("format") == kCheckpointFormat, "checkpoint ", path,
+              " has an unknown format");
+  auto& module = *optimizer.clipper().grad_sample_module().module();
+  const auto saved_fingerprint = read_string("fingerprint");
+  TORCH_CHECK_VALUE(saved_fingerprint == fingerprint(module), "checkpoint ", path,
+                    " is from a different model (parameters and shapes differ); build the same "
+                    "model to resume it");
+  const auto accountant_state = read_string("accountant");
+  auto saved = accounting::load_accountant(accountant_state);
+  TORCH_CHECK_VALUE(saved->mechanism() == accountant_->mechanism(), "checkpoint ", path,
+                    " was written with the ", saved->mechanism(), " accountant, but this run uses ",
+                    accountant_->mechanism(), "; resume with the same accountant");
+  torch::Tensor info_tensor;
+  TORCH_CHECK(archive.try_read("info", info_tensor) && info_tensor.numel() == 3, "checkpoint ",
+              path, " is not a dptorch checkpoint (no info)");
+  torch::serialize::InputArchive model_archive, optimizer_archive;
+  TORCH_CHECK(archive.try_read("model", model_archive) &&
+                  archive.try_read("optimizer", optimizer_archive),
+              "checkpoint ", path, " is not a dptorch checkpoint (no model or optimizer state)");
+
+  // Everything is checked: restore.
+  module.load(model_archive);
+  optimizer.inner().load(optimizer_archive);
+  accountant_->deserialize(accountant_state);
+  c10::IValue value;
+  if (auto* torch_noise = dynamic_cast<optim::TorchNoise*>(&optimizer.noise())) {
+    if (archive.try_read("noise", value)) torch_noise->set_state(value.toStringRef());
+  }
+  if (auto adaptive =
+          std::dynamic_pointer_cast<AdaptiveClipper>(optimizer.clipper().norm_clipper())) {
+    if (archive.try_read("max_norm", value)) adaptive->set_max_norm(value.toDouble());
+  }
+  optimizer.zero_grad();
+  CheckpointInfo info;
+  info.loader_position = info_tensor[0].item<int64_t>();
+  info.optimizer_steps = info_tensor[1].item<int64_t>();
+  info.sampler_seed = static_cast<uint64_t>(info_tensor[2].item<int64_t>());
+  optimizer.set_steps(info.optimizer_steps);
+  return info;
+}
+
+}  // namespace dptorch

@@ -1,0 +1,289 @@
+#include <dptorch/dptorch.h>
+#include <dptorch/engine/privacy_engine.h>
+
+#include <gmock/gmock.h>
+#include <gtest/gtest.h>
+
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+
+#include "support/tensor_assert.h"
+
+namespace dptorch {
+namespace {
+
+using testing::tensors_close;
+using ::testing::HasSubstr;
+using ::testing::ThrowsMessage;
+namespace tnn = torch::nn;
+
+tnn::Sequential mlp() {
+  return tnn::Sequential(nn::Linear(6, 8), tnn::Tanh(), nn::Linear(8, 3), tnn::LogSoftmax(1));
+}
+
+data::TensorPairDataset toy_data(int64_t n = 200) {
+  torch::manual_seed(5);
+  auto x = torch::randn({n, 6});
+  auto y = (x.slice(1, 0, 3).argmax(1));
+  return data::TensorPairDataset(x, y);
+}
+
+std::shared_ptr<torch::optim::SGD> sgd(const tnn::Sequential& m, double lr = 0.1) {
+  return std::make_shared<torch::optim::SGD>(m->parameters(), torch::optim::SGDOptions(lr));
+}
+
+class TempDir {
+ public:
+  TempDir() {
+    char tmpl[] = "/tmp/dptorch_test_XXXXXX";
+    path_ = mkdtemp(tmpl);
+  }
+  ~TempDir() { std::filesystem::remove_all(path_); }
+  std::string file(const std::string& name) const { return path_ + "/" + name; }
+
+ private:
+  std::string path_;
+};
+
+TEST(DPOptimizer, NoiseStdIsSigmaTimesCOverExpectedBatch) {
+  // All per-sample gradients are zero, so every update is pure noise: lr · N(0, σ²C²) / E[B].
+  // Seed 17; 100×100 weights × 20 steps = 202000 draws; tolerance 1.5% of the std.
+  torch::manual_seed(17);
+  tnn::Sequential m(nn::Linear(100, 100));
+  const double sigma = 1.3, C = 0.7, E = 50;
+  auto clipper = std::make_shared<PerSampleGradientClipper>(m, std::make_shared<ConstantFlatClipper>(C));
+  optim::DPOptimizer opt(sgd(m, 1.0), clipper, optim::DPOptimizerOptions(sigma, E),
+                         std::make_shared<optim::TorchNoise>(17));
+  std::vector<torch::Tensor> updates;
+  for (int step = 0; step < 20; ++step) {
+    auto before = m->parameters()[0].detach().clone();
+    (m->forward(torch::randn({10, 100})) * 0).sum().backward();
+    opt.step();
+    updates.push_back((m->parameters()[0].detach() - before).flatten());
+  }
+  auto all = torch::cat(updates);
+  EXPECT_NEAR(all.mean().item<double>(), 0.0, 4 * sigma * C / E / std::sqrt(all.numel()));
+  EXPECT_NEAR(all.std().item<double>(), sigma * C / E, 0.015 * sigma * C / E);
+}
+
+TEST(DPOptimizer, WithoutNoiseAndClippingItIsAPlainStep) {
+  torch::manual_seed(3);
+  auto plain = tnn::Sequential(tnn::Linear(6, 8), tnn::Tanh(), tnn::Linear(8, 3));
+  auto priv = nn::convert(plain);
+  auto x = torch::randn({16, 6});
+  auto y = torch::randint(3, {16});
+  auto plain_opt = torch::optim::Adam(plain->parameters(), torch::optim::AdamOptions(0.01));
+  torch::nll_loss(torch::log_softmax(plain->forward(x), 1), y).backward();
+  plain_opt.step();
+
+  auto clipper = std::make_shared<PerSampleGradientClipper>(
+      priv, std::make_shared<ConstantFlatClipper>(1e12));
+  optim::DPOptimizer opt(
+      std::make_shared<torch::optim::Adam>(priv->parameters(), torch::optim::AdamOptions(0.01)),
+      clipper, optim::DPOptimizerOptions(0.0, 16), std::make_shared<optim::TorchNoise>(0));
+  torch::nll_loss(torch::log_softmax(priv->forward(x), 1), y).backward();
+  opt.step();
+  auto p2 = priv->named_parameters();
+  for (const auto& p : plain->named_parameters()) {
+    EXPECT_TRUE(tensors_close(p2[p.key()], p.value(), 1e-6)) << p.key();
+  }
+}
+
+TEST(DPOptimizer, AnEmptyBatchStillStepsWithNoise) {
+  auto m = mlp();
+  PrivacyEngine engine;
+  auto run = engine.make_private(m, sgd(m), toy_data(),
+                                 PrivacyOptions().noise_multiplier(1.0).expected_batch_size(1).seed(1));
+  auto before = m->parameters()[0].detach().clone();
+  auto empty = torch::zeros({0, 6});
+  torch::nll_loss(m->forward(empty), torch::zeros({0}, torch::kLong), {}, at::Reduction::Sum)
+      .backward();
+  run.optimizer->step();
+  EXPECT_FALSE(torch::equal(before, m->parameters()[0]));
+  EXPECT_EQ(engine.accountant()->total_steps(), 1);
+  // And a step with no forward at all (nothing recorded) is the same noise-only step.
+  run.optimizer->step();
+  EXPECT_EQ(engine.accountant()->total_steps(), 2);
+}
+
+TEST(DPOptimizer, RefusesParametersItCannotClip) {
+  auto m = mlp();
+  auto other = tnn::Linear(2, 2);
+  auto clipper = std::make_shared<PerSampleGradientClipper>(m, std::make_shared<ConstantFlatClipper>(1));
+  EXPECT_THAT(
+      [&] {
+        optim::DPOptimizer opt(
+            std::make_shared<torch::optim::SGD>(other->parameters(), torch::optim::SGDOptions(1)),
+            clipper, optim::DPOptimizerOptions(1, 10), std::make_shared<optim::TorchNoise>(0));
+      },
+      ThrowsMessage<c10::Error>(HasSubstr("does not cover")));
+}
+
+TEST(AdaptiveClipping, ThresholdFollowsTheQuantile) {
+  torch::manual_seed(2);
+  AdaptiveClipper clipper(AdaptiveClipperOptions(0.01).target_unclipped_quantile(0.5).learning_rate(0.5));
+  // Every norm is far above C: the unclipped fraction is 0, so C grows by exp(0.5·0.5) per step.
+  for (int k = 0; k < 4; ++k) {
+    (void)clipper.clipping_factors({torch::full({100}, 10.0)});
+    clipper.update(0.0, 100);
+  }
+  EXPECT_NEAR(clipper.max_norm(), 0.01 * std::exp(4 * 0.25), 1e-12);
+  for (int k = 0; k < 200; ++k) {
+    (void)clipper.clipping_factors({torch::rand({100}) * 2});  // median 1
+    clipper.update(0.0, 100);
+  }
+  EXPECT_NEAR(clipper.max_norm(), 1.0, 0.25);
+}
+
+TEST(AdaptiveClipping, EngineSplitsSigmaBetweenGradientAndCount) {
+  auto m = mlp();
+  PrivacyEngine engine;
+  auto run = engine.make_private(
+      m, sgd(m), toy_data(),
+      PrivacyOptions().noise_multiplier(1.0).expected_batch_size(20).clipping(ClippingMode::kAdaptive).seed(3));
+  // σ_b = E[B]/20 = 1: σ_Δ = (1 − 1/4)^(−1/2).
+  EXPECT_NEAR(run.optimizer->gradient_noise_multiplier(), 1 / std::sqrt(0.75), 1e-12);
+}
+
+TEST(PrivacyEngine, CalibratedSigmaMeetsTheTargetAfterThePlannedSteps) {
+  auto m = mlp();
+  PrivacyEngine engine;
+  auto run = engine.make_private_with_epsilon(
+      m, sgd(m), toy_data(),
+      PrivacyOptions().target_epsilon(2.0).epochs(2).expected_batch_size(20).accountant("rdp").seed(4));
+  EXPECT_EQ(run.settings.steps, 20);
+  auto acc = accounting::make_accountant("rdp");
+  acc->step(run.settings.noise_multiplier, run.settings.sample_rate, run.settings.steps);
+  const double eps = acc->epsilon(1e-5);
+  EXPECT_LE(eps, 2.0);
+  EXPECT_GT(eps, 2.0 - 0.011);
+}
+
+TEST(PrivacyEngine, TrainsAndAccounts) {
+  auto m = mlp();
+  PrivacyEngine engine;
+  auto data = toy_data(400);
+  auto run = engine.make_private(m, sgd(m, 0.5), data,
+                                 PrivacyOptions().noise_multiplier(0.5).max_grad_norm(1.0).expected_batch_size(40).epochs(10).seed(8));
+  auto loss_of = [&] {
+    torch::NoGradGuard g;
+    return torch::nll_loss(m->forward(data.data()), data.targets()).item<double>();
+  };
+  const double before = loss_of();
+  for (int64_t s = 0; s < run.settings.steps; ++s) {
+    auto batch = run.loader.next();
+    torch::nll_loss(m->forward(batch.data), batch.target).backward();
+    run.optimizer->step();
+  }
+  EXPECT_LT(loss_of(), before * 0.8);
+  EXPECT_EQ(engine.accountant()->total_steps(), run.settings.steps);
+  EXPECT_GT(engine.epsilon(1e-5), 0);
+}
+
+TEST(PrivacyEngine, ResumeAfterSaveEqualsUninterrupted) {
+  TempDir dir;
+  auto options = PrivacyOptions().noise_multiplier(0.8).expected_batch_size(30).epochs(2).seed(9);
+  auto train = [&](tnn::Sequential& m, PrivacyEngine& engine, auto& run, int64_t from, int64_t to) {
+    (void)engine;
+    for (int64_t s = from; s < to; ++s) {
+      auto batch = run.loader.next();
+      torch::nll_loss(m->forward(batch.data), batch.target).backward();
+      run.optimizer->step();
+    }
+  };
+  torch::manual_seed(1);
+  auto a = mlp();
+  auto b = std::dynamic_pointer_cast<tnn::SequentialImpl>(a->clone());
+  tnn::Sequential bm(b);
+  auto c = std::dynamic_pointer_cast<tnn::SequentialImpl>(a->clone());
+  tnn::Sequential cm(c);
+
+  PrivacyEngine ea;
+  auto ra = ea.make_private(a, std::make_shared<torch::optim::SGD>(a->parameters(), torch::optim::SGDOptions(0.3).momentum(0.9)), toy_data(), options);
+  train(a, ea, ra, 0, ra.settings.steps);
+
+  PrivacyEngine eb;
+  auto rb = eb.make_private(bm, std::make_shared<torch::optim::SGD>(bm->parameters(), torch::optim::SGDOptions(0.3).momentum(0.9)), toy_data(), options);
+  train(bm, eb, rb, 0, 6);
+  eb.save_checkpoint(dir.file("ckpt.pt"), rb);
+
+  PrivacyEngine ec;  // a fresh process: new model object, same architecture, no seed given
+  auto rc = ec.make_private(cm, std::make_shared<torch::optim::SGD>(cm->parameters(), torch::optim::SGDOptions(0.3).momentum(0.9)), toy_data(), PrivacyOptions(options).seed(12345));
+  auto info = ec.load_checkpoint(dir.file("ckpt.pt"), rc);
+  EXPECT_EQ(info.loader_position, 6);
+  train(cm, ec, rc, 6, rc.settings.steps);
+
+  auto pa = a->named_parameters();
+  for (const auto& p : cm->named_parameters()) {
+    EXPECT_TRUE(torch::equal(p.value(), pa[p.key()])) << p.key();
+  }
+  EXPECT_EQ(ec.epsilon(1e-5), ea.epsilon(1e-5));
+  EXPECT_FALSE(std::filesystem::exists(dir.file("ckpt.pt.tmp")));
+}
+
+TEST(PrivacyEngine, RefusesBadSettingsWithTheFix) {
+  auto m = mlp();
+  auto data = toy_data();
+  auto make = [&](const PrivacyOptions& o) {
+    PrivacyEngine engine;
+    (void)engine.make_private(m, sgd(m), data, o);
+  };
+  auto base = PrivacyOptions().noise_multiplier(1.0).expected_batch_size(20);
+  EXPECT_THAT([&] { make(PrivacyOptions(base).noise_multiplier(-1.0)); },
+              ThrowsMessage<c10::Error>(HasSubstr("noise_multiplier must be finite and >= 0, but is -1")));
+  EXPECT_THAT([&] { make(PrivacyOptions(base).delta(1.5)); },
+              ThrowsMessage<c10::Error>(HasSubstr("delta must be in (0, 1), but is 1.5")));
+  EXPECT_THAT([&] { make(PrivacyOptions(base).max_grad_norm(0)); },
+              ThrowsMessage<c10::Error>(HasSubstr("max_grad_norm must be finite and > 0")));
+  EXPECT_THAT([&] { make(PrivacyOptions(base).expected_batch_size(500)); },
+              ThrowsMessage<c10::Error>(HasSubstr("at most the dataset size (200)")));
+  EXPECT_THAT([&] { make(PrivacyOptions(base).target_epsilon(3.0)); },
+              ThrowsMessage<c10::Error>(HasSubstr("conflict")));
+  EXPECT_THAT([&] { make(PrivacyOptions().expected_batch_size(20)); },
+              ThrowsMessage<c10::Error>(HasSubstr("set exactly one")));
+  EXPECT_THAT([&] { make(PrivacyOptions().target_epsilon(-1.0).expected_batch_size(20)); },
+              ThrowsMessage<c10::Error>(HasSubstr("target_epsilon must be finite and > 0")));
+  EXPECT_THAT([&] { make(PrivacyOptions().target_epsilon(1e-4).expected_batch_size(200).epochs(50)); },
+              ThrowsMessage<c10::Error>(HasSubstr("reachable")));
+  EXPECT_THAT([&] { make(PrivacyOptions(base).accountant("moments")); },
+              ThrowsMessage<c10::Error>(HasSubstr("prv")));
+  EXPECT_THAT([&] { make(PrivacyOptions(base).secure_mode(true).seed(1)); },
+              ThrowsMessage<c10::Error>(HasSubstr("secure_mode refuses a seed")));
+  // Nothing was left attached by the refused calls.
+  EXPECT_FALSE(m[0]->as<nn::Linear>()->attached());
+}
+
+TEST(PrivacyEngine, RefusesForeignOrCorruptCheckpointsAndKeepsState) {
+  TempDir dir;
+  auto m = mlp();
+  PrivacyEngine engine;
+  auto run = engine.make_private(m, sgd(m), toy_data(), PrivacyOptions().noise_multiplier(1.0).expected_batch_size(20).seed(2));
+  engine.save_checkpoint(dir.file("good.pt"), run);
+
+  auto other = tnn::Sequential(nn::Linear(6, 4), tnn::Tanh(), nn::Linear(4, 3), tnn::LogSoftmax(1));
+  PrivacyEngine e2;
+  auto r2 = e2.make_private(other, sgd(other), toy_data(), PrivacyOptions().noise_multiplier(1.0).expected_batch_size(20).seed(2));
+  auto w_before = other->parameters()[0].detach().clone();
+  EXPECT_THAT([&] { (void)e2.load_checkpoint(dir.file("good.pt"), r2); },
+              ThrowsMessage<c10::Error>(HasSubstr("from a different model")));
+  EXPECT_TRUE(torch::equal(w_before, other->parameters()[0]));
+
+  auto m3 = mlp();
+  PrivacyEngine e3;
+  auto r3 = e3.make_private(m3, sgd(m3), toy_data(), PrivacyOptions().noise_multiplier(1.0).expected_batch_size(20).accountant("rdp").seed(2));
+  EXPECT_THAT([&] { (void)e3.load_checkpoint(dir.file("good.pt"), r3); },
+              ThrowsMessage<c10::Error>(HasSubstr("written with the prv accountant")));
+
+  { std::ofstream(dir.file("bad.pt")) << "not a checkpoint"; }
+  EXPECT_THAT([&] { (void)engine.load_checkpoint(dir.file("bad.pt"), run); },
+              ThrowsMessage<c10::Error>(HasSubstr("corrupt or not a dptorch checkpoint")));
+  EXPECT_THAT([&] { (void)engine.load_checkpoint(dir.file("missing.pt"), run); },
+              ThrowsMessage<c10::Error>(HasSubstr("does not exist")));
+  EXPECT_THAT([&] { engine.save_checkpoint(dir.file("no/such/dir/x.pt"), run); },
+              ThrowsMessage<c10::Error>(HasSubstr("could not write checkpoint")));
+  EXPECT_FALSE(std::filesystem::exists(dir.file("no/such/dir/x.pt.tmp")));
+}
+
+}  // namespace
+}  // namespace dptorch
