@@ -29,15 +29,18 @@ ConstantFlatClipper::ConstantFlatClipper(double max_norm) : max_norm_(max_norm) 
 
 std::vector<torch::Tensor> ConstantFlatClipper::clipping_factors(
     const std::vector<torch::Tensor>& norms) {
-  TORCH_CHECK_VALUE(norms.size() == 1, "ConstantFlatClipper clips the flat norm: expected one norm "
-                                       "vector, got ", norms.size());
+  TORCH_CHECK_VALUE(norms.size() == 1,
+                    "ConstantFlatClipper clips the flat norm: expected one norm "
+                    "vector, got ",
+                    norms.size());
   return {clip_factor(norms[0], max_norm_)};
 }
 
 ConstantPerLayerClipper::ConstantPerLayerClipper(std::vector<double> max_norms)
     : max_norms_(std::move(max_norms)) {
-  TORCH_CHECK_VALUE(!max_norms_.empty(), "ConstantPerLayerClipper needs one max_grad_norm per "
-                                         "trainable parameter, but got none");
+  TORCH_CHECK_VALUE(!max_norms_.empty(),
+                    "ConstantPerLayerClipper needs one max_grad_norm per "
+                    "trainable parameter, but got none");
   for (double c : max_norms_) detail::check_positive("max_grad_norm", c);
 }
 
@@ -67,9 +70,10 @@ DynamicClipper::DynamicClipper(DynamicClipperOptions options) : options_(std::mo
     detail::check_non_negative("ratio", options_.ratio());
   }
   thresholds_ = {options_.initial_threshold()};
-  TORCH_WARN("dptorch::DynamicClipper is NOT differentially private: its threshold follows the "
-             "batch's own gradient norms, and no accountant accounts for that. The epsilon "
-             "reported for this run is not a privacy guarantee.");
+  TORCH_WARN(
+      "dptorch::DynamicClipper is NOT differentially private: its threshold follows the "
+      "batch's own gradient norms, and no accountant accounts for that. The epsilon "
+      "reported for this run is not a privacy guarantee.");
 }
 
 std::vector<torch::Tensor> DynamicClipper::clipping_factors(
@@ -118,8 +122,10 @@ AdaptiveClipper::AdaptiveClipper(AdaptiveClipperOptions options)
 
 std::vector<torch::Tensor> AdaptiveClipper::clipping_factors(
     const std::vector<torch::Tensor>& norms) {
-  TORCH_CHECK_VALUE(norms.size() == 1, "AdaptiveClipper clips the flat norm: expected one norm "
-                                       "vector, got ", norms.size());
+  TORCH_CHECK_VALUE(norms.size() == 1,
+                    "AdaptiveClipper clips the flat norm: expected one norm "
+                    "vector, got ",
+                    norms.size());
   unclipped_ += (norms[0] <= max_norm_).sum().item<double>();
   return {clip_factor(norms[0], max_norm_)};
 }
@@ -128,8 +134,8 @@ void AdaptiveClipper::update(double noise, double expected_batch_size) {
   detail::check_positive("expected_batch_size", expected_batch_size);
   const double fraction = (unclipped_ + noise) / expected_batch_size;
   unclipped_ = 0;
-  max_norm_ *= std::exp(-options_.learning_rate() *
-                        (fraction - options_.target_unclipped_quantile()));
+  max_norm_ *=
+      std::exp(-options_.learning_rate() * (fraction - options_.target_unclipped_quantile()));
   max_norm_ = std::clamp(max_norm_, options_.min_max_norm(), options_.max_max_norm());
 }
 

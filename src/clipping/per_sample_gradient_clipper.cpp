@@ -23,8 +23,7 @@ PerSampleGradientClipper::PerSampleGradientClipper(std::shared_ptr<torch::nn::Mo
   }
   norm_clipper->check_parameters(names);
   gsm_ = std::make_unique<GradSampleModule>(
-      std::move(module),
-      GradSampleOptions().batch_first(batch_first).loss_reduction(reduction));
+      std::move(module), GradSampleOptions().batch_first(batch_first).loss_reduction(reduction));
   norm_clipper_ = std::move(norm_clipper);
 }
 

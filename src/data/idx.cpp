@@ -150,7 +150,7 @@ torch::Tensor read_idx(const std::string& path) {
       torch::empty(dims, torch::TensorOptions().dtype(type->dtype).device(torch::kCPU));
   auto* out = static_cast<std::uint8_t*>(result.data_ptr());
   const int64_t size = type->element_size;
-  if (size == 1) {
+  if (size == 1 && numel > 0) {
     std::memcpy(out, data.data(), static_cast<size_t>(expected_bytes));
   } else {
     // IDX stores big-endian values; assembling them by shifts is correct on any host.

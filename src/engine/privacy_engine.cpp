@@ -45,8 +45,9 @@ PrivacySettings resolve(const PrivacyOptions& options, int64_t dataset_size) {
   (void)parse_loss_reduction(options.loss_reduction());
   (void)accounting::make_accountant(options.accountant());
   TORCH_CHECK_VALUE(options.noise_multiplier().has_value() != options.target_epsilon().has_value(),
-                    options.noise_multiplier() ? "noise_multiplier and target_epsilon conflict"
-                                               : "neither noise_multiplier nor target_epsilon is set",
+                    options.noise_multiplier()
+                        ? "noise_multiplier and target_epsilon conflict"
+                        : "neither noise_multiplier nor target_epsilon is set",
                     "; set exactly one of them");
   TORCH_CHECK_VALUE(!(options.secure_mode() && options.seed()),
                     "secure_mode refuses a seed (its randomness must be unpredictable); unset "
@@ -72,13 +73,13 @@ PrivacySettings resolve(const PrivacyOptions& options, int64_t dataset_size) {
     s.noise_multiplier = *options.noise_multiplier();
   } else {
     detail::check_positive("target_epsilon", *options.target_epsilon());
-    s.noise_multiplier = accounting::noise_multiplier_for_epsilon(
-        accounting::CalibrationOptions()
-            .target_epsilon(*options.target_epsilon())
-            .delta(s.delta)
-            .sample_rate(s.sample_rate)
-            .steps(s.steps)
-            .accountant(s.accountant));
+    s.noise_multiplier =
+        accounting::noise_multiplier_for_epsilon(accounting::CalibrationOptions()
+                                                     .target_epsilon(*options.target_epsilon())
+                                                     .delta(s.delta)
+                                                     .sample_rate(s.sample_rate)
+                                                     .steps(s.steps)
+                                                     .accountant(s.accountant));
   }
   s.sampler_seed = options.seed() ? *options.seed() : optim::secure_seed();
   return s;
@@ -183,8 +184,8 @@ CheckpointInfo PrivacyEngine::load_checkpoint(const std::string& path,
   try {
     archive.load_from(path);
   } catch (const c10::Error& e) {
-    TORCH_CHECK(false, "checkpoint ", path, " is corrupt or not a dptorch checkpoint: ",
-                first_line(e.what()));
+    TORCH_CHECK(false, "checkpoint ", path,
+                " is corrupt or not a dptorch checkpoint: ", first_line(e.what()));
   }
   TORCH_CHECK(read_string("format") == kCheckpointFormat, "checkpoint ", path,
               " has an unknown format");
@@ -202,9 +203,9 @@ CheckpointInfo PrivacyEngine::load_checkpoint(const std::string& path,
   TORCH_CHECK(archive.try_read("info", info_tensor) && info_tensor.numel() == 3, "checkpoint ",
               path, " is not a dptorch checkpoint (no info)");
   torch::serialize::InputArchive model_archive, optimizer_archive;
-  TORCH_CHECK(archive.try_read("model", model_archive) &&
-                  archive.try_read("optimizer", optimizer_archive),
-              "checkpoint ", path, " is not a dptorch checkpoint (no model or optimizer state)");
+  TORCH_CHECK(
+      archive.try_read("model", model_archive) && archive.try_read("optimizer", optimizer_archive),
+      "checkpoint ", path, " is not a dptorch checkpoint (no model or optimizer state)");
 
   // Everything is checked: restore.
   module.load(model_archive);

@@ -42,8 +42,8 @@ void validate(torch::nn::Module& module) {
                       "replace it with dptorch::nn::GroupNorm");
     if (dynamic_cast<nn::PerSampleLayer*>(&m) != nullptr) continue;
     for (const auto& p : m.named_parameters(/*recurse=*/false)) {
-      TORCH_CHECK_VALUE(!p.value().requires_grad(), "parameter ", join(item.key(), p.key()),
-                        " of ", path, " (", m.name(),
+      TORCH_CHECK_VALUE(!p.value().requires_grad(), "parameter ", join(item.key(), p.key()), " of ",
+                        path, " (", m.name(),
                         ") is trainable but no per-sample gradient rule covers it; use the "
                         "layer's dptorch::nn twin (dptorch::nn::convert converts a Sequential), "
                         "derive the layer from dptorch::nn::PerSampleLayer, or freeze the "
@@ -110,8 +110,9 @@ void GradSampleModule::clear() {
 }
 
 GradSampleModule::Pass& GradSampleModule::pass() {
-  TORCH_CHECK(!closed_, "GradSampleModule is closed; attach a new one to compute per-sample "
-                        "gradients");
+  TORCH_CHECK(!closed_,
+              "GradSampleModule is closed; attach a new one to compute per-sample "
+              "gradients");
   if (pass_) return *pass_;
   auto p = std::make_unique<Pass>();
   p->grads.resize(layers_.size());
@@ -132,8 +133,9 @@ GradSampleModule::Pass& GradSampleModule::pass() {
     p->names[l] = grads->names();
     p->grads[l] = std::move(grads);
   }
-  TORCH_CHECK(B >= 0, "no per-sample gradients were recorded: run the attached module forward "
-                      "(grad mode on) and loss.backward() first");
+  TORCH_CHECK(B >= 0,
+              "no per-sample gradients were recorded: run the attached module forward "
+              "(grad mode on) and loss.backward() first");
   p->batch_size = B;
   p->scale = options_.loss_reduction() == LossReduction::kMean ? static_cast<double>(B) : 1.0;
   pass_ = std::move(p);

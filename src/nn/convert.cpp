@@ -45,17 +45,15 @@ std::optional<torch::nn::AnyModule> convert_as(const torch::nn::AnyModule& any) 
 torch::nn::AnyModule convert_module(const torch::nn::AnyModule& any, const std::string& path) {
   const auto& m = any.ptr();
   if (dynamic_cast<PerSampleLayer*>(m.get()) != nullptr) return any.clone();
-  for (auto convert : {&convert_as<Linear, torch::nn::Linear>,
-                       &convert_as<Conv1d, torch::nn::Conv1d>,
-                       &convert_as<Conv2d, torch::nn::Conv2d>,
-                       &convert_as<Conv3d, torch::nn::Conv3d>,
-                       &convert_as<Embedding, torch::nn::Embedding>,
-                       &convert_as<EmbeddingBag, torch::nn::EmbeddingBag>,
-                       &convert_as<LayerNorm, torch::nn::LayerNorm>,
-                       &convert_as<GroupNorm, torch::nn::GroupNorm>,
-                       &convert_as<InstanceNorm1d, torch::nn::InstanceNorm1d>,
-                       &convert_as<InstanceNorm2d, torch::nn::InstanceNorm2d>,
-                       &convert_as<InstanceNorm3d, torch::nn::InstanceNorm3d>}) {
+  for (auto convert :
+       {&convert_as<Linear, torch::nn::Linear>, &convert_as<Conv1d, torch::nn::Conv1d>,
+        &convert_as<Conv2d, torch::nn::Conv2d>, &convert_as<Conv3d, torch::nn::Conv3d>,
+        &convert_as<Embedding, torch::nn::Embedding>,
+        &convert_as<EmbeddingBag, torch::nn::EmbeddingBag>,
+        &convert_as<LayerNorm, torch::nn::LayerNorm>, &convert_as<GroupNorm, torch::nn::GroupNorm>,
+        &convert_as<InstanceNorm1d, torch::nn::InstanceNorm1d>,
+        &convert_as<InstanceNorm2d, torch::nn::InstanceNorm2d>,
+        &convert_as<InstanceNorm3d, torch::nn::InstanceNorm3d>}) {
     if (auto converted = convert(any)) return *converted;
   }
   const bool is_batch_norm = m->as<torch::nn::BatchNorm1d>() || m->as<torch::nn::BatchNorm2d>() ||

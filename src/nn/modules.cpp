@@ -10,7 +10,8 @@ namespace {
 namespace F = torch::nn::functional;
 using grad_sample::PerSampleGrads;
 
-// The twin's description with our namespace: "torch::nn::Linear(...)" -> "dptorch::nn::Linear(...)".
+// The twin's description with our namespace: "torch::nn::Linear(...)" ->
+// "dptorch::nn::Linear(...)".
 void print_as_twin(std::ostream& stream, const torch::nn::Module& twin) {
   std::ostringstream text;
   twin.pretty_print(text);
@@ -63,11 +64,9 @@ std::unique_ptr<PerSampleGrads> linear_like(std::vector<torch::Tensor> a,
 
 // Affine rule of a norm layer: per-sample gradients from the normalised input and grad_output,
 // both as [B, R, P] (sum over R) with the parameters shaped `param_shape`.
-std::unique_ptr<PerSampleGrads> affine_grads(const std::vector<Record>& records,
-                                             const torch::Tensor& weight,
-                                             const torch::Tensor& bias,
-                                             const std::function<torch::Tensor(
-                                                 const torch::Tensor&, int64_t)>& to_brp_layout) {
+std::unique_ptr<PerSampleGrads> affine_grads(
+    const std::vector<Record>& records, const torch::Tensor& weight, const torch::Tensor& bias,
+    const std::function<torch::Tensor(const torch::Tensor&, int64_t)>& to_brp_layout) {
   torch::Tensor gw, gb;
   for (const auto& r : records) {
     auto xh = to_brp_layout(r.input, r.batch_dim);
@@ -282,8 +281,7 @@ torch::Tensor EmbeddingImpl::forward(const torch::Tensor& input) {
   r.batch_dim = batch_dim(input.dim());
   r.batch_size = input.size(r.batch_dim);
   return taped(
-      input, weight, torch::Tensor(), [&] { return twin_->forward(input); }, nullptr,
-      std::move(r));
+      input, weight, torch::Tensor(), [&] { return twin_->forward(input); }, nullptr, std::move(r));
 }
 
 std::unique_ptr<PerSampleGrads> EmbeddingImpl::make_grads(std::vector<Record> records) {
@@ -370,7 +368,8 @@ torch::Tensor EmbeddingBagImpl::forward(const torch::Tensor& input, const torch:
     factor = factor.index_select(0, keep);
   }
   if (c10::get_if<torch::enumtype::kMean>(&options.mode())) {
-    auto count = torch::zeros({B}, factor.options()).index_add_(0, sample, torch::ones_like(factor));
+    auto count =
+        torch::zeros({B}, factor.options()).index_add_(0, sample, torch::ones_like(factor));
     factor = factor / count.index_select(0, sample);
   }
   Record r;

@@ -28,11 +28,11 @@ DPOptimizer::DPOptimizer(std::shared_ptr<torch::optim::Optimizer> inner,
     // Andrew et al. 2021, Thm 1: σ⁻² = σ_Δ⁻² + (2σ_b)⁻², so σ_Δ = (σ⁻² − (2σ_b)⁻²)^(−1/2).
     const double sigma = options_.noise_multiplier();
     const double sigma_b = adaptive_->options().unclipped_num_std();
-    TORCH_CHECK_VALUE(sigma < 2 * sigma_b,
-                      "adaptive clipping needs noise_multiplier < 2·unclipped_num_std (",
-                      2 * sigma_b, "), but noise_multiplier is ", sigma,
-                      "; raise unclipped_num_std");
-    gradient_sigma_ = sigma == 0 ? 0 : std::pow(std::pow(sigma, -2) - std::pow(2 * sigma_b, -2), -0.5);
+    TORCH_CHECK_VALUE(
+        sigma < 2 * sigma_b, "adaptive clipping needs noise_multiplier < 2·unclipped_num_std (",
+        2 * sigma_b, "), but noise_multiplier is ", sigma, "; raise unclipped_num_std");
+    gradient_sigma_ =
+        sigma == 0 ? 0 : std::pow(std::pow(sigma, -2) - std::pow(2 * sigma_b, -2), -0.5);
   }
   // Parameters the inner optimiser updates but no dp layer covers would be stepped without
   // privacy: refuse them.
@@ -43,7 +43,8 @@ DPOptimizer::DPOptimizer(std::shared_ptr<torch::optim::Optimizer> inner,
       bool found = false;
       for (const auto& c : covered) found = found || c.is_same(p);
       TORCH_CHECK_VALUE(found, "the inner optimizer updates a trainable parameter of shape ",
-                        p.sizes(), " that the clipper's module does not cover; build the "
+                        p.sizes(),
+                        " that the clipper's module does not cover; build the "
                         "optimizer from the same model's parameters");
     }
   }
@@ -59,7 +60,8 @@ void DPOptimizer::step() {
   const auto& sums = clipper_->accumulated();
   const double C = clipper_->norm_clipper()->noise_scale_norm();
   const double stddev = gradient_sigma_ * C;
-  const bool mean = clipper_->grad_sample_module().options().loss_reduction() == LossReduction::kMean;
+  const bool mean =
+      clipper_->grad_sample_module().options().loss_reduction() == LossReduction::kMean;
   for (size_t k = 0; k < params.size(); ++k) {
     const auto& p = params[k];
     auto grad = sums.empty() ? torch::zeros_like(p) : sums[k].clone();
@@ -68,10 +70,10 @@ void DPOptimizer::step() {
     p.mutable_grad() = grad.detach();
   }
   if (adaptive_) {
-    const double count_noise =
-        noise_->gaussian({1}, adaptive_->options().unclipped_num_std(),
-                         torch::TensorOptions().dtype(torch::kDouble))
-            .item<double>();
+    const double count_noise = noise_
+                                   ->gaussian({1}, adaptive_->options().unclipped_num_std(),
+                                              torch::TensorOptions().dtype(torch::kDouble))
+                                   .item<double>();
     adaptive_->update(count_noise, options_.expected_batch_size());
   }
   clipper_->reset_accumulation();

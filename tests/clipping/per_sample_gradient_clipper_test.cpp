@@ -9,8 +9,8 @@
 namespace dptorch {
 namespace {
 
-using testing::tensors_close;
 using ::testing::HasSubstr;
+using testing::tensors_close;
 using ::testing::ThrowsMessage;
 namespace tnn = torch::nn;
 
@@ -29,7 +29,8 @@ class ClipperTest : public ::testing::Test {
 torch::Tensor loss_of(tnn::Sequential& m, const torch::Tensor& x, const torch::Tensor& y,
                       const std::string& reduction) {
   auto out = torch::log_softmax(m->forward(x), 1);
-  return reduction == "mean" ? torch::nll_loss(out, y) : torch::nll_loss(out, y, {}, at::Reduction::Sum);
+  return reduction == "mean" ? torch::nll_loss(out, y)
+                             : torch::nll_loss(out, y, {}, at::Reduction::Sum);
 }
 
 TEST_F(ClipperTest, FlatClippingBoundsEveryPerSampleNorm) {
@@ -140,14 +141,18 @@ TEST_F(ClipperTest, ZeroGradDropsEverything) {
 
 TEST_F(ClipperTest, BadArgumentsAreRefusedAndNothingStaysAttached) {
   auto m = small_cnn();
-  EXPECT_THAT([] { ConstantFlatClipper c(0.0); },
-              ThrowsMessage<c10::Error>(HasSubstr("max_grad_norm must be finite and > 0, but is 0")));
-  EXPECT_THAT([] { ConstantPerLayerClipper c({1.0, -2.0}); },
-              ThrowsMessage<c10::Error>(HasSubstr("but is -2")));
+  EXPECT_THAT(
+      [] { ConstantFlatClipper c(0.0); },
+      ThrowsMessage<c10::Error>(HasSubstr("max_grad_norm must be finite and > 0, but is 0")));
+  EXPECT_THAT(
+      [] {
+        ConstantPerLayerClipper c({1.0, -2.0});
+      },
+      ThrowsMessage<c10::Error>(HasSubstr("but is -2")));
   EXPECT_THAT(
       [&] {
-        PerSampleGradientClipper c(m, std::make_shared<ConstantPerLayerClipper>(
-                                          std::vector<double>{1.0, 1.0}));
+        PerSampleGradientClipper c(
+            m, std::make_shared<ConstantPerLayerClipper>(std::vector<double>{1.0, 1.0}));
       },
       ThrowsMessage<c10::Error>(HasSubstr("2 thresholds but the module has 6 trainable")));
   EXPECT_THAT(
@@ -173,10 +178,12 @@ TEST(DynamicClipper, FollowsTheMedianWithMomentum) {
   auto f = clipper.clipping_factors({norms});
   EXPECT_DOUBLE_EQ(clipper.thresholds()[0], 0.5 * 1.0 + 0.5 * 3.0);
   EXPECT_TRUE(tensors_close(f[0], torch::clamp_max(2.0 / (norms + 1e-6), 1.0), 1e-12));
-  DynamicClipper mean(DynamicClipperOptions(1.0).method(DynamicClipping::kMean).ratio(1.0).momentum(0));
+  DynamicClipper mean(
+      DynamicClipperOptions(1.0).method(DynamicClipping::kMean).ratio(1.0).momentum(0));
   (void)mean.clipping_factors({norms});
   EXPECT_NEAR(mean.thresholds()[0], 3.0 + 2.0, 1e-9);
-  DynamicClipper pct(DynamicClipperOptions(1.0).method(DynamicClipping::kPercentile).ratio(1.0).momentum(0));
+  DynamicClipper pct(
+      DynamicClipperOptions(1.0).method(DynamicClipping::kPercentile).ratio(1.0).momentum(0));
   (void)pct.clipping_factors({norms});
   EXPECT_NEAR(pct.thresholds()[0], 5.0, 1e-9);
   EXPECT_THAT([] { DynamicClipper c(DynamicClipperOptions(1.0).momentum(1.0)); },

@@ -13,8 +13,8 @@
 namespace dptorch {
 namespace {
 
-using testing::tensors_close;
 using ::testing::HasSubstr;
+using testing::tensors_close;
 using ::testing::ThrowsMessage;
 namespace tnn = torch::nn;
 
@@ -52,7 +52,8 @@ TEST(DPOptimizer, NoiseStdIsSigmaTimesCOverExpectedBatch) {
   torch::manual_seed(17);
   tnn::Sequential m(nn::Linear(100, 100));
   const double sigma = 1.3, C = 0.7, E = 50;
-  auto clipper = std::make_shared<PerSampleGradientClipper>(m, std::make_shared<ConstantFlatClipper>(C));
+  auto clipper =
+      std::make_shared<PerSampleGradientClipper>(m, std::make_shared<ConstantFlatClipper>(C));
   optim::DPOptimizer opt(sgd(m, 1.0), clipper, optim::DPOptimizerOptions(sigma, E),
                          std::make_shared<optim::TorchNoise>(17));
   std::vector<torch::Tensor> updates;
@@ -77,8 +78,8 @@ TEST(DPOptimizer, WithoutNoiseAndClippingItIsAPlainStep) {
   torch::nll_loss(torch::log_softmax(plain->forward(x), 1), y).backward();
   plain_opt.step();
 
-  auto clipper = std::make_shared<PerSampleGradientClipper>(
-      priv, std::make_shared<ConstantFlatClipper>(1e12));
+  auto clipper =
+      std::make_shared<PerSampleGradientClipper>(priv, std::make_shared<ConstantFlatClipper>(1e12));
   optim::DPOptimizer opt(
       std::make_shared<torch::optim::Adam>(priv->parameters(), torch::optim::AdamOptions(0.01)),
       clipper, optim::DPOptimizerOptions(0.0, 16), std::make_shared<optim::TorchNoise>(0));
@@ -93,8 +94,8 @@ TEST(DPOptimizer, WithoutNoiseAndClippingItIsAPlainStep) {
 TEST(DPOptimizer, AnEmptyBatchStillStepsWithNoise) {
   auto m = mlp();
   PrivacyEngine engine;
-  auto run = engine.make_private(m, sgd(m), toy_data(),
-                                 PrivacyOptions().noise_multiplier(1.0).expected_batch_size(1).seed(1));
+  auto run = engine.make_private(
+      m, sgd(m), toy_data(), PrivacyOptions().noise_multiplier(1.0).expected_batch_size(1).seed(1));
   auto before = m->parameters()[0].detach().clone();
   auto empty = torch::zeros({0, 6});
   torch::nll_loss(m->forward(empty), torch::zeros({0}, torch::kLong), {}, at::Reduction::Sum)
@@ -110,7 +111,8 @@ TEST(DPOptimizer, AnEmptyBatchStillStepsWithNoise) {
 TEST(DPOptimizer, RefusesParametersItCannotClip) {
   auto m = mlp();
   auto other = tnn::Linear(2, 2);
-  auto clipper = std::make_shared<PerSampleGradientClipper>(m, std::make_shared<ConstantFlatClipper>(1));
+  auto clipper =
+      std::make_shared<PerSampleGradientClipper>(m, std::make_shared<ConstantFlatClipper>(1));
   EXPECT_THAT(
       [&] {
         optim::DPOptimizer opt(
@@ -122,7 +124,8 @@ TEST(DPOptimizer, RefusesParametersItCannotClip) {
 
 TEST(AdaptiveClipping, ThresholdFollowsTheQuantile) {
   torch::manual_seed(2);
-  AdaptiveClipper clipper(AdaptiveClipperOptions(0.01).target_unclipped_quantile(0.5).learning_rate(0.5));
+  AdaptiveClipper clipper(
+      AdaptiveClipperOptions(0.01).target_unclipped_quantile(0.5).learning_rate(0.5));
   // Every norm is far above C: the unclipped fraction is 0, so C grows by exp(0.5·0.5) per step.
   for (int k = 0; k < 4; ++k) {
     (void)clipper.clipping_factors({torch::full({100}, 10.0)});
@@ -139,9 +142,12 @@ TEST(AdaptiveClipping, ThresholdFollowsTheQuantile) {
 TEST(AdaptiveClipping, EngineSplitsSigmaBetweenGradientAndCount) {
   auto m = mlp();
   PrivacyEngine engine;
-  auto run = engine.make_private(
-      m, sgd(m), toy_data(),
-      PrivacyOptions().noise_multiplier(1.0).expected_batch_size(20).clipping(ClippingMode::kAdaptive).seed(3));
+  auto run = engine.make_private(m, sgd(m), toy_data(),
+                                 PrivacyOptions()
+                                     .noise_multiplier(1.0)
+                                     .expected_batch_size(20)
+                                     .clipping(ClippingMode::kAdaptive)
+                                     .seed(3));
   // σ_b = E[B]/20 = 1: σ_Δ = (1 − 1/4)^(−1/2).
   EXPECT_NEAR(run.optimizer->gradient_noise_multiplier(), 1 / std::sqrt(0.75), 1e-12);
 }
@@ -151,7 +157,8 @@ TEST(PrivacyEngine, CalibratedSigmaMeetsTheTargetAfterThePlannedSteps) {
   PrivacyEngine engine;
   auto run = engine.make_private_with_epsilon(
       m, sgd(m), toy_data(),
-      PrivacyOptions().target_epsilon(2.0).epochs(2).expected_batch_size(20).accountant("rdp").seed(4));
+      PrivacyOptions().target_epsilon(2.0).epochs(2).expected_batch_size(20).accountant("rdp").seed(
+          4));
   EXPECT_EQ(run.settings.steps, 20);
   auto acc = accounting::make_accountant("rdp");
   acc->step(run.settings.noise_multiplier, run.settings.sample_rate, run.settings.steps);
@@ -165,7 +172,12 @@ TEST(PrivacyEngine, TrainsAndAccounts) {
   PrivacyEngine engine;
   auto data = toy_data(400);
   auto run = engine.make_private(m, sgd(m, 0.5), data,
-                                 PrivacyOptions().noise_multiplier(0.5).max_grad_norm(1.0).expected_batch_size(40).epochs(10).seed(8));
+                                 PrivacyOptions()
+                                     .noise_multiplier(0.5)
+                                     .max_grad_norm(1.0)
+                                     .expected_batch_size(40)
+                                     .epochs(10)
+                                     .seed(8));
   auto loss_of = [&] {
     torch::NoGradGuard g;
     return torch::nll_loss(m->forward(data.data()), data.targets()).item<double>();
@@ -200,16 +212,25 @@ TEST(PrivacyEngine, ResumeAfterSaveEqualsUninterrupted) {
   tnn::Sequential cm(c);
 
   PrivacyEngine ea;
-  auto ra = ea.make_private(a, std::make_shared<torch::optim::SGD>(a->parameters(), torch::optim::SGDOptions(0.3).momentum(0.9)), toy_data(), options);
+  auto ra = ea.make_private(a,
+                            std::make_shared<torch::optim::SGD>(
+                                a->parameters(), torch::optim::SGDOptions(0.3).momentum(0.9)),
+                            toy_data(), options);
   train(a, ea, ra, 0, ra.settings.steps);
 
   PrivacyEngine eb;
-  auto rb = eb.make_private(bm, std::make_shared<torch::optim::SGD>(bm->parameters(), torch::optim::SGDOptions(0.3).momentum(0.9)), toy_data(), options);
+  auto rb = eb.make_private(bm,
+                            std::make_shared<torch::optim::SGD>(
+                                bm->parameters(), torch::optim::SGDOptions(0.3).momentum(0.9)),
+                            toy_data(), options);
   train(bm, eb, rb, 0, 6);
   eb.save_checkpoint(dir.file("ckpt.pt"), rb);
 
   PrivacyEngine ec;  // a fresh process: new model object, same architecture, no seed given
-  auto rc = ec.make_private(cm, std::make_shared<torch::optim::SGD>(cm->parameters(), torch::optim::SGDOptions(0.3).momentum(0.9)), toy_data(), PrivacyOptions(options).seed(12345));
+  auto rc = ec.make_private(cm,
+                            std::make_shared<torch::optim::SGD>(
+                                cm->parameters(), torch::optim::SGDOptions(0.3).momentum(0.9)),
+                            toy_data(), PrivacyOptions(options).seed(12345));
   auto info = ec.load_checkpoint(dir.file("ckpt.pt"), rc);
   EXPECT_EQ(info.loader_position, 6);
   train(cm, ec, rc, 6, rc.settings.steps);
@@ -230,8 +251,9 @@ TEST(PrivacyEngine, RefusesBadSettingsWithTheFix) {
     (void)engine.make_private(m, sgd(m), data, o);
   };
   auto base = PrivacyOptions().noise_multiplier(1.0).expected_batch_size(20);
-  EXPECT_THAT([&] { make(PrivacyOptions(base).noise_multiplier(-1.0)); },
-              ThrowsMessage<c10::Error>(HasSubstr("noise_multiplier must be finite and >= 0, but is -1")));
+  EXPECT_THAT(
+      [&] { make(PrivacyOptions(base).noise_multiplier(-1.0)); },
+      ThrowsMessage<c10::Error>(HasSubstr("noise_multiplier must be finite and >= 0, but is -1")));
   EXPECT_THAT([&] { make(PrivacyOptions(base).delta(1.5)); },
               ThrowsMessage<c10::Error>(HasSubstr("delta must be in (0, 1), but is 1.5")));
   EXPECT_THAT([&] { make(PrivacyOptions(base).max_grad_norm(0)); },
@@ -244,8 +266,9 @@ TEST(PrivacyEngine, RefusesBadSettingsWithTheFix) {
               ThrowsMessage<c10::Error>(HasSubstr("set exactly one")));
   EXPECT_THAT([&] { make(PrivacyOptions().target_epsilon(-1.0).expected_batch_size(20)); },
               ThrowsMessage<c10::Error>(HasSubstr("target_epsilon must be finite and > 0")));
-  EXPECT_THAT([&] { make(PrivacyOptions().target_epsilon(1e-4).expected_batch_size(200).epochs(50)); },
-              ThrowsMessage<c10::Error>(HasSubstr("reachable")));
+  EXPECT_THAT(
+      [&] { make(PrivacyOptions().target_epsilon(1e-4).expected_batch_size(200).epochs(50)); },
+      ThrowsMessage<c10::Error>(HasSubstr("reachable")));
   EXPECT_THAT([&] { make(PrivacyOptions(base).accountant("moments")); },
               ThrowsMessage<c10::Error>(HasSubstr("prv")));
   EXPECT_THAT([&] { make(PrivacyOptions(base).secure_mode(true).seed(1)); },
@@ -258,12 +281,15 @@ TEST(PrivacyEngine, RefusesForeignOrCorruptCheckpointsAndKeepsState) {
   TempDir dir;
   auto m = mlp();
   PrivacyEngine engine;
-  auto run = engine.make_private(m, sgd(m), toy_data(), PrivacyOptions().noise_multiplier(1.0).expected_batch_size(20).seed(2));
+  auto run =
+      engine.make_private(m, sgd(m), toy_data(),
+                          PrivacyOptions().noise_multiplier(1.0).expected_batch_size(20).seed(2));
   engine.save_checkpoint(dir.file("good.pt"), run);
 
   auto other = tnn::Sequential(nn::Linear(6, 4), tnn::Tanh(), nn::Linear(4, 3), tnn::LogSoftmax(1));
   PrivacyEngine e2;
-  auto r2 = e2.make_private(other, sgd(other), toy_data(), PrivacyOptions().noise_multiplier(1.0).expected_batch_size(20).seed(2));
+  auto r2 = e2.make_private(other, sgd(other), toy_data(),
+                            PrivacyOptions().noise_multiplier(1.0).expected_batch_size(20).seed(2));
   auto w_before = other->parameters()[0].detach().clone();
   EXPECT_THAT([&] { (void)e2.load_checkpoint(dir.file("good.pt"), r2); },
               ThrowsMessage<c10::Error>(HasSubstr("from a different model")));
@@ -271,7 +297,9 @@ TEST(PrivacyEngine, RefusesForeignOrCorruptCheckpointsAndKeepsState) {
 
   auto m3 = mlp();
   PrivacyEngine e3;
-  auto r3 = e3.make_private(m3, sgd(m3), toy_data(), PrivacyOptions().noise_multiplier(1.0).expected_batch_size(20).accountant("rdp").seed(2));
+  auto r3 = e3.make_private(
+      m3, sgd(m3), toy_data(),
+      PrivacyOptions().noise_multiplier(1.0).expected_batch_size(20).accountant("rdp").seed(2));
   EXPECT_THAT([&] { (void)e3.load_checkpoint(dir.file("good.pt"), r3); },
               ThrowsMessage<c10::Error>(HasSubstr("written with the prv accountant")));
 

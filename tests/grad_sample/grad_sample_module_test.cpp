@@ -9,11 +9,11 @@
 namespace dptorch {
 namespace {
 
+using ::testing::HasSubstr;
 using testing::per_sample_loss;
 using testing::reference_grad_samples;
 using testing::Scenario;
 using testing::tensors_close;
-using ::testing::HasSubstr;
 using ::testing::ThrowsMessage;
 namespace tnn = torch::nn;
 
@@ -45,18 +45,22 @@ struct Case {
 std::vector<Case> cases() {
   std::vector<Case> c;
   c.push_back({"linear", [] { return seq_setup(nn::Linear(5, 3), torch::randn({4, 5})); }});
-  c.push_back({"linear_sequence",
-               [] { return seq_setup(nn::Linear(5, 3), torch::randn({4, 6, 5})); }});
-  c.push_back({"linear_extra_dims",
-               [] { return seq_setup(nn::Linear(5, 3), torch::randn({4, 2, 3, 5})); }});
+  c.push_back({"linear_sequence", [] {
+                 return seq_setup(nn::Linear(5, 3), torch::randn({4, 6, 5}));
+               }});
+  c.push_back({"linear_extra_dims", [] {
+                 return seq_setup(nn::Linear(5, 3), torch::randn({4, 2, 3, 5}));
+               }});
   c.push_back({"linear_no_bias", [] {
                  return seq_setup(nn::Linear(tnn::LinearOptions(5, 3).bias(false)),
                                   torch::randn({4, 6, 5}));
                }});
-  c.push_back({"linear_batch_second",
-               [] { return seq_setup(nn::Linear(5, 3), torch::randn({6, 4, 5}), 1); }});
-  c.push_back({"linear_batch_of_one",
-               [] { return seq_setup(nn::Linear(5, 3), torch::randn({1, 5})); }});
+  c.push_back({"linear_batch_second", [] {
+                 return seq_setup(nn::Linear(5, 3), torch::randn({6, 4, 5}), 1);
+               }});
+  c.push_back({"linear_batch_of_one", [] {
+                 return seq_setup(nn::Linear(5, 3), torch::randn({1, 5}));
+               }});
   c.push_back({"mlp", [] {
                  return seq_setup(tnn::Sequential(nn::Linear(5, 8), tnn::Tanh(), nn::Linear(8, 3)),
                                   torch::randn({7, 5}));
@@ -102,21 +106,23 @@ std::vector<Case> cases() {
                  return seq_setup(nn::Conv2d(tnn::Conv2dOptions(2, 3, 3).padding(torch::kValid)),
                                   torch::randn({3, 2, 5, 5}));
                }});
-  c.push_back({"conv3d", [] {
-                 return seq_setup(
-                     nn::Conv3d(tnn::Conv3dOptions(2, 3, {2, 3, 2}).stride({1, 2, 1}).padding(
-                         {1, 0, 1})),
-                     torch::randn({2, 2, 4, 5, 4}));
-               }});
+  c.push_back(
+      {"conv3d", [] {
+         return seq_setup(
+             nn::Conv3d(tnn::Conv3dOptions(2, 3, {2, 3, 2}).stride({1, 2, 1}).padding({1, 0, 1})),
+             torch::randn({2, 2, 4, 5, 4}));
+       }});
   c.push_back({"embedding_padding_idx", [] {
                  return seq_setup(nn::Embedding(tnn::EmbeddingOptions(6, 4).padding_idx(0)),
                                   ints(6, {4, 7}));
                }});
-  c.push_back({"embedding_batch_second",
-               [] { return seq_setup(nn::Embedding(6, 4), ints(6, {7, 4}), 1); }});
+  c.push_back({"embedding_batch_second", [] {
+                 return seq_setup(nn::Embedding(6, 4), ints(6, {7, 4}), 1);
+               }});
   c.push_back({"embedding_bag_sum", [] {
-                 return seq_setup(nn::EmbeddingBag(tnn::EmbeddingBagOptions(6, 4).mode(torch::kSum)),
-                                  ints(6, {4, 5}));
+                 return seq_setup(
+                     nn::EmbeddingBag(tnn::EmbeddingBagOptions(6, 4).mode(torch::kSum)),
+                     ints(6, {4, 5}));
                }});
   c.push_back({"embedding_bag_mean_offsets", [] {
                  nn::EmbeddingBag bag(
@@ -154,15 +160,18 @@ std::vector<Case> cases() {
                  return s;
                }});
   c.push_back({"layer_norm", [] {
-                 return seq_setup(tnn::Sequential(nn::Linear(5, 5), nn::LayerNorm(std::vector<int64_t>{5})),
-                                  torch::randn({4, 3, 5}));
+                 return seq_setup(
+                     tnn::Sequential(nn::Linear(5, 5), nn::LayerNorm(std::vector<int64_t>{5})),
+                     torch::randn({4, 3, 5}));
                }});
-  c.push_back({"layer_norm_2d_shape", [] {
-                 return seq_setup(nn::LayerNorm(std::vector<int64_t>{3, 5}), torch::randn({4, 3, 5}));
-               }});
-  c.push_back({"layer_norm_batch_second", [] {
-                 return seq_setup(nn::LayerNorm(std::vector<int64_t>{5}), torch::randn({3, 4, 5}), 1);
-               }});
+  c.push_back(
+      {"layer_norm_2d_shape", [] {
+         return seq_setup(nn::LayerNorm(std::vector<int64_t>{3, 5}), torch::randn({4, 3, 5}));
+       }});
+  c.push_back(
+      {"layer_norm_batch_second", [] {
+         return seq_setup(nn::LayerNorm(std::vector<int64_t>{5}), torch::randn({3, 4, 5}), 1);
+       }});
   c.push_back({"group_norm", [] {
                  return seq_setup(tnn::Sequential(nn::Conv2d(2, 4, 3), nn::GroupNorm(2, 4)),
                                   torch::randn({3, 2, 6, 6}));
@@ -173,10 +182,12 @@ std::vector<Case> cases() {
                                      nn::InstanceNorm1d(tnn::InstanceNormOptions(3).affine(true))),
                      torch::randn({4, 2, 7}));
                }});
-  c.push_back({"instance_norm2d_running_stats", [] {
-                 return seq_setup(nn::InstanceNorm2d(tnn::InstanceNormOptions(3).affine(true).track_running_stats(true)),
-                                  torch::randn({3, 3, 4, 5}));
-               }});
+  c.push_back(
+      {"instance_norm2d_running_stats", [] {
+         return seq_setup(
+             nn::InstanceNorm2d(tnn::InstanceNormOptions(3).affine(true).track_running_stats(true)),
+             torch::randn({3, 3, 4, 5}));
+       }});
   c.push_back({"instance_norm3d", [] {
                  return seq_setup(nn::InstanceNorm3d(tnn::InstanceNormOptions(2).affine(true)),
                                   torch::randn({3, 2, 3, 4, 3}));
@@ -200,7 +211,9 @@ struct Variant {
 std::string variant_name(const Variant& v) {
   std::string s = v.dtype == torch::kDouble ? "double" : "float";
   s += v.reduction == LossReduction::kMean ? "_mean" : "_sum";
-  s += v.method == NormMethod::kGhost ? "_ghost" : v.method == NormMethod::kMaterialize ? "_materialize" : "_auto";
+  s += v.method == NormMethod::kGhost         ? "_ghost"
+       : v.method == NormMethod::kMaterialize ? "_materialize"
+                                              : "_auto";
   return s;
 }
 
@@ -264,11 +277,13 @@ std::vector<Variant> variants() {
   return v;
 }
 
-INSTANTIATE_TEST_SUITE_P(
-    Layers, GroundTruth, ::testing::Combine(::testing::ValuesIn(cases()), ::testing::ValuesIn(variants())),
-    [](const ::testing::TestParamInfo<std::tuple<Case, Variant>>& info) {
-      return std::get<0>(info.param).name + "_" + variant_name(std::get<1>(info.param));
-    });
+INSTANTIATE_TEST_SUITE_P(Layers, GroundTruth,
+                         ::testing::Combine(::testing::ValuesIn(cases()),
+                                            ::testing::ValuesIn(variants())),
+                         [](const ::testing::TestParamInfo<std::tuple<Case, Variant>>& info) {
+                           return std::get<0>(info.param).name + "_" +
+                                  variant_name(std::get<1>(info.param));
+                         });
 
 TEST(GradSampleModule, GhostAndMaterializedNormsAgree) {
   torch::manual_seed(3);
@@ -297,7 +312,8 @@ TEST(GradSampleModule, EmbeddingNormsAddRepeatedRowsOfASample) {
   auto out = emb(idx);
   out.square().sum().backward();
   auto norms = gsm.flat_norm();
-  // ‖G_i‖² = Σ_v ‖Σ_{t: idx_t = v} g_t‖² with g = 2·out (× B for the mean: here "mean" scales by 8).
+  // ‖G_i‖² = Σ_v ‖Σ_{t: idx_t = v} g_t‖² with g = 2·out (× B for the mean: here "mean" scales by
+  // 8).
   auto g = 2 * out.detach() * 8;
   for (int64_t i = 0; i < 2; ++i) {
     std::map<int64_t, torch::Tensor> rows;

@@ -42,7 +42,8 @@ TEST(DetachedLayers, AreBitIdenticalToTheirTorchTwins) {
   expect_bit_identical(tnn::Conv1d(tnn::Conv1dOptions(2, 3, 4).padding(torch::kSame)),
                        nn::Conv1d(tnn::Conv1dOptions(2, 3, 4).padding(torch::kSame)),
                        torch::randn({2, 2, 9}));
-  auto c2 = tnn::Conv2dOptions(4, 6, 3).groups(2).stride(2).padding(1).padding_mode(torch::kReflect);
+  auto c2 =
+      tnn::Conv2dOptions(4, 6, 3).groups(2).stride(2).padding(1).padding_mode(torch::kReflect);
   expect_bit_identical(tnn::Conv2d(c2), nn::Conv2d(c2), torch::randn({2, 4, 9, 9}));
   expect_bit_identical(tnn::Conv3d(2, 3, 2), nn::Conv3d(2, 3, 2), torch::randn({2, 2, 4, 4, 4}));
   auto e = tnn::EmbeddingOptions(10, 4).padding_idx(2);

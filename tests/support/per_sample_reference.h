@@ -16,7 +16,8 @@ struct Scenario {
   /// The batch; samples along `batch_dim` (of the input and of the output).
   torch::Tensor input;
   int64_t batch_dim = 0;
-  /// Output for sample i alone (a batch of one); defaults to forward(input.narrow(batch_dim, i, 1)).
+  /// Output for sample i alone (a batch of one); defaults to forward(input.narrow(batch_dim, i,
+  /// 1)).
   std::function<torch::Tensor(int64_t)> forward_one;
   /// Samples in the batch; defaults to input.size(batch_dim).
   int64_t batch_size = -1;
@@ -43,7 +44,8 @@ inline std::vector<std::pair<std::string, torch::Tensor>> trainable(torch::nn::M
 
 /// Ground truth: for each sample alone, the gradient of ℓ_i by plain autograd. Returns, per
 /// trainable parameter, [B, param shape...].
-inline std::vector<torch::Tensor> reference_grad_samples(const Scenario& s, const torch::Tensor& r) {
+inline std::vector<torch::Tensor> reference_grad_samples(const Scenario& s,
+                                                         const torch::Tensor& r) {
   const auto params = trainable(*s.model);
   std::vector<torch::Tensor> tensors;
   for (const auto& p : params) tensors.push_back(p.second);

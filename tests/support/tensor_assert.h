@@ -7,8 +7,8 @@
 
 namespace dptorch::testing {
 
-/// Compares two tensors with a norm-wise relative tolerance: max|a − e| <= rtol · max(max|e|, 1e-30).
-/// On failure it reports the largest absolute and relative error and where it is.
+/// Compares two tensors with a norm-wise relative tolerance: max|a − e| <= rtol · max(max|e|,
+/// 1e-30). On failure it reports the largest absolute and relative error and where it is.
 inline ::testing::AssertionResult tensors_close(const torch::Tensor& actual,
                                                 const torch::Tensor& expected, double rtol) {
   if (!actual.defined() || !expected.defined()) {
@@ -16,8 +16,8 @@ inline ::testing::AssertionResult tensors_close(const torch::Tensor& actual,
                                          << ", expected defined: " << expected.defined() << ")";
   }
   if (actual.sizes() != expected.sizes()) {
-    return ::testing::AssertionFailure() << "shape " << actual.sizes() << " != expected "
-                                         << expected.sizes();
+    return ::testing::AssertionFailure()
+           << "shape " << actual.sizes() << " != expected " << expected.sizes();
   }
   if (actual.numel() == 0) return ::testing::AssertionSuccess();
   auto a = actual.detach().to(torch::kDouble).cpu().flatten();

@@ -36,6 +36,7 @@ class CalibrationOptions {
   /// The bisection stops once ε is within this of the target (from below); default 0.01.
   CalibrationOptions& epsilon_tolerance(double value);
 
+  /// The values as set (empty where not set); see the setters.
   std::optional<double> target_epsilon() const noexcept { return target_epsilon_; }
   std::optional<double> delta() const noexcept { return delta_; }
   std::optional<double> sample_rate() const noexcept { return sample_rate_; }
@@ -90,6 +91,7 @@ class EpsilonOptions {
   /// "prv" (default), "rdp" or "gdp".
   EpsilonOptions& accountant(std::string value);
 
+  /// The values as set (empty where not set); see the setters.
   std::optional<double> noise_multiplier() const noexcept { return noise_multiplier_; }
   std::optional<double> sample_rate() const noexcept { return sample_rate_; }
   std::optional<double> delta() const noexcept { return delta_; }

@@ -22,6 +22,7 @@ class Buffer {
   /// `size` zeros.
   explicit Buffer(size_t size) : Buffer(size, size) {}
 
+  /// Raw access, size and capacity, element access and iteration, as std::vector.
   double* data() noexcept { return data_.get(); }
   const double* data() const noexcept { return data_.get(); }
   size_t size() const noexcept { return size_; }

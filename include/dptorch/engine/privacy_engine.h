@@ -71,7 +71,7 @@ struct PrivacySettings {
   double expected_batch_size = 0;
   double max_grad_norm = 0;
   double delta = 0;
-  int64_t steps = 0;            // planned optimiser steps
+  int64_t steps = 0;  // planned optimiser steps
   int64_t steps_per_epoch = 0;
   int64_t dataset_size = 0;
   uint64_t sampler_seed = 0;
@@ -125,15 +125,14 @@ class PrivacyEngine {
                                         std::shared_ptr<torch::optim::Optimizer> optimizer,
                                         Dataset dataset, const PrivacyOptions& options) {
     const auto size = dataset.size();
-    TORCH_CHECK_VALUE(size.has_value() && *size > 0, "make_private needs a non-empty dataset of "
-                                                      "known size");
+    TORCH_CHECK_VALUE(size.has_value() && *size > 0,
+                      "make_private needs a non-empty dataset of "
+                      "known size");
     auto settings = resolve(options, static_cast<int64_t>(*size));
     auto dp = make_optimizer(std::move(model), std::move(optimizer), options, settings);
-    auto sampler = std::make_shared<data::PoissonSampler>(settings.dataset_size,
-                                                          settings.sample_rate,
-                                                          settings.sampler_seed);
-    return {std::move(dp), data::PoissonDataLoader<Dataset>(std::move(dataset), sampler),
-            settings};
+    auto sampler = std::make_shared<data::PoissonSampler>(
+        settings.dataset_size, settings.sample_rate, settings.sampler_seed);
+    return {std::move(dp), data::PoissonDataLoader<Dataset>(std::move(dataset), sampler), settings};
   }
   template <typename M, typename Dataset>
   PrivateTraining<Dataset> make_private(const torch::nn::ModuleHolder<M>& model,
@@ -163,9 +162,9 @@ class PrivacyEngine {
   /// accountant history and loader position to `path`, atomically (temporary file, then rename).
   template <typename Dataset>
   void save_checkpoint(const std::string& path, const PrivateTraining<Dataset>& run) const {
-    save_checkpoint(path, *run.optimizer,
-                    CheckpointInfo{run.loader.position(), run.optimizer->steps(),
-                                   run.settings.sampler_seed});
+    save_checkpoint(
+        path, *run.optimizer,
+        CheckpointInfo{run.loader.position(), run.optimizer->steps(), run.settings.sampler_seed});
   }
   /// Restores what save_checkpoint wrote into `run` (same model architecture and accountant);
   /// the run continues exactly where the saved one was. Nothing changes if the checkpoint is

@@ -99,8 +99,7 @@ class PerSampleLayer {
   /// grad_output set is filed for this layer.
   torch::Tensor taped(const torch::Tensor& input, const torch::Tensor& weight,
                       const torch::Tensor& bias, const std::function<torch::Tensor()>& compute,
-                      std::function<torch::Tensor(const torch::Tensor&)> input_grad,
-                      Record record);
+                      std::function<torch::Tensor(const torch::Tensor&)> input_grad, Record record);
 
  private:
   std::shared_ptr<detail::Tape> tape_;

@@ -2,13 +2,7 @@
 
 #include <dptorch/nn/layer.h>
 
-#include <torch/nn/cloneable.h>
-#include <torch/nn/modules/conv.h>
-#include <torch/nn/modules/embedding.h>
-#include <torch/nn/modules/instancenorm.h>
-#include <torch/nn/modules/linear.h>
-#include <torch/nn/modules/normalization.h>
-#include <torch/nn/pimpl.h>
+#include <torch/nn.h>
 
 #include <array>
 #include <ostream>
@@ -53,13 +47,13 @@ TORCH_MODULE(Linear);
 
 namespace detail {
 template <size_t D>
-using TorchConv = std::conditional_t<
-    D == 1, torch::nn::Conv1d, std::conditional_t<D == 2, torch::nn::Conv2d, torch::nn::Conv3d>>;
+using TorchConv =
+    std::conditional_t<D == 1, torch::nn::Conv1d,
+                       std::conditional_t<D == 2, torch::nn::Conv2d, torch::nn::Conv3d>>;
 template <size_t D>
-using TorchInstanceNorm =
-    std::conditional_t<D == 1, torch::nn::InstanceNorm1d,
-                       std::conditional_t<D == 2, torch::nn::InstanceNorm2d,
-                                          torch::nn::InstanceNorm3d>>;
+using TorchInstanceNorm = std::conditional_t<
+    D == 1, torch::nn::InstanceNorm1d,
+    std::conditional_t<D == 2, torch::nn::InstanceNorm2d, torch::nn::InstanceNorm3d>>;
 }  // namespace detail
 
 /// Twin of torch::nn::Conv1d/2d/3d: every stride, padding ("same" and "valid" included), padding

@@ -1,0 +1,528 @@
+// dptrain: trains an image classifier on Fashion-MNIST with DP-SGD through dptorch's public API,
+// and reports test accuracy with the (ε, δ) the run spent.
+#include <dptorch/dptorch.h>
+
+#include <CLI/CLI.hpp>
+#include <nlohmann/json.hpp>
+
+#include <unistd.h>
+
+#include <atomic>
+#include <chrono>
+#include <csignal>
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+#include <iomanip>
+#include <iostream>
+#include <sstream>
+#include <thread>
+
+namespace {
+
+namespace fs = std::filesystem;
+namespace tnn = torch::nn;
+using json = nlohmann::json;
+using Clock = std::chrono::steady_clock;
+
+std::atomic<bool> g_interrupted{false};
+
+// Everything that defines a run; saved as config.json so that --resume rebuilds the same run.
+struct Config {
+  double epsilon = 3.0;
+  std::optional<double> noise_multiplier;
+  double delta = 1e-5;
+  double epochs = 40;
+  int64_t batch_size = 2048;
+  double lr = 4.0;
+  double momentum = 0.9;
+  double max_grad_norm = 0.1;
+  std::string accountant = "prv";
+  std::string clipping = "flat";
+  uint64_t seed = 0;
+  bool no_privacy = false;
+  bool secure_rng = false;
+  int64_t train_subset = 0;  // 0: the whole training set
+  int64_t max_physical_batch_size = 0;
+  std::string data_dir = dptorch::data::FashionMnist::kDefaultRoot;
+};
+
+json to_json(const Config& c) {
+  json j = {{"epsilon", c.epsilon},
+            {"delta", c.delta},
+            {"epochs", c.epochs},
+            {"batch_size", c.batch_size},
+            {"lr", c.lr},
+            {"momentum", c.momentum},
+            {"max_grad_norm", c.max_grad_norm},
+            {"accountant", c.accountant},
+            {"clipping", c.clipping},
+            {"seed", c.seed},
+            {"no_privacy", c.no_privacy},
+            {"secure_rng", c.secure_rng},
+            {"train_subset", c.train_subset},
+            {"max_physical_batch_size", c.max_physical_batch_size},
+            {"data_dir", c.data_dir}};
+  j["noise_multiplier"] = c.noise_multiplier ? json(*c.noise_multiplier) : json(nullptr);
+  return j;
+}
+
+Config from_json(const json& j) {
+  Config c;
+  c.epsilon = j.at("epsilon");
+  if (!j.at("noise_multiplier").is_null())
+    c.noise_multiplier = j.at("noise_multiplier").get<double>();
+  c.delta = j.at("delta");
+  c.epochs = j.at("epochs");
+  c.batch_size = j.at("batch_size");
+  c.lr = j.at("lr");
+  c.momentum = j.at("momentum");
+  c.max_grad_norm = j.at("max_grad_norm");
+  c.accountant = j.at("accountant");
+  c.clipping = j.at("clipping");
+  c.seed = j.at("seed");
+  c.no_privacy = j.at("no_privacy");
+  c.secure_rng = j.at("secure_rng");
+  c.train_subset = j.at("train_subset");
+  c.max_physical_batch_size = j.at("max_physical_batch_size");
+  c.data_dir = j.at("data_dir");
+  return c;
+}
+
+// Writes `text` to `path` atomically: a reader sees the old file or the new one, never a part.
+void write_file(const fs::path& path, const std::string& text) {
+  const fs::path tmp = path.string() + ".tmp";
+  {
+    std::ofstream out(tmp, std::ios::binary | std::ios::trunc);
+    out << text;
+    if (!out.flush()) throw std::runtime_error("cannot write " + tmp.string());
+  }
+  fs::rename(tmp, path);
+}
+
+// Tramèr & Boneh 2021, Table 9 (Fashion-MNIST end-to-end CNN), built from dptorch layers.
+tnn::Sequential make_model() {
+  return tnn::Sequential(dptorch::nn::Conv2d(tnn::Conv2dOptions(1, 16, 8).stride(2).padding(2)),
+                         tnn::Tanh(), tnn::MaxPool2d(tnn::MaxPool2dOptions(2).stride(1)),
+                         dptorch::nn::Conv2d(tnn::Conv2dOptions(16, 32, 4).stride(2)), tnn::Tanh(),
+                         tnn::MaxPool2d(tnn::MaxPool2dOptions(2).stride(1)), tnn::Flatten(),
+                         dptorch::nn::Linear(32 * 4 * 4, 32), tnn::Tanh(),
+                         dptorch::nn::Linear(32, 10));
+}
+
+// Fashion-MNIST pixels standardised with the training set's mean and std.
+constexpr double kMean = 0.2860, kStd = 0.3530;
+
+torch::Tensor normalise(const torch::Tensor& images) { return (images - kMean) / kStd; }
+
+double accuracy(tnn::Sequential& model, const torch::Tensor& images, const torch::Tensor& labels) {
+  torch::NoGradGuard no_grad;
+  model->eval();
+  int64_t correct = 0;
+  for (int64_t begin = 0; begin < images.size(0); begin += 2000) {
+    const int64_t end = std::min<int64_t>(begin + 2000, images.size(0));
+    auto pred = model->forward(images.slice(0, begin, end)).argmax(1);
+    correct += pred.eq(labels.slice(0, begin, end)).sum().item<int64_t>();
+  }
+  model->train();
+  return static_cast<double>(correct) / static_cast<double>(images.size(0));
+}
+
+// One line of progress: a bar on a terminal, plain lines otherwise (CI logs).
+class Progress {
+ public:
+  explicit Progress(bool tty) : tty_(tty) {}
+  void update(int epoch, int epochs, int64_t step, int64_t steps, double examples_per_s,
+              double loss, double eps) {
+    if (!tty_) return;
+    constexpr int kWidth = 30;
+    const int filled = static_cast<int>(kWidth * step / std::max<int64_t>(steps, 1));
+    std::ostringstream line;
+    line << "\repoch " << epoch << "/" << epochs << " [" << std::string(filled, '#')
+         << std::string(kWidth - filled, '.') << "] " << step << "/" << steps << "  " << std::fixed
+         << std::setprecision(0) << examples_per_s << " ex/s  loss " << std::setprecision(4)
+         << loss;
+    if (eps >= 0) line << "  eps " << std::setprecision(3) << eps;
+    std::cout << line.str() << std::flush;
+  }
+  void end_epoch(int epoch, int epochs, double examples_per_s, double loss, double acc,
+                 double eps) {
+    std::ostringstream line;
+    line << "epoch " << epoch << "/" << epochs << "  " << std::fixed << std::setprecision(0)
+         << examples_per_s << " ex/s  loss " << std::setprecision(4) << loss << "  test acc "
+         << std::setprecision(2) << 100 * acc << "%";
+    if (eps >= 0) line << "  eps " << std::setprecision(3) << eps;
+    std::cout << (tty_ ? "\r\033[K" : "") << line.str() << "\n" << std::flush;
+  }
+
+ private:
+  bool tty_;
+};
+
+std::string svg_plot(const std::vector<json>& epochs, double target_eps) {
+  const double W = 640, H = 360, L = 60, R = 60, T = 30, B = 50;
+  const double n = std::max<double>(1, static_cast<double>(epochs.size()));
+  double eps_max = target_eps > 0 ? target_eps : 0;
+  for (const auto& e : epochs) eps_max = std::max(eps_max, e.value("epsilon", 0.0));
+  if (eps_max <= 0) eps_max = 1;
+  auto x = [&](double i) { return L + (W - L - R) * i / n; };
+  auto y_acc = [&](double a) { return H - B - (H - T - B) * a; };
+  auto y_eps = [&](double e) { return H - B - (H - T - B) * e / eps_max; };
+  std::ostringstream s;
+  s << std::fixed << std::setprecision(1);
+  s << "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"" << W << "\" height=\"" << H
+    << "\" font-family=\"sans-serif\" font-size=\"12\">\n"
+    << "<rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n"
+    << "<text x=\"" << W / 2
+    << "\" y=\"18\" text-anchor=\"middle\">dptrain: test accuracy and "
+       "epsilon per epoch</text>\n"
+    << "<line x1=\"" << L << "\" y1=\"" << H - B << "\" x2=\"" << W - R << "\" y2=\"" << H - B
+    << "\" stroke=\"black\"/>\n"
+    << "<line x1=\"" << L << "\" y1=\"" << T << "\" x2=\"" << L << "\" y2=\"" << H - B
+    << "\" stroke=\"black\"/>\n"
+    << "<line x1=\"" << W - R << "\" y1=\"" << T << "\" x2=\"" << W - R << "\" y2=\"" << H - B
+    << "\" stroke=\"black\"/>\n";
+  for (int k = 0; k <= 4; ++k) {
+    const double f = k / 4.0;
+    s << "<text x=\"" << L - 6 << "\" y=\"" << y_acc(f) + 4
+      << "\" text-anchor=\"end\" fill=\"#1f77b4\">" << 100 * f << "%</text>\n"
+      << "<text x=\"" << W - R + 6 << "\" y=\"" << y_eps(f * eps_max) + 4 << "\" fill=\"#d62728\">"
+      << std::setprecision(2) << f * eps_max << std::setprecision(1) << "</text>\n";
+  }
+  s << "<text x=\"" << W / 2 << "\" y=\"" << H - 12 << "\" text-anchor=\"middle\">epoch</text>\n";
+  std::ostringstream acc, eps;
+  acc << std::fixed << std::setprecision(1);
+  eps << std::fixed << std::setprecision(1);
+  for (size_t i = 0; i < epochs.size(); ++i) {
+    acc << x(static_cast<double>(i + 1)) << "," << y_acc(epochs[i].value("test_accuracy", 0.0))
+        << " ";
+    if (epochs[i].contains("epsilon")) {
+      eps << x(static_cast<double>(i + 1)) << "," << y_eps(epochs[i]["epsilon"].get<double>())
+          << " ";
+    }
+  }
+  s << "<polyline fill=\"none\" stroke=\"#1f77b4\" stroke-width=\"2\" points=\"" << acc.str()
+    << "\"/>\n<polyline fill=\"none\" stroke=\"#d62728\" stroke-width=\"2\" points=\"" << eps.str()
+    << "\"/>\n<text x=\"" << L + 8 << "\" y=\"" << T + 14
+    << "\" fill=\"#1f77b4\">test accuracy</text>\n"
+    << "<text x=\"" << L + 8 << "\" y=\"" << T + 30
+    << "\" fill=\"#d62728\">epsilon (right axis)</text>\n"
+    << "</svg>\n";
+  return s.str();
+}
+
+int run(const Config& config, const fs::path& out, bool resume, int threads) {
+  torch::set_num_threads(threads);
+  fs::create_directories(out);
+  const auto start = Clock::now();
+
+  dptorch::data::FashionMnist train_set(config.data_dir, dptorch::data::FashionMnist::Mode::kTrain);
+  dptorch::data::FashionMnist test_set(config.data_dir, dptorch::data::FashionMnist::Mode::kTest);
+  auto train_x = normalise(train_set.images());
+  auto train_y = train_set.labels();
+  if (config.train_subset > 0) {
+    train_x = train_x.slice(0, 0, config.train_subset);
+    train_y = train_y.slice(0, 0, config.train_subset);
+  }
+  const auto test_x = normalise(test_set.images());
+  const auto test_y = test_set.labels();
+
+  torch::manual_seed(config.seed);
+  auto model = make_model();
+  auto sgd = std::make_shared<torch::optim::SGD>(
+      model->parameters(), torch::optim::SGDOptions(config.lr).momentum(config.momentum));
+
+  dptorch::PrivacyOptions options;
+  options.delta(config.delta)
+      .epochs(config.epochs)
+      .expected_batch_size(static_cast<double>(config.batch_size))
+      .max_grad_norm(config.max_grad_norm)
+      .accountant(config.accountant)
+      .secure_mode(config.secure_rng);
+  if (!config.secure_rng) options.seed(config.seed);
+  if (config.clipping == "per-layer") options.clipping(dptorch::ClippingMode::kPerLayer);
+  if (config.clipping == "adaptive") options.clipping(dptorch::ClippingMode::kAdaptive);
+  if (config.noise_multiplier) {
+    options.noise_multiplier(*config.noise_multiplier);
+  } else {
+    options.target_epsilon(config.epsilon);
+  }
+  if (config.no_privacy) options.noise_multiplier(0.0).target_epsilon(std::nullopt);
+
+  dptorch::PrivacyEngine engine;
+  auto training =
+      engine.make_private(model, sgd, dptorch::data::TensorPairDataset(train_x, train_y), options);
+  const auto& settings = training.settings;
+  if (config.no_privacy) {
+    // Same model and optimiser, no clipping and no noise: the dp layers run as plain torch.
+    training.optimizer->clipper().close();
+  }
+
+  if (!config.no_privacy) {
+    // The whole run must fit the budget before the first step is taken.
+    auto planned = dptorch::accounting::make_accountant(settings.accountant);
+    planned->step(settings.noise_multiplier, settings.sample_rate, settings.steps);
+    const double planned_eps = planned->epsilon(config.delta);
+    TORCH_CHECK_VALUE(planned_eps <= config.epsilon * (1 + 1e-9),
+                      "the planned run would spend eps = ", planned_eps,
+                      ", past the budget --epsilon ", config.epsilon,
+                      "; raise --noise-multiplier, lower --epochs, or raise --epsilon");
+  }
+
+  std::vector<json> epochs_log;
+  const fs::path checkpoint = out / "checkpoint.pt";
+  if (resume) {
+    if (!config.no_privacy) {
+      (void)engine.load_checkpoint(checkpoint.string(), training);
+    } else {
+      torch::load(model, (out / "model.pt").string());
+      training.loader.set_position(json::parse(std::ifstream(out / "position.json"))["position"]);
+    }
+    std::ifstream metrics(out / "metrics.jsonl");
+    for (std::string line; std::getline(metrics, line);) {
+      if (!line.empty()) epochs_log.push_back(json::parse(line));
+    }
+  } else {
+    std::ofstream(out / "metrics.jsonl", std::ios::trunc);
+  }
+
+  const int64_t per_epoch = settings.steps_per_epoch;
+  const int64_t total_steps = settings.steps;
+  const int epochs_total = static_cast<int>((total_steps + per_epoch - 1) / per_epoch);
+  std::cout << "dptrain: Fashion-MNIST, " << train_x.size(0) << " training examples, "
+            << (config.no_privacy ? "no privacy" : "DP-SGD") << ", " << total_steps
+            << " steps of expected batch " << settings.expected_batch_size
+            << " (q = " << settings.sample_rate << ")";
+  if (!config.no_privacy) {
+    std::cout << ", sigma = " << settings.noise_multiplier << ", C = " << settings.max_grad_norm
+              << ", " << settings.accountant << " accountant";
+  }
+  std::cout << ", " << threads << " threads\n" << std::flush;
+
+  auto save = [&] {
+    if (config.no_privacy) {
+      torch::save(model, (out / "model.pt").string());
+      write_file(out / "position.json", json{{"position", training.loader.position()}}.dump());
+    } else {
+      engine.save_checkpoint(checkpoint.string(), training);
+    }
+  };
+  auto loss_fn = [](const torch::Tensor& logits, const torch::Tensor& y) {
+    return torch::nn::functional::cross_entropy(logits, y);
+  };
+
+  Progress progress(isatty(STDOUT_FILENO) != 0);
+  int64_t examples_seen = 0;
+  double train_seconds = 0;
+  while (training.loader.position() < total_steps) {
+    const int epoch = static_cast<int>(training.loader.position() / per_epoch) + 1;
+    const int64_t epoch_end = std::min<int64_t>(epoch * per_epoch, total_steps);
+    const double eps_before = config.no_privacy ? -1 : engine.epsilon(config.delta);
+    const auto epoch_start = Clock::now();
+    int64_t epoch_examples = 0;
+    double loss_sum = 0;
+    int64_t loss_count = 0;
+    while (training.loader.position() < epoch_end) {
+      if (g_interrupted) {
+        save();
+        std::cout << "\ndptrain: interrupted; checkpoint saved. Resume with: dptrain --resume "
+                  << out.string() << "\n";
+        return 130;
+      }
+      const auto batch = training.loader.next();
+      const int64_t B = batch.data.size(0);
+      const int64_t cap = config.max_physical_batch_size > 0 ? config.max_physical_batch_size
+                                                             : std::max<int64_t>(B, 1);
+      for (const auto& chunk : dptorch::data::physical_batches(batch, cap)) {
+        if (chunk.data.size(0) == 0) continue;  // an empty batch: the step adds noise only
+        auto loss = loss_fn(model->forward(chunk.data), chunk.target);
+        loss.backward();
+        loss_sum += loss.item<double>() * static_cast<double>(chunk.data.size(0));
+        loss_count += chunk.data.size(0);
+        if (config.no_privacy) continue;
+        training.optimizer->accumulate();
+      }
+      if (config.no_privacy) {
+        sgd->step();
+        sgd->zero_grad();
+      } else {
+        training.optimizer->step();
+      }
+      epoch_examples += B;
+      const double secs = std::chrono::duration<double>(Clock::now() - epoch_start).count();
+      progress.update(epoch, epochs_total, training.loader.position() - (epoch - 1) * per_epoch,
+                      epoch_end - (epoch - 1) * per_epoch, epoch_examples / std::max(secs, 1e-9),
+                      loss_sum / std::max<int64_t>(loss_count, 1), eps_before);
+    }
+    const double secs = std::chrono::duration<double>(Clock::now() - epoch_start).count();
+    train_seconds += secs;
+    examples_seen += epoch_examples;
+    const double acc = accuracy(model, test_x, test_y);
+    const double eps = config.no_privacy ? -1 : engine.epsilon(config.delta);
+    json entry = {{"epoch", epoch},
+                  {"steps", training.loader.position()},
+                  {"train_loss", loss_sum / std::max<int64_t>(loss_count, 1)},
+                  {"test_accuracy", acc},
+                  {"examples_per_second", epoch_examples / std::max(secs, 1e-9)},
+                  {"seconds", secs}};
+    if (!config.no_privacy) entry["epsilon"] = eps;
+    epochs_log.push_back(entry);
+    {
+      std::ofstream metrics(out / "metrics.jsonl", std::ios::app);
+      metrics << entry.dump() << "\n";
+    }
+    progress.end_epoch(epoch, epochs_total, entry["examples_per_second"], entry["train_loss"], acc,
+                       eps);
+    save();
+  }
+
+  const double acc = accuracy(model, test_x, test_y);
+  const double wall = std::chrono::duration<double>(Clock::now() - start).count();
+  json report = {{"test_accuracy", acc},
+                 {"private", !config.no_privacy},
+                 {"delta", config.delta},
+                 {"noise_multiplier", settings.noise_multiplier},
+                 {"sample_rate", settings.sample_rate},
+                 {"steps", training.loader.position()},
+                 {"epochs", config.epochs},
+                 {"expected_batch_size", settings.expected_batch_size},
+                 {"max_grad_norm", settings.max_grad_norm},
+                 {"accountant", settings.accountant},
+                 {"wall_seconds", wall},
+                 {"train_seconds", train_seconds},
+                 {"examples_per_second", examples_seen / std::max(train_seconds, 1e-9)},
+                 {"threads", threads},
+                 {"config", to_json(config)}};
+  if (!config.no_privacy) report["epsilon"] = engine.epsilon(config.delta);
+  write_file(out / "report.json", report.dump(2) + "\n");
+  write_file(out / "plot.svg", svg_plot(epochs_log, config.no_privacy ? 0 : config.epsilon));
+
+  std::cout << std::fixed << "\n== dptrain report ==\n"
+            << "test accuracy   " << std::setprecision(2) << 100 * acc << "%\n";
+  if (!config.no_privacy) {
+    std::cout << "privacy         eps = " << std::setprecision(3) << engine.epsilon(config.delta)
+              << ", delta = " << std::scientific << std::setprecision(0) << config.delta
+              << std::fixed << " (" << settings.accountant << ")\n"
+              << "noise           sigma = " << std::setprecision(4) << settings.noise_multiplier
+              << ", C = " << settings.max_grad_norm << "\n";
+  } else {
+    std::cout << "privacy         none (--no-privacy)\n";
+  }
+  std::cout << "sampling        q = " << std::setprecision(6) << settings.sample_rate << ", "
+            << training.loader.position() << " steps\n"
+            << "time            " << std::setprecision(1) << wall << " s wall, "
+            << std::setprecision(0) << examples_seen / std::max(train_seconds, 1e-9)
+            << " examples/s\n"
+            << "outputs         " << out.string() << "/{report.json, metrics.jsonl, plot.svg, "
+            << (config.no_privacy ? "model.pt" : "checkpoint.pt") << "}\n";
+  return 0;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  CLI::App app{"dptrain: differentially private training of a CNN on Fashion-MNIST (DP-SGD)."};
+  Config config;
+  std::string out = "dptrain-out", resume_dir, clipping = config.clipping;
+  double noise_multiplier = -1;
+  int threads = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
+  app.add_option("--epsilon", config.epsilon, "target epsilon; sigma is calibrated to reach it")
+      ->capture_default_str()
+      ->check(CLI::PositiveNumber);
+  app.add_option("--delta", config.delta, "target delta")
+      ->capture_default_str()
+      ->check(CLI::Range(0.0, 1.0));
+  app.add_option("--epochs", config.epochs, "training epochs")
+      ->capture_default_str()
+      ->check(CLI::PositiveNumber);
+  app.add_option("--batch-size", config.batch_size, "expected (Poisson) batch size")
+      ->capture_default_str()
+      ->check(CLI::PositiveNumber);
+  app.add_option("--lr", config.lr, "SGD learning rate")
+      ->capture_default_str()
+      ->check(CLI::PositiveNumber);
+  app.add_option("--momentum", config.momentum, "SGD momentum")
+      ->capture_default_str()
+      ->check(CLI::Range(0.0, 1.0));
+  app.add_option("--max-grad-norm", config.max_grad_norm, "per-sample gradient norm bound C")
+      ->capture_default_str()
+      ->check(CLI::PositiveNumber);
+  auto* sigma_opt = app.add_option("--noise-multiplier", noise_multiplier,
+                                   "noise multiplier sigma, instead of --epsilon")
+                        ->check(CLI::NonNegativeNumber);
+  app.add_option("--accountant", config.accountant, "privacy accountant")
+      ->capture_default_str()
+      ->check(CLI::IsMember({"prv", "rdp", "gdp"}));
+  app.add_option("--clipping", clipping, "per-sample clipping")
+      ->capture_default_str()
+      ->check(CLI::IsMember({"flat", "per-layer", "adaptive"}));
+  auto* seed_opt = app.add_option("--seed", config.seed, "seed of the model, sampler and noise")
+                       ->capture_default_str();
+  app.add_option("--threads", threads, "CPU threads")
+      ->capture_default_str()
+      ->check(CLI::PositiveNumber);
+  app.add_option("--out", out, "output directory")->capture_default_str();
+  auto* resume_opt =
+      app.add_option("--resume", resume_dir, "continue the run saved in this directory");
+  auto* no_privacy = app.add_flag("--no-privacy", config.no_privacy,
+                                  "train the same model without privacy, for comparison");
+  auto* secure = app.add_flag("--secure-rng", config.secure_rng,
+                              "cryptographically secure noise and sampling (refuses --seed)");
+  app.add_option("--train-subset", config.train_subset,
+                 "train on the first N examples only (0: all); for quick checks")
+      ->capture_default_str()
+      ->check(CLI::NonNegativeNumber);
+  app.add_option("--max-physical-batch-size", config.max_physical_batch_size,
+                 "split logical batches into physical ones of at most this size (0: no split)")
+      ->capture_default_str()
+      ->check(CLI::NonNegativeNumber);
+  app.add_option("--data-dir", config.data_dir, "Fashion-MNIST directory (gzip IDX files)")
+      ->capture_default_str();
+  secure->excludes(seed_opt);
+  sigma_opt->excludes(no_privacy);
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::CallForHelp& e) {
+    return app.exit(e);
+  } catch (const CLI::ParseError& e) {
+    std::cerr << "dptrain: error: " << e.what() << " (see --help)\n";
+    return 2;
+  }
+  if (*sigma_opt) config.noise_multiplier = noise_multiplier;
+  if (config.no_privacy && app.count("--lr") == 0) config.lr = 0.05;  // no clipping: a usual lr
+  config.clipping = clipping;
+
+  std::signal(SIGINT, [](int) { g_interrupted = true; });
+  std::signal(SIGTERM, [](int) { g_interrupted = true; });
+  try {
+    bool resume = false;
+    if (*resume_opt) {
+      if (app.count_all() > 1 + app.count("--threads") + app.count("--resume")) {
+        std::cerr << "dptrain: error: --resume takes the run's saved settings; give only "
+                     "--resume DIR (and --threads)\n";
+        return 2;
+      }
+      std::ifstream in(fs::path(resume_dir) / "config.json");
+      if (!in) {
+        std::cerr
+            << "dptrain: error: " << resume_dir
+            << " holds no dptrain run (no config.json); resume a directory that a run wrote\n";
+        return 2;
+      }
+      config = from_json(json::parse(in));
+      out = resume_dir;
+      resume = true;
+    } else {
+      fs::create_directories(out);
+      write_file(fs::path(out) / "config.json", to_json(config).dump(2) + "\n");
+    }
+    return run(config, out, resume, threads);
+  } catch (const c10::Error& e) {
+    std::string what = e.what_without_backtrace();
+    std::cerr << "dptrain: error: " << what.substr(0, what.find('\n')) << "\n";
+    return 2;
+  } catch (const std::exception& e) {
+    std::cerr << "dptrain: error: " << e.what() << "\n";
+    return 2;
+  }
+}
