@@ -90,8 +90,8 @@ TEST(PrvAccountantTest, EpsErrorOptionWidensTheBounds) {
 TEST(PrvAccountantTest, ExactForTheGaussianMechanism) {
   // Without subsampling, T steps compose to the Gaussian mechanism with μ = sqrt(T)/σ, whose
   // exact ε(δ) is the μ-GDP one (Dong, Roth, Su 2019, Cor. 2.13).
-  for (const auto& [sigma, steps] : {std::pair{1.0, int64_t{1}}, std::pair{0.8, int64_t{10}},
-                                     std::pair{5.0, int64_t{400}}}) {
+  for (const auto& [sigma, steps] :
+       {std::pair{1.0, int64_t{1}}, std::pair{0.8, int64_t{10}}, std::pair{5.0, int64_t{400}}}) {
     PrvAccountant accountant;
     accountant.step(sigma, 1.0, steps);
     const double exact = gdp_epsilon(std::sqrt(static_cast<double>(steps)) / sigma, 1e-6);

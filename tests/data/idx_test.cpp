@@ -95,12 +95,8 @@ Bytes encode(const IdxCase& c) {
   Bytes out = idx_header(c.code, c.dims);
   for (const double v : c.values) {
     switch (c.code) {
-      case 0x08:
-        out.push_back(static_cast<std::uint8_t>(v));
-        break;
-      case 0x09:
-        out.push_back(static_cast<std::uint8_t>(static_cast<std::int8_t>(v)));
-        break;
+      case 0x08: out.push_back(static_cast<std::uint8_t>(v)); break;
+      case 0x09: out.push_back(static_cast<std::uint8_t>(static_cast<std::int8_t>(v))); break;
       case 0x0B:
         append_big_endian(out, static_cast<std::uint16_t>(static_cast<std::int16_t>(v)), 2);
         break;
@@ -120,8 +116,7 @@ Bytes encode(const IdxCase& c) {
         append_big_endian(out, bits, 8);
         break;
       }
-      default:
-        ADD_FAILURE() << "no encoder for type code " << int{c.code};
+      default: ADD_FAILURE() << "no encoder for type code " << int{c.code};
     }
   }
   return out;

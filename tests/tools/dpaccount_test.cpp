@@ -187,6 +187,16 @@ TEST_F(DpaccountTest, SigmaGoldenValuesInJson) {
   EXPECT_NEAR(steps["noise_multiplier"]["rdp"].get<double>(), 1.3562, 5e-5);
 }
 
+TEST_F(DpaccountTest, NoNoiseIsInfinite) {
+  const auto j = run_json("epsilon --sigma 0 --sample-rate 0.1 --steps 10 --delta 1e-5 -a all");
+  for (const char* name : {"prv", "rdp", "gdp"}) {
+    EXPECT_TRUE(j["epsilon"][name].is_null()) << name;  // JSON has no infinity
+  }
+  const ToolRun r = run_tool("epsilon --sigma 0 --sample-rate 0.1 --steps 10 --delta 1e-5");
+  EXPECT_EQ(r.status, 0);
+  EXPECT_THAT(r.out, HasSubstr("prv         inf\n"));
+}
+
 TEST_F(DpaccountTest, TableIsAligned) {
   const ToolRun r =
       run_tool("epsilon --sigma 1.5 --sample-rate 0.04 --steps 2249 --delta 1e-5 -a all");

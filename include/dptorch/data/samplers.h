@@ -49,8 +49,10 @@ class BatchSampler {
 /// splitmix64(splitmix64(splitmix64(seed) ^ stream) ^ step), `stream` being a constant per
 /// sampler kind; it tests one 53-bit uniform u = (x >> 11) * 2^-53 per example in index order
 /// (included iff u < q). Batches depend on (seed, step) alone, are identical on every platform
-/// and standard library, and cost O(N) per step. The privacy analysis assumes the batches are secret: draw the seed from a secure
-/// source (dptorch::optim::secure_seed()) and keep it with the checkpoint, not in a log.
+/// and standard library, and cost O(N) per step. The privacy analysis assumes the batches are
+/// secret: draw the seed from a secure source (dptorch::optim::secure_seed()) and keep it with the
+/// checkpoint, not in a log.
+///
 /// Example:
 ///   dptorch::data::PoissonSampler sampler(60000, 256.0 / 60000, seed);
 ///   for (int64_t step = 0; step < sampler.steps_per_epoch(); ++step) {

@@ -1,0 +1,108 @@
+// Runs dptrain on a small subset of Fashion-MNIST: help, argument errors, every output file, and
+// an interrupted run resumed to the same result as an uninterrupted one.
+#include <gmock/gmock.h>
+#include <gtest/gtest.h>
+#include <nlohmann/json.hpp>
+
+#include <filesystem>
+#include <fstream>
+
+#include "support/run_tool.h"
+
+namespace {
+
+using dptorch::testing::run_tool;
+using dptorch::testing::tool_path;
+using ::testing::HasSubstr;
+using ::testing::StartsWith;
+namespace fs = std::filesystem;
+
+// Small and fast: 512 examples, expected batch 64, 2 epochs (16 steps), fixed σ.
+const std::string kQuick =
+    "--train-subset 512 --batch-size 64 --epochs 2 --noise-multiplier 1.0 --lr 0.5 --max-grad-norm 1.0 --threads 2 --seed 3";
+
+class DptrainTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    ASSERT_TRUE(fs::exists(tool_path("dptrain"))) << "build the dptrain target first";
+    if (!fs::exists("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz")) {
+      GTEST_SKIP() << "Debian's dataset-fashion-mnist package is not installed";
+    }
+    dir_ = fs::path(::testing::TempDir()) / ("dptrain_test_" + std::to_string(::getpid()));
+    fs::remove_all(dir_);
+  }
+  void TearDown() override { fs::remove_all(dir_); }
+  std::string out(const std::string& name) const { return (dir_ / name).string(); }
+  fs::path dir_;
+};
+
+nlohmann::json read_json(const fs::path& path) { return nlohmann::json::parse(std::ifstream(path)); }
+
+TEST_F(DptrainTest, HelpExplainsEveryOption) {
+  auto r = run_tool("dptrain", "--help");
+  EXPECT_EQ(r.status, 0);
+  for (const char* option : {"--epsilon", "--delta", "--epochs", "--batch-size", "--lr",
+                             "--max-grad-norm", "--noise-multiplier", "--accountant", "--clipping",
+                             "--seed", "--threads", "--out", "--resume", "--no-privacy",
+                             "--secure-rng"}) {
+    EXPECT_THAT(r.out, HasSubstr(option));
+  }
+}
+
+TEST_F(DptrainTest, BadArgumentsGiveOneLineAndStatus2) {
+  for (const std::string args :
+       {"--noise-multipler 1", "--epsilon -1", "--accountant moments", "--clipping none",
+        "--secure-rng --seed 3", "--delta 2", "--resume /nonexistent/run"}) {
+    SCOPED_TRACE(args);
+    auto r = run_tool("dptrain", args + " --out " + out("bad"));
+    EXPECT_EQ(r.status, 2);
+    EXPECT_THAT(r.err, StartsWith("dptrain: error: "));
+    EXPECT_EQ(std::count(r.err.begin(), r.err.end(), '\n'), 1) << r.err;
+  }
+  // A budget the planned run would exceed is refused before training.
+  auto r = run_tool("dptrain", kQuick + " --epsilon 0.5 --out " + out("budget"));
+  EXPECT_EQ(r.status, 2);
+  EXPECT_THAT(r.err, HasSubstr("past the budget"));
+}
+
+TEST_F(DptrainTest, ShortRunWritesEveryOutput) {
+  auto r = run_tool("dptrain", kQuick + " --epsilon 50 --out " + out("run"));
+  ASSERT_EQ(r.status, 0) << r.err;
+  EXPECT_THAT(r.out, HasSubstr("test accuracy"));
+  for (const char* file : {"report.json", "metrics.jsonl", "plot.svg", "checkpoint.pt", "config.json"}) {
+    EXPECT_TRUE(fs::exists(dir_ / "run" / file)) << file;
+  }
+  auto report = read_json(dir_ / "run" / "report.json");
+  EXPECT_EQ(report["steps"], 16);
+  EXPECT_GT(report["epsilon"].get<double>(), 0);
+  EXPECT_LE(report["epsilon"].get<double>(), 50);
+  EXPECT_GT(report["test_accuracy"].get<double>(), 0.3);  // 16 noisy steps: well above chance
+  std::ifstream metrics(dir_ / "run" / "metrics.jsonl");
+  int lines = 0;
+  for (std::string line; std::getline(metrics, line);) lines += !line.empty();
+  EXPECT_EQ(lines, 2);
+  std::ifstream svg(dir_ / "run" / "plot.svg");
+  std::string text((std::istreambuf_iterator<char>(svg)), std::istreambuf_iterator<char>());
+  EXPECT_THAT(text, HasSubstr("<polyline"));
+}
+
+TEST_F(DptrainTest, InterruptedRunResumesToTheSameResult) {
+  auto whole = run_tool("dptrain", kQuick + " --epsilon 50 --out " + out("whole"));
+  ASSERT_EQ(whole.status, 0) << whole.err;
+  auto part = run_tool("dptrain", kQuick + " --epsilon 50 --stop-after-steps 11 --out " + out("part"));
+  ASSERT_EQ(part.status, 130) << part.err;
+  EXPECT_THAT(part.out, HasSubstr("--resume"));
+  auto rest = run_tool("dptrain", "--resume " + out("part"));
+  ASSERT_EQ(rest.status, 0) << rest.err;
+  auto a = read_json(dir_ / "whole" / "report.json");
+  auto b = read_json(dir_ / "part" / "report.json");
+  EXPECT_EQ(a["test_accuracy"], b["test_accuracy"]);
+  EXPECT_EQ(a["epsilon"], b["epsilon"]);
+  EXPECT_EQ(a["steps"], b["steps"]);
+  // Resuming a finished run takes no further step and spends nothing more.
+  auto again = run_tool("dptrain", "--resume " + out("part"));
+  ASSERT_EQ(again.status, 0) << again.err;
+  EXPECT_EQ(read_json(dir_ / "part" / "report.json")["epsilon"], a["epsilon"]);
+}
+
+}  // namespace
