@@ -5,14 +5,10 @@
 #include <gtest/gtest.h>
 #include <nlohmann/json.hpp>
 
-#include <sys/wait.h>
-#include <unistd.h>
-
-#include <cstdio>
 #include <filesystem>
-#include <fstream>
-#include <sstream>
 #include <string>
+
+#include "support/run_tool.h"
 
 #ifndef DPTORCH_TOOLS_DIR
 #error "DPTORCH_TOOLS_DIR must name the folder that holds the dpaccount binary"
@@ -23,38 +19,12 @@ namespace {
 using ::testing::HasSubstr;
 using ::testing::StartsWith;
 
-struct ToolRun {
-  int status = -1;  // exit status, or -1 if the process did not exit normally
-  std::string out;
-  std::string err;
-};
+using dptorch::testing::run_tool;
+using dptorch::testing::ToolRun;
 
-std::string binary() { return std::string(DPTORCH_TOOLS_DIR) + "/dpaccount"; }
+std::string binary() { return dptorch::testing::tool_path("dpaccount"); }
 
-ToolRun run_tool(const std::string& args) {
-  static int counter = 0;
-  const std::string err_path = ::testing::TempDir() + "dpaccount_stderr_" +
-                               std::to_string(::getpid()) + "_" + std::to_string(counter++);
-  const std::string command = "'" + binary() + "' " + args + " 2>'" + err_path + "'";
-  ToolRun result;
-  FILE* pipe = ::popen(command.c_str(), "r");
-  if (pipe == nullptr) {
-    return result;
-  }
-  char chunk[4096];
-  size_t got = 0;
-  while ((got = std::fread(chunk, 1, sizeof(chunk), pipe)) > 0) {
-    result.out.append(chunk, got);
-  }
-  const int status = ::pclose(pipe);
-  result.status = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
-  std::ifstream err_file(err_path);
-  std::stringstream err;
-  err << err_file.rdbuf();
-  result.err = err.str();
-  std::filesystem::remove(err_path);
-  return result;
-}
+ToolRun run_tool(const std::string& args) { return run_tool("dpaccount", args); }
 
 nlohmann::json run_json(const std::string& args) {
   const ToolRun r = run_tool(args + " --json");

@@ -19,7 +19,8 @@ namespace fs = std::filesystem;
 
 // Small and fast: 512 examples, expected batch 64, 2 epochs (16 steps), fixed σ.
 const std::string kQuick =
-    "--train-subset 512 --batch-size 64 --epochs 2 --noise-multiplier 1.0 --lr 0.5 --max-grad-norm 1.0 --threads 2 --seed 3";
+    "--train-subset 512 --batch-size 64 --epochs 2 --noise-multiplier 1.0 --lr 0.5 --max-grad-norm "
+    "1.0 --threads 2 --seed 3";
 
 class DptrainTest : public ::testing::Test {
  protected:
@@ -36,15 +37,17 @@ class DptrainTest : public ::testing::Test {
   fs::path dir_;
 };
 
-nlohmann::json read_json(const fs::path& path) { return nlohmann::json::parse(std::ifstream(path)); }
+nlohmann::json read_json(const fs::path& path) {
+  return nlohmann::json::parse(std::ifstream(path));
+}
 
 TEST_F(DptrainTest, HelpExplainsEveryOption) {
   auto r = run_tool("dptrain", "--help");
   EXPECT_EQ(r.status, 0);
-  for (const char* option : {"--epsilon", "--delta", "--epochs", "--batch-size", "--lr",
-                             "--max-grad-norm", "--noise-multiplier", "--accountant", "--clipping",
-                             "--seed", "--threads", "--out", "--resume", "--no-privacy",
-                             "--secure-rng"}) {
+  for (const char* option :
+       {"--epsilon", "--delta", "--epochs", "--batch-size", "--lr", "--max-grad-norm",
+        "--noise-multiplier", "--accountant", "--clipping", "--seed", "--threads", "--out",
+        "--resume", "--no-privacy", "--secure-rng"}) {
     EXPECT_THAT(r.out, HasSubstr(option));
   }
 }
@@ -69,7 +72,8 @@ TEST_F(DptrainTest, ShortRunWritesEveryOutput) {
   auto r = run_tool("dptrain", kQuick + " --epsilon 50 --out " + out("run"));
   ASSERT_EQ(r.status, 0) << r.err;
   EXPECT_THAT(r.out, HasSubstr("test accuracy"));
-  for (const char* file : {"report.json", "metrics.jsonl", "plot.svg", "checkpoint.pt", "config.json"}) {
+  for (const char* file :
+       {"report.json", "metrics.jsonl", "plot.svg", "checkpoint.pt", "config.json"}) {
     EXPECT_TRUE(fs::exists(dir_ / "run" / file)) << file;
   }
   auto report = read_json(dir_ / "run" / "report.json");
@@ -89,7 +93,8 @@ TEST_F(DptrainTest, ShortRunWritesEveryOutput) {
 TEST_F(DptrainTest, InterruptedRunResumesToTheSameResult) {
   auto whole = run_tool("dptrain", kQuick + " --epsilon 50 --out " + out("whole"));
   ASSERT_EQ(whole.status, 0) << whole.err;
-  auto part = run_tool("dptrain", kQuick + " --epsilon 50 --stop-after-steps 11 --out " + out("part"));
+  auto part =
+      run_tool("dptrain", kQuick + " --epsilon 50 --stop-after-steps 11 --out " + out("part"));
   ASSERT_EQ(part.status, 130) << part.err;
   EXPECT_THAT(part.out, HasSubstr("--resume"));
   auto rest = run_tool("dptrain", "--resume " + out("part"));
