@@ -18,9 +18,9 @@
 
 #include <ATen/Parallel.h>
 #include <ATen/Version.h>
-#include <CLI/CLI.hpp>
 #include <torch/torch.h>
 #include <torch/version.h>
+#include <CLI/CLI.hpp>
 
 #include <dlfcn.h>
 #include <sched.h>
@@ -39,9 +39,9 @@
 #include <memory>
 #include <optional>
 #include <set>
-#include <thread>
 #include <sstream>
 #include <string>
+#include <thread>
 #include <vector>
 
 namespace {
@@ -116,12 +116,11 @@ tnn::Sequential make_mlp() {
 
 // The CNN of tools/dptrain (Tramèr & Boneh 2021, Table 9), from torch::nn layers.
 tnn::Sequential make_cnn() {
-  return tnn::Sequential(
-      tnn::Conv2d(tnn::Conv2dOptions(1, 16, 8).stride(2).padding(2)), tnn::Tanh(),
-      tnn::MaxPool2d(tnn::MaxPool2dOptions(2).stride(1)),
-      tnn::Conv2d(tnn::Conv2dOptions(16, 32, 4).stride(2)), tnn::Tanh(),
-      tnn::MaxPool2d(tnn::MaxPool2dOptions(2).stride(1)), tnn::Flatten(),
-      tnn::Linear(32 * 4 * 4, 32), tnn::Tanh(), tnn::Linear(32, 10));
+  return tnn::Sequential(tnn::Conv2d(tnn::Conv2dOptions(1, 16, 8).stride(2).padding(2)),
+                         tnn::Tanh(), tnn::MaxPool2d(tnn::MaxPool2dOptions(2).stride(1)),
+                         tnn::Conv2d(tnn::Conv2dOptions(16, 32, 4).stride(2)), tnn::Tanh(),
+                         tnn::MaxPool2d(tnn::MaxPool2dOptions(2).stride(1)), tnn::Flatten(),
+                         tnn::Linear(32 * 4 * 4, 32), tnn::Tanh(), tnn::Linear(32, 10));
 }
 
 // A model ready to step: its parameters' owner and its forward.
@@ -489,9 +488,7 @@ double quantile(std::vector<double> v, double q) {
 }
 
 // A child reports results as "@key value" lines on stdout.
-void report(const std::string& key, double value) {
-  std::printf("@%s %.6g\n", key.c_str(), value);
-}
+void report(const std::string& key, double value) { std::printf("@%s %.6g\n", key.c_str(), value); }
 
 // Times one row: both variants in this process, steps alternating, then stage breakdowns.
 int child_time(const Options& o) {
@@ -623,9 +620,9 @@ std::string self_exe() {
 std::map<std::string, double> run_child(const Options& o, const std::string& mode,
                                         const std::string& row, const std::string& variant) {
   std::ostringstream cmd;
-  cmd << "'" << self_exe() << "' --child " << mode << " --row " << row << " --threads "
-      << o.threads << " --budget " << o.budget_s << " --mem-steps " << o.mem_steps
-      << " --profile-steps " << o.profile_steps << (o.quick ? " --quick" : "");
+  cmd << "'" << self_exe() << "' --child " << mode << " --row " << row << " --threads " << o.threads
+      << " --budget " << o.budget_s << " --mem-steps " << o.mem_steps << " --profile-steps "
+      << o.profile_steps << (o.quick ? " --quick" : "");
   if (!variant.empty()) cmd << " --variant " << variant;
   if (!o.norm_method.empty()) cmd << " --norm-method " << o.norm_method;
   FILE* pipe = popen(cmd.str().c_str(), "r");
@@ -639,8 +636,8 @@ std::map<std::string, double> run_child(const Options& o, const std::string& mod
     if (line[0] == '@' && (in >> key >> value)) out[key.substr(1)] = value;
   }
   const int status = pclose(pipe);
-  if (status != 0) throw std::runtime_error("child failed (" + std::to_string(status) + "): " +
-                                            cmd.str());
+  if (status != 0)
+    throw std::runtime_error("child failed (" + std::to_string(status) + "): " + cmd.str());
   return out;
 }
 
@@ -686,11 +683,10 @@ void print_environment(const Options& o) {
   // A tiny matmul makes torch load and initialise its BLAS before we look for it.
   (void)torch::mm(torch::ones({8, 8}), torch::ones({8, 8}));
   const std::string config = at::show_config();
-  std::printf("libtorch %s; BLAS_INFO=%s, LAPACK_INFO=%s, USE_MKLDNN=%s, USE_OPENMP=%s\n",
-              TORCH_VERSION, config_line(config, "BLAS_INFO=").c_str(),
-              config_line(config, "LAPACK_INFO=").c_str(),
-              config_line(config, "USE_MKLDNN=").c_str(),
-              config_line(config, "USE_OPENMP=").c_str());
+  std::printf(
+      "libtorch %s; BLAS_INFO=%s, LAPACK_INFO=%s, USE_MKLDNN=%s, USE_OPENMP=%s\n", TORCH_VERSION,
+      config_line(config, "BLAS_INFO=").c_str(), config_line(config, "LAPACK_INFO=").c_str(),
+      config_line(config, "USE_MKLDNN=").c_str(), config_line(config, "USE_OPENMP=").c_str());
   std::printf("BLAS loaded: %s\n", loaded_blas().c_str());
   std::printf("threads: %d (torch::set_num_threads; %d cores available to this process)\n",
               o.threads, available_cores());
@@ -703,12 +699,14 @@ void print_environment(const Options& o) {
                      "factors, TorchNoise, SGD")
                         .c_str(),
               kNoiseMultiplier, kMaxGradNorm, kLearningRate);
-  std::printf("timing: median per-step wall time, non-private and DP steps alternating in one "
-              "process (budget %.1f s per row)\n",
-              o.budget_s);
-  std::printf("memory: growth of peak RSS (VmHWM, reset via /proc/self/clear_refs) over the RSS "
-              "before the first step, %d step(s), each variant alone in a fresh process\n\n",
-              o.mem_steps);
+  std::printf(
+      "timing: median per-step wall time, non-private and DP steps alternating in one "
+      "process (budget %.1f s per row)\n",
+      o.budget_s);
+  std::printf(
+      "memory: growth of peak RSS (VmHWM, reset via /proc/self/clear_refs) over the RSS "
+      "before the first step, %d step(s), each variant alone in a fresh process\n\n",
+      o.mem_steps);
   std::fflush(stdout);
 }
 
@@ -735,25 +733,28 @@ int parent(const Options& o) {
     results.push_back(std::move(r));
   }
   bool reset_ok = true;
-  std::printf("| row | batch | steps | non-private ms | DP ms | time ratio | CPU-time ratio | "
-              "non-private peak MB | DP peak MB | memory ratio |\n");
+  std::printf(
+      "| row | batch | steps | non-private ms | DP ms | time ratio | CPU-time ratio | "
+      "non-private peak MB | DP peak MB | memory ratio |\n");
   std::printf("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n");
   for (const auto& r : results) {
     const double np = r.time.at("np_ms"), dp = r.time.at("dp_ms");
     const double mnp = (r.mem_np.at("peak_kb") - r.mem_np.at("base_kb")) / 1024.0;
     const double mdp = (r.mem_dp.at("peak_kb") - r.mem_dp.at("base_kb")) / 1024.0;
     reset_ok = reset_ok && r.mem_np.at("hwm_reset") > 0 && r.mem_dp.at("hwm_reset") > 0;
-    std::printf("| %s | %lld | %d | %.2f (%.2f-%.2f) | %.2f (%.2f-%.2f) | %.2f | %.2f | %.1f | "
-                "%.1f | %.2f |\n",
-                r.row.name.c_str(), static_cast<long long>(r.row.batch),
-                static_cast<int>(r.time.at("steps")), np, r.time.at("np_q25"),
-                r.time.at("np_q75"), dp, r.time.at("dp_q25"), r.time.at("dp_q75"), dp / np,
-                r.time.at("dp_cpu_ms") / r.time.at("np_cpu_ms"), mnp, mdp, mdp / mnp);
+    std::printf(
+        "| %s | %lld | %d | %.2f (%.2f-%.2f) | %.2f (%.2f-%.2f) | %.2f | %.2f | %.1f | "
+        "%.1f | %.2f |\n",
+        r.row.name.c_str(), static_cast<long long>(r.row.batch),
+        static_cast<int>(r.time.at("steps")), np, r.time.at("np_q25"), r.time.at("np_q75"), dp,
+        r.time.at("dp_q25"), r.time.at("dp_q75"), dp / np,
+        r.time.at("dp_cpu_ms") / r.time.at("np_cpu_ms"), mnp, mdp, mdp / mnp);
   }
-  std::printf("\ntimes: median wall time per step (25th-75th percentile); time ratio = DP median "
-              "/ non-private median; CPU-time ratio = the same with the process's CPU time (all "
-              "threads), which time given to other processes does not inflate%s\n",
-              reset_ok ? "" : "; WARNING: the peak-RSS reset failed, peaks include set-up");
+  std::printf(
+      "\ntimes: median wall time per step (25th-75th percentile); time ratio = DP median "
+      "/ non-private median; CPU-time ratio = the same with the process's CPU time (all "
+      "threads), which time given to other processes does not inflate%s\n",
+      reset_ok ? "" : "; WARNING: the peak-RSS reset failed, peaks include set-up");
   const auto dp_names = dp_stage_names();
   for (const bool cpu : {false, true}) {
     std::printf("\nStage breakdown, %s ms (median over %d staged steps per variant):\n\n",
@@ -781,11 +782,12 @@ int parent(const Options& o) {
       }
     }
   }
-  std::printf("\nstages: forward = zero_grad + model forward + loss; rules = the tape's records "
-              "turned into per-sample gradient rules (conv unfold, reshapes); norms = per-sample "
-              "norms; clip+sum = clip factors and the clipped sum per parameter; noise = drawing "
-              "the N(0, sigma^2 C^2) tensors (timed apart, same shapes); optimizer = the rest of "
-              "the step (DP: copy, add noise, divide, SGD, accountant)\n");
+  std::printf(
+      "\nstages: forward = zero_grad + model forward + loss; rules = the tape's records "
+      "turned into per-sample gradient rules (conv unfold, reshapes); norms = per-sample "
+      "norms; clip+sum = clip factors and the clipped sum per parameter; noise = drawing "
+      "the N(0, sigma^2 C^2) tensors (timed apart, same shapes); optimizer = the rest of "
+      "the step (DP: copy, add noise, divide, SGD, accountant)\n");
   std::printf("\ntotal run time %.1f s\n", ms_since(t_start) / 1e3);
   return 0;
 }
