@@ -5,30 +5,34 @@
 // the same model built from dptorch::nn layers, through the public API a user calls
 // (PerSampleGradientClipper + ConstantFlatClipper, DPOptimizer + TorchNoise: forward + loss +
 // backward + clip + noise + step). Steps of the two alternate, so that load on a shared machine
-// hits both alike; each time is the median over all steps. Peak memory is measured per variant
-// in a fresh process of its own (see measure_memory). A second pass times the stages of each
-// step with manual timers (torch on the CPU is synchronous, so a stage's wall time is its cost).
+// hits both alike; each time is the median over all steps, in wall time and in process CPU time.
+// Peak memory is measured per variant in a fresh process of its own (see child_mem). A second
+// pass times the stages of each step with manual timers (torch on the CPU is synchronous, so a
+// stage's time is its cost) and counts the page faults of each stage. Results and the method are
+// recorded in docs/performance.md.
 //
-//   dp_step_bench                 # all rows, ~2-3 minutes on 2 cores
-//   dp_step_bench --quick         # ~20-30 s, fewer repetitions
+//   dp_step_bench                       # all rows, ~2-3 minutes on 2 cores
+//   dp_step_bench --quick               # ~20-40 s, fewer repetitions
 //   dp_step_bench --threads 1 --rows mlp-1024,cnn-256
+//   dp_step_bench --malloc-no-mmap      # glibc keeps freed pages: no fresh-page faults per step
 //   dp_step_bench --norm-method ghost   # DP step through GradSampleModule with a forced method
 
 #include <dptorch/dptorch.h>
 
-#include <ATen/Parallel.h>
 #include <ATen/Version.h>
 #include <torch/torch.h>
 #include <torch/version.h>
 #include <CLI/CLI.hpp>
 
 #include <dlfcn.h>
+#include <malloc.h>
 #include <sched.h>
 #include <sys/resource.h>
 #include <unistd.h>
 
 #include <algorithm>
 #include <chrono>
+#include <climits>
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
@@ -212,19 +216,26 @@ double cpu_ms() {
   return static_cast<double>(ts.tv_sec) * 1e3 + static_cast<double>(ts.tv_nsec) * 1e-6;
 }
 
-// Wall and CPU time of a stretch of work, in ms.
+// Minor page faults of this process so far (first touches of fresh pages).
+double page_faults() {
+  struct rusage usage {};
+  getrusage(RUSAGE_SELF, &usage);
+  return static_cast<double>(usage.ru_minflt);
+}
+
+// Wall and CPU time of a stretch of work, in ms, and the page faults it took.
 struct Span {
-  double wall = 0, cpu = 0;
+  double wall = 0, cpu = 0, faults = 0;
 };
 
 class Stopwatch {
  public:
-  Stopwatch() : wall_(Clock::now()), cpu_(cpu_ms()) {}
-  Span elapsed() const { return {ms_since(wall_), cpu_ms() - cpu_}; }
+  Stopwatch() : wall_(Clock::now()), cpu_(cpu_ms()), faults_(page_faults()) {}
+  Span elapsed() const { return {ms_since(wall_), cpu_ms() - cpu_, page_faults() - faults_}; }
 
  private:
   Clock::time_point wall_;
-  double cpu_;
+  double cpu_, faults_;
 };
 
 // Times consecutive stages: lap(k) adds the time since the previous lap to stage k.
@@ -235,6 +246,7 @@ class Laps {
     const Span s = watch_.elapsed();
     out_.at(stage).wall += s.wall;
     out_.at(stage).cpu += s.cpu;
+    out_.at(stage).faults += s.faults;
     watch_ = Stopwatch();
   }
 
@@ -249,7 +261,7 @@ class Stepper {
   virtual ~Stepper() = default;
   virtual void step() = 0;
   virtual std::vector<std::string> stage_names() const = 0;
-  // Adds each stage's milliseconds to `stages` (sized like stage_names()).
+  // Adds each stage's times and page faults to `stages` (sized like stage_names()).
   virtual void staged_step(std::vector<Span>& stages) = 0;
 };
 
@@ -311,6 +323,8 @@ void move_noise(std::vector<Span>& stages, Span noise) {
   stages.at(5).cpu += noise.cpu;
   stages.at(6).wall -= noise.wall;
   stages.at(6).cpu -= noise.cpu;
+  stages.at(5).faults += noise.faults;
+  stages.at(6).faults -= noise.faults;
 }
 
 // The private step through the public API: PerSampleGradientClipper + ConstantFlatClipper,
@@ -442,6 +456,8 @@ struct Options {
   std::string child;  // "", "time", "mem"
   std::string row;
   std::string variant;  // "np", "dp"
+  int steps = 20;       // --child loop
+  bool malloc_no_mmap = false;
 };
 
 std::optional<dptorch::NormMethod> parse_norm_method(const std::string& s) {
@@ -497,7 +513,7 @@ int child_time(const Options& o) {
   auto np = make_stepper(o, row, false, std::move(plain));
   auto dp = make_stepper(o, row, true, std::move(priv));
   // Warm-up (first-touch allocations, optimiser state), then an estimate of the step times.
-  for (int i = 0; i < 2; ++i) {
+  for (int i = 0; i < (o.quick ? 1 : 2); ++i) {
     np->step();
     dp->step();
   }
@@ -507,10 +523,10 @@ int child_time(const Options& o) {
   w = Stopwatch();
   dp->step();
   const double est_dp = w.elapsed().wall;
-  const int min_rounds = o.quick ? 3 : 7;
+  const int min_rounds = o.quick ? 3 : 5;
   const int rounds =
       std::clamp(static_cast<int>(o.budget_s * 1e3 / (est_np + est_dp)), min_rounds, 400);
-  std::vector<double> wall_np, wall_dp, cpu_np, cpu_dp, ratios;
+  std::vector<double> wall_np, wall_dp, cpu_np, cpu_dp, faults_np, faults_dp, ratios;
   for (int r = 0; r < rounds; ++r) {
     // Alternate which variant goes first, so that neither always follows the other's caches.
     for (int k = 0; k < 2; ++k) {
@@ -520,6 +536,7 @@ int child_time(const Options& o) {
       const Span t = watch.elapsed();
       (np_now ? wall_np : wall_dp).push_back(t.wall);
       (np_now ? cpu_np : cpu_dp).push_back(t.cpu);
+      (np_now ? faults_np : faults_dp).push_back(t.faults);
     }
     ratios.push_back(wall_dp.back() / wall_np.back());
   }
@@ -532,26 +549,34 @@ int child_time(const Options& o) {
   report("dp_q75", quantile(wall_dp, 0.75));
   report("np_cpu_ms", median(cpu_np));
   report("dp_cpu_ms", median(cpu_dp));
+  report("np_faults", median(faults_np));
+  report("dp_faults", median(faults_dp));
   report("ratio_median_of_rounds", median(ratios));
   // Stage breakdowns: medians per stage over profile_steps staged steps of each variant, again
   // alternating.
   struct Staged {
     Stepper* stepper;
     std::string prefix;
-    std::vector<std::vector<double>> wall, cpu;
+    std::vector<std::vector<double>> wall, cpu, faults;
   };
-  std::vector<Staged> staged{{np.get(), "np_stage_", {}, {}}, {dp.get(), "dp_stage_", {}, {}}};
+  std::vector<Staged> staged{{np.get(), "np_stage_", {}, {}, {}},
+                             {dp.get(), "dp_stage_", {}, {}, {}}};
   for (auto& s : staged) {
     s.wall.resize(s.stepper->stage_names().size());
     s.cpu.resize(s.wall.size());
+    s.faults.resize(s.wall.size());
   }
+  Stopwatch profile_watch;
   for (int i = 0; i < o.profile_steps; ++i) {
+    // At least 3 staged steps; more only while within half the timing budget.
+    if (i >= 3 && profile_watch.elapsed().wall > 500 * o.budget_s) break;
     for (auto& s : staged) {
       std::vector<Span> stages(s.wall.size());
       s.stepper->staged_step(stages);
       for (size_t k = 0; k < stages.size(); ++k) {
         s.wall[k].push_back(stages[k].wall);
         s.cpu[k].push_back(stages[k].cpu);
+        s.faults[k].push_back(stages[k].faults);
       }
     }
   }
@@ -560,8 +585,26 @@ int child_time(const Options& o) {
     for (size_t k = 0; k < names.size(); ++k) {
       report(s.prefix + names[k], median(s.wall[k]));
       report(s.prefix + names[k] + "_cpu", median(s.cpu[k]));
+      report(s.prefix + names[k] + "_faults", median(s.faults[k]));
     }
   }
+  return 0;
+}
+
+// Runs `steps` plain steps of one variant of one row, for a profiler:
+//   perf record -g dp_step_bench --child loop --row cnn-1024 --variant dp --steps 20
+int child_loop(const Options& o) {
+  const Row& row = find_row(o.row);
+  const bool dp = o.variant == "dp";
+  auto models = make_models(row.kind);
+  auto stepper = make_stepper(o, row, dp, dp ? std::move(models.second) : std::move(models.first));
+  std::vector<double> cpu;
+  for (int i = 0; i < o.steps; ++i) {
+    Stopwatch watch;
+    stepper->step();
+    cpu.push_back(watch.elapsed().cpu);
+  }
+  report("cpu_ms", median(cpu));
   return 0;
 }
 
@@ -575,11 +618,14 @@ long status_kb(const std::string& key) {
   return -1;
 }
 
-// Peak memory of one variant of one row, alone in this (fresh) process: the model, its data and
-// its optimiser are built, the peak-RSS mark is reset to the current RSS (write "5" to
-// /proc/self/clear_refs), `mem_steps` steps run, and the growth of the peak (VmHWM) over the RSS
-// before the first step is reported. It counts everything a step adds: activations, the autograd
-// graph, gradients, optimiser state, per-sample tensors, noise, and allocator slack.
+// Peak memory of one variant of one row, alone in this (fresh) process. RSS also counts the pages
+// of libtorch's code that a step maps in the first time it runs a kernel, which is not memory the
+// step uses; so the first step runs as a warm-up, the peak-RSS mark (VmHWM) is then reset to the
+// current RSS (write "5" to /proc/self/clear_refs), `mem_steps` - 1 more steps run, and the
+// anonymous part of the peak (VmHWM - RssFile - RssShmem, file-backed pages being constant after
+// the warm-up) is compared with the anonymous RSS before the first step. The growth counts what
+// a step holds and what it adds at its peak: activations, the autograd graph, gradients,
+// optimiser state, per-sample tensors, noise, and allocator slack.
 int child_mem(const Options& o) {
   const Row& row = find_row(o.row);
   const bool dp = o.variant == "dp";
@@ -588,6 +634,10 @@ int child_mem(const Options& o) {
   Model model = dp ? std::move(models.second) : std::move(models.first);
   models = {};
   auto stepper = make_stepper(o, row, dp, std::move(model));
+  const long base_anon = status_kb("RssAnon");
+  const long file_before = status_kb("RssFile");
+  stepper->step();
+  const long file_warm = status_kb("RssFile");
   bool reset = false;
   {
     std::ofstream clear("/proc/self/clear_refs");
@@ -595,14 +645,15 @@ int child_mem(const Options& o) {
     clear.flush();
     reset = static_cast<bool>(clear);
   }
-  const long base = status_kb("VmRSS");
-  for (int i = 0; i < o.mem_steps; ++i) stepper->step();
-  const long peak = status_kb("VmHWM");
-  struct rusage usage {};
-  getrusage(RUSAGE_SELF, &usage);
-  report("base_kb", static_cast<double>(base));
-  report("peak_kb", static_cast<double>(peak));
-  report("maxrss_kb", static_cast<double>(usage.ru_maxrss));
+  for (int i = 1; i < o.mem_steps; ++i) stepper->step();
+  const long hwm = status_kb("VmHWM");
+  const long file_after = status_kb("RssFile");
+  const long shmem = status_kb("RssShmem");
+  report("growth_kb", static_cast<double>(hwm - file_after - shmem - base_anon));
+  report("base_anon_kb", static_cast<double>(base_anon));
+  report("hwm_kb", static_cast<double>(hwm));
+  report("code_pages_kb", static_cast<double>(file_warm - file_before));
+  report("file_drift_kb", static_cast<double>(file_after - file_warm));
   report("hwm_reset", reset ? 1 : 0);
   return 0;
 }
@@ -625,6 +676,7 @@ std::map<std::string, double> run_child(const Options& o, const std::string& mod
       << o.profile_steps << (o.quick ? " --quick" : "");
   if (!variant.empty()) cmd << " --variant " << variant;
   if (!o.norm_method.empty()) cmd << " --norm-method " << o.norm_method;
+  if (o.malloc_no_mmap) cmd << " --malloc-no-mmap";
   FILE* pipe = popen(cmd.str().c_str(), "r");
   if (pipe == nullptr) throw std::runtime_error("cannot start " + cmd.str());
   std::map<std::string, double> out;
@@ -700,18 +752,21 @@ void print_environment(const Options& o) {
                         .c_str(),
               kNoiseMultiplier, kMaxGradNorm, kLearningRate);
   std::printf(
-      "timing: median per-step wall time, non-private and DP steps alternating in one "
-      "process (budget %.1f s per row)\n",
+      "timing: medians of per-step wall and CPU time, non-private and DP steps "
+      "alternating in one process (budget %.1f s per row)\n",
       o.budget_s);
+  std::printf("allocator: glibc malloc, %s\n",
+              o.malloc_no_mmap ? "mmap disabled and no trimming (--malloc-no-mmap)"
+                               : "default settings (large blocks mmapped and unmapped each time)");
   std::printf(
-      "memory: growth of peak RSS (VmHWM, reset via /proc/self/clear_refs) over the RSS "
-      "before the first step, %d step(s), each variant alone in a fresh process\n\n",
+      "memory: peak anonymous RSS of steps 2..%d (VmHWM reset via /proc/self/clear_refs "
+      "after a warm-up step, minus file-backed pages) minus the anonymous RSS before the "
+      "first step; each variant alone in a fresh process\n",
       o.mem_steps);
   std::fflush(stdout);
 }
 
 int parent(const Options& o) {
-  print_environment(o);
   std::vector<Row> rows;
   if (o.rows.empty()) {
     rows = all_rows();
@@ -720,6 +775,14 @@ int parent(const Options& o) {
     std::string name;
     while (std::getline(in, name, ',')) rows.push_back(find_row(name));
   }
+  print_environment(o);
+  std::printf("\n");
+  for (const auto& row : rows) {
+    std::printf("%-9s %s, batch %lld\n", row.name.c_str(), row.what.c_str(),
+                static_cast<long long>(row.batch));
+  }
+  std::printf("\n");
+  std::fflush(stdout);
   struct Result {
     Row row;
     std::map<std::string, double> time, mem_np, mem_dp;
@@ -735,30 +798,41 @@ int parent(const Options& o) {
   bool reset_ok = true;
   std::printf(
       "| row | batch | steps | non-private ms | DP ms | time ratio | CPU-time ratio | "
-      "non-private peak MB | DP peak MB | memory ratio |\n");
-  std::printf("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n");
+      "page faults/step NP, DP | non-private peak MB | DP peak MB | memory ratio |\n");
+  std::printf("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n");
   for (const auto& r : results) {
     const double np = r.time.at("np_ms"), dp = r.time.at("dp_ms");
-    const double mnp = (r.mem_np.at("peak_kb") - r.mem_np.at("base_kb")) / 1024.0;
-    const double mdp = (r.mem_dp.at("peak_kb") - r.mem_dp.at("base_kb")) / 1024.0;
+    const double mnp = r.mem_np.at("growth_kb") / 1024.0;
+    const double mdp = r.mem_dp.at("growth_kb") / 1024.0;
     reset_ok = reset_ok && r.mem_np.at("hwm_reset") > 0 && r.mem_dp.at("hwm_reset") > 0;
     std::printf(
-        "| %s | %lld | %d | %.2f (%.2f-%.2f) | %.2f (%.2f-%.2f) | %.2f | %.2f | %.1f | "
-        "%.1f | %.2f |\n",
+        "| %s | %lld | %d | %.2f (%.2f-%.2f) | %.2f (%.2f-%.2f) | %.2f | %.2f | %.0f, %.0f "
+        "| %.1f | %.1f | %.2f |\n",
         r.row.name.c_str(), static_cast<long long>(r.row.batch),
         static_cast<int>(r.time.at("steps")), np, r.time.at("np_q25"), r.time.at("np_q75"), dp,
         r.time.at("dp_q25"), r.time.at("dp_q75"), dp / np,
-        r.time.at("dp_cpu_ms") / r.time.at("np_cpu_ms"), mnp, mdp, mdp / mnp);
+        r.time.at("dp_cpu_ms") / r.time.at("np_cpu_ms"), r.time.at("np_faults"),
+        r.time.at("dp_faults"), mnp, mdp, mdp / mnp);
   }
   std::printf(
       "\ntimes: median wall time per step (25th-75th percentile); time ratio = DP median "
       "/ non-private median; CPU-time ratio = the same with the process's CPU time (all "
-      "threads), which time given to other processes does not inflate%s\n",
+      "threads), which time given to other processes does not inflate; page faults = median minor "
+      "faults per "
+      "step (fresh pages touched)%s\n",
       reset_ok ? "" : "; WARNING: the peak-RSS reset failed, peaks include set-up");
   const auto dp_names = dp_stage_names();
-  for (const bool cpu : {false, true}) {
-    std::printf("\nStage breakdown, %s ms (median over %d staged steps per variant):\n\n",
-                cpu ? "CPU-time" : "wall", o.profile_steps);
+  struct Measure {
+    const char* suffix;  // of the child's keys
+    const char* title;
+    int decimals;
+  };
+  for (const Measure& m : {Measure{"", "wall-time ms", 2}, Measure{"_cpu", "CPU-time ms", 2},
+                           Measure{"_faults", "page faults", 0}}) {
+    std::printf(
+        "\nStage breakdown, %s (median over 3 to %d staged steps per variant, within half "
+        "the timing budget):\n\n",
+        m.title, o.profile_steps);
     std::printf("| row | variant |");
     for (const auto& n : dp_names) std::printf(" %s |", n.c_str());
     std::printf(" total |\n|---|---|");
@@ -770,15 +844,15 @@ int parent(const Options& o) {
         std::printf("| %s | %s |", r.row.name.c_str(), dp ? "DP" : "non-private");
         double total = 0;
         for (const auto& n : dp_names) {
-          const auto it = r.time.find(prefix + n + (cpu ? "_cpu" : ""));
+          const auto it = r.time.find(prefix + n + m.suffix);
           if (it == r.time.end()) {
             std::printf(" |");
           } else {
-            std::printf(" %.2f |", it->second);
+            std::printf(" %.*f |", m.decimals, it->second);
             total += it->second;
           }
         }
-        std::printf(" %.2f |\n", total);
+        std::printf(" %.*f |\n", m.decimals, total);
       }
     }
   }
@@ -799,33 +873,44 @@ int main(int argc, char** argv) {
   CLI::App app{"Cost of a DP-SGD step next to a non-private step, model by model"};
   app.add_option("--threads", o.threads, "torch::set_num_threads (default: all available cores)")
       ->check(CLI::PositiveNumber);
-  app.add_flag("--quick", o.quick, "fewer repetitions (~20-30 s in all)");
+  app.add_flag("--quick", o.quick, "fewer repetitions (~20-40 s in all)");
   app.add_option("--rows", o.rows,
                  "comma-separated rows: mlp-256, mlp-1024, cnn-256, cnn-1024, text-256, block-64");
   app.add_option("--norm-method", o.norm_method,
                  "auto|ghost|materialize: run the DP step through GradSampleModule with this "
                  "norm method (default: PerSampleGradientClipper, kAuto)")
       ->check(CLI::IsMember({"auto", "ghost", "materialize"}));
-  app.add_option("--budget", o.budget_s, "timing seconds per row (default 12, quick 1.5)")
+  app.add_flag("--malloc-no-mmap", o.malloc_no_mmap,
+               "serve every allocation from glibc's heap and never trim it (mallopt M_MMAP_MAX=0, "
+               "M_TRIM_THRESHOLD=INT_MAX), so that large tensors reuse pages instead of faulting "
+               "in fresh ones each step");
+  app.add_option("--budget", o.budget_s, "timing seconds per row (default 12, quick 1)")
       ->check(CLI::PositiveNumber);
-  app.add_option("--mem-steps", o.mem_steps, "steps per memory measurement (default 3)")
-      ->check(CLI::PositiveNumber);
+  app.add_option("--mem-steps", o.mem_steps,
+                 "steps per memory measurement, the first a warm-up (default 3, quick 2)")
+      ->check(CLI::Range(2, 1000));
   app.add_option("--profile-steps", o.profile_steps,
                  "staged steps per variant for the breakdown (default 7, quick 3)")
       ->check(CLI::PositiveNumber);
-  app.add_option("--child", o.child, "internal: time|mem")->group("");
+  app.add_option("--child", o.child, "internal: time|mem|loop")->group("");
+  app.add_option("--steps", o.steps, "internal: steps of --child loop")->group("");
   app.add_option("--row", o.row, "internal: the row of a child")->group("");
   app.add_option("--variant", o.variant, "internal: np|dp")->group("");
   CLI11_PARSE(app, argc, argv);
   if (o.threads == 0) o.threads = available_cores();
-  if (o.budget_s == 0) o.budget_s = o.quick ? 1.5 : 12;
+  if (o.budget_s == 0) o.budget_s = o.quick ? 1.0 : 12;
   if (o.mem_steps == 0) o.mem_steps = o.quick ? 2 : 3;
   if (o.profile_steps == 0) o.profile_steps = o.quick ? 3 : 7;
+  if (o.malloc_no_mmap) {
+    mallopt(M_MMAP_MAX, 0);
+    mallopt(M_TRIM_THRESHOLD, INT_MAX);
+  }
   try {
     torch::set_num_threads(o.threads);
     if (o.child == "time") return child_time(o);
     if (o.child == "mem") return child_mem(o);
-    if (!o.child.empty()) throw std::invalid_argument("--child must be time or mem");
+    if (o.child == "loop") return child_loop(o);
+    if (!o.child.empty()) throw std::invalid_argument("--child must be time, mem or loop");
     return parent(o);
   } catch (const std::exception& e) {
     std::cerr << "dp_step_bench: error: " << e.what() << "\n";
