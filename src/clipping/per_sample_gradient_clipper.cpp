@@ -57,7 +57,8 @@ void PerSampleGradientClipper::clip_and_accumulate() {
   }
   for (size_t k = 0; k < n; ++k) {
     const auto& s = sums[k];
-    summed_[k] = summed_[k].defined() ? summed_[k].add_(s) : s.clone();
+    // The sums are fresh tensors: the first becomes the accumulator, later ones add into it.
+    summed_[k] = summed_[k].defined() ? summed_[k].add_(s) : s;
     max_norms_[k] = std::max(max_norms_[k], pick(thresholds, k));
   }
   batch_size_ += gsm.batch_size();

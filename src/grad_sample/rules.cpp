@@ -5,6 +5,11 @@
 namespace dptorch::grad_sample {
 namespace {
 
+// ‖x_i‖² over every dimension but the first, without forming x².
+torch::Tensor row_norm_sq(const torch::Tensor& x) {
+  return at::linalg_vector_norm(x.flatten(1), 2, {1}).square();
+}
+
 // [B, T, G·c] -> [B·G, T, c]
 torch::Tensor by_group(const torch::Tensor& x, int64_t groups) {
   const int64_t B = x.size(0), T = x.size(1), c = x.size(2) / groups;
@@ -94,12 +99,15 @@ torch::Tensor embedding_norm_sq(const torch::Tensor& index, const torch::Tensor&
   auto norms = torch::zeros({batch_size}, g.options());
   if (index.numel() == 0) return norms;
   // Lookups of the same row by the same sample add up before the norm is taken.
-  auto key = sample * num_embeddings + index;
-  auto unique = at::_unique2(key, /*sorted=*/false, /*return_inverse=*/true,
-                             /*return_counts=*/false);
-  const auto& keys = std::get<0>(unique);
-  const auto& inverse = std::get<1>(unique);
-  auto summed = torch::zeros({keys.size(0), g.size(1)}, g.options()).index_add_(0, inverse, g);
+  // Sorting the keys and taking runs is faster than a hash-based unique and stays in the public
+  // API of LibTorch 2.x.
+  const auto sorted = (sample * num_embeddings + index).sort();
+  const auto& order = std::get<1>(sorted);
+  const auto runs = torch::unique_consecutive(std::get<0>(sorted), /*return_inverse=*/true);
+  const auto& keys = std::get<0>(runs);
+  const auto& run_of = std::get<1>(runs);
+  auto summed = torch::zeros({keys.size(0), g.size(1)}, g.options())
+                    .index_add_(0, run_of, g.index_select(0, order));
   return norms.index_add_(0, keys.div(num_embeddings, "floor"), summed.square().sum(1));
 }
 
@@ -142,8 +150,7 @@ const torch::Tensor& LinearLikeGrads::bias_samples() {
 std::vector<torch::Tensor> LinearLikeGrads::norm_sq() {
   std::vector<torch::Tensor> out;
   if (!weight_shape_.empty()) {
-    out.push_back(materialize_ ? weight_samples().flatten(1).square().sum(1)
-                               : ghost_norm_sq(a_, g_, groups_));
+    out.push_back(materialize_ ? row_norm_sq(weight_samples()) : ghost_norm_sq(a_, g_, groups_));
   }
   if (has_bias_) out.push_back(bias_samples().square().sum(1));
   return out;
@@ -206,7 +213,7 @@ MaterializedGrads::MaterializedGrads(std::vector<std::string> names,
 
 std::vector<torch::Tensor> MaterializedGrads::norm_sq() {
   std::vector<torch::Tensor> out;
-  for (const auto& s : samples_) out.push_back(s.flatten(1).square().sum(1));
+  for (const auto& s : samples_) out.push_back(row_norm_sq(s));
   return out;
 }
 

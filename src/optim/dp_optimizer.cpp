@@ -64,7 +64,8 @@ void DPOptimizer::step() {
       clipper_->grad_sample_module().options().loss_reduction() == LossReduction::kMean;
   for (size_t k = 0; k < params.size(); ++k) {
     const auto& p = params[k];
-    auto grad = sums.empty() ? torch::zeros_like(p) : sums[k].clone();
+    // The accumulator is dropped after the step: it becomes the gradient without a copy.
+    auto grad = sums.empty() ? torch::zeros_like(p) : sums[k];
     if (stddev > 0) grad.add_(noise_->gaussian(p.sizes(), stddev, p.options()));
     if (mean) grad.div_(options_.expected_batch_size());
     p.mutable_grad() = grad.detach();
