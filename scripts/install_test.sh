@@ -1,12 +1,15 @@
 #!/usr/bin/env bash
-# Installs dptorch into a temporary prefix and builds a tiny consumer with find_package(dptorch).
+# Installs dptorch into a prefix under the build folder and builds a tiny consumer with
+# find_package(dptorch), then runs it. (Under the build folder, not /tmp: /tmp may be noexec.)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-build_dir=${BUILD_DIR:-build}
-prefix=$(mktemp -d)
-trap 'rm -rf "$prefix"' EXIT
+build_dir=$(realpath "${BUILD_DIR:-build}")
+prefix="$build_dir/install-test"
+rm -rf "$prefix"
 cmake --install "$build_dir" --prefix "$prefix" >/dev/null
 cmake -S tests/install_consumer -B "$prefix/consumer-build" -G Ninja -DCMAKE_BUILD_TYPE=Release \
       -DCMAKE_PREFIX_PATH="$prefix" >/dev/null
 cmake --build "$prefix/consumer-build" >/dev/null
 "$prefix/consumer-build/consumer"
+rm -rf "$prefix"
+echo "install_test: the installed package builds and runs a consumer"
