@@ -49,18 +49,9 @@ void PerSampleGradientClipper::clip_and_accumulate() {
   auto pick = [](const auto& v, size_t k) { return v[std::min(k, v.size() - 1)]; };
   std::vector<torch::Tensor> w(n);
   for (size_t k = 0; k < n; ++k) w[k] = pick(factors, k);
-  const auto sums = gsm.clipped_sum(w).values();
-
-  if (summed_.empty()) {
-    summed_.resize(n);
-    max_norms_.assign(n, 0.0);
-  }
-  for (size_t k = 0; k < n; ++k) {
-    const auto& s = sums[k];
-    // The sums are fresh tensors: the first becomes the accumulator, later ones add into it.
-    summed_[k] = summed_[k].defined() ? summed_[k].add_(s) : s;
-    max_norms_[k] = std::max(max_norms_[k], pick(thresholds, k));
-  }
+  if (iterations_ == 0) start_accumulation();
+  gsm.add_clipped_sum_to(w, summed_);
+  for (size_t k = 0; k < n; ++k) max_norms_[k] = std::max(max_norms_[k], pick(thresholds, k));
   batch_size_ += gsm.batch_size();
   ++iterations_;
 
@@ -81,6 +72,28 @@ void PerSampleGradientClipper::clip_and_accumulate() {
   gsm.clear();
 }
 
+void PerSampleGradientClipper::start_accumulation() {
+  const auto params = gsm_->parameters();
+  summed_.resize(params.size());
+  for (size_t k = 0; k < params.size(); ++k) {
+    const auto& p = params[k];
+    auto& acc = summed_[k];
+    const bool reusable = acc.defined() && acc.sizes() == p.sizes() &&
+                          acc.scalar_type() == p.scalar_type() && acc.device() == p.device() &&
+                          !(p.grad().defined() && p.grad().is_alias_of(acc));
+    if (reusable) {
+      acc.zero_();
+    } else {
+      acc = torch::zeros(p.sizes(), p.options().requires_grad(false));
+    }
+  }
+  max_norms_.assign(params.size(), 0.0);
+}
+
+std::vector<torch::Tensor> PerSampleGradientClipper::accumulated() const {
+  return iterations_ > 0 ? summed_ : std::vector<torch::Tensor>{};
+}
+
 ClipStats PerSampleGradientClipper::pre_step() {
   TORCH_CHECK(iterations_ > 0,
               "pre_step() found no accumulated gradients; call clip_and_accumulate() after each "
@@ -88,8 +101,8 @@ ClipStats PerSampleGradientClipper::pre_step() {
   const auto params = gsm_->parameters();
   const bool mean = gsm_->options().loss_reduction() == LossReduction::kMean;
   for (size_t k = 0; k < params.size(); ++k) {
-    auto grad = summed_[k];
-    if (mean && batch_size_ > 0) grad = grad / static_cast<double>(batch_size_);
+    auto& grad = summed_[k];
+    if (mean && batch_size_ > 0) grad.div_(static_cast<double>(batch_size_));
     params[k].mutable_grad() = grad.detach();
   }
   ClipStats stats{max_norms_, batch_size_};
@@ -98,7 +111,6 @@ ClipStats PerSampleGradientClipper::pre_step() {
 }
 
 void PerSampleGradientClipper::reset_accumulation() {
-  summed_.clear();
   max_norms_.clear();
   batch_size_ = 0;
   iterations_ = 0;
@@ -114,6 +126,7 @@ void PerSampleGradientClipper::zero_grad() {
 
 void PerSampleGradientClipper::close() {
   reset_accumulation();
+  summed_.clear();
   gsm_->close();
 }
 

@@ -196,6 +196,19 @@ torch::OrderedDict<std::string, torch::Tensor> GradSampleModule::clipped_sum(
 
 torch::OrderedDict<std::string, torch::Tensor> GradSampleModule::clipped_sum(
     const std::vector<torch::Tensor>& w) {
+  std::vector<torch::Tensor> sums;
+  for (const auto& s : slots_) {
+    sums.push_back(
+        torch::zeros_like(s.param, torch::MemoryFormat::Contiguous).requires_grad_(false));
+  }
+  add_clipped_sum_to(w, sums);
+  torch::OrderedDict<std::string, torch::Tensor> out;
+  for (size_t k = 0; k < slots_.size(); ++k) out.insert(slots_[k].name, sums[k]);
+  return out;
+}
+
+void GradSampleModule::add_clipped_sum_to(const std::vector<torch::Tensor>& w,
+                                          const std::vector<torch::Tensor>& out) {
   auto& p = pass();
   TORCH_CHECK_VALUE(w.size() == slots_.size(), "clipped_sum needs one weight vector per trainable ",
                     "parameter (", slots_.size(), "), but got ", w.size());
@@ -204,20 +217,27 @@ torch::OrderedDict<std::string, torch::Tensor> GradSampleModule::clipped_sum(
                       "clipped_sum weights must have shape [", p.batch_size, "], but got ",
                       wk.sizes());
   }
-  auto sums = per_slot([&](grad_sample::PerSampleGrads& g, size_t l) {
-    std::vector<torch::Tensor> wl;
+  TORCH_CHECK_VALUE(out.size() == slots_.size(), "add_clipped_sum_to needs one output tensor per ",
+                    "trainable parameter (", slots_.size(), "), but got ", out.size());
+  for (size_t k = 0; k < slots_.size(); ++k) {
+    TORCH_CHECK_VALUE(out[k].sizes() == slots_[k].param.sizes(),
+                      "add_clipped_sum_to: the output for ", slots_[k].name,
+                      " must have the parameter's shape ", slots_[k].param.sizes(), ", but has ",
+                      out[k].sizes());
+  }
+  for (size_t l = 0; l < layers_.size(); ++l) {
+    if (!p.grads[l]) continue;
+    std::vector<torch::Tensor> wl, ol;
     for (const auto& name : p.names[l]) {
       for (size_t k = 0; k < slots_.size(); ++k) {
-        if (slots_[k].layer == l && slots_[k].local == name) wl.push_back(w[k] * p.scale);
+        if (slots_[k].layer == l && slots_[k].local == name) {
+          wl.push_back(w[k] * p.scale);
+          ol.push_back(out[k]);
+        }
       }
     }
-    return g.weighted_sum(wl);
-  });
-  torch::OrderedDict<std::string, torch::Tensor> out;
-  for (size_t k = 0; k < slots_.size(); ++k) {
-    out.insert(slots_[k].name, sums[k].defined() ? sums[k] : torch::zeros_like(slots_[k].param));
+    p.grads[l]->add_weighted_sum_to(wl, ol);
   }
-  return out;
 }
 
 torch::OrderedDict<std::string, torch::Tensor> GradSampleModule::grad_samples() {

@@ -113,6 +113,12 @@ torch::Tensor embedding_norm_sq(const torch::Tensor& index, const torch::Tensor&
 
 // ---------------------------------------------------------------------------------------------
 
+void PerSampleGrads::add_weighted_sum_to(const std::vector<torch::Tensor>& w,
+                                         const std::vector<torch::Tensor>& out) {
+  const auto sums = weighted_sum(w);
+  for (size_t k = 0; k < sums.size(); ++k) out.at(k).add_(sums[k].reshape(out.at(k).sizes()));
+}
+
 LinearLikeGrads::LinearLikeGrads(torch::Tensor a, torch::Tensor g, int64_t groups,
                                  std::vector<int64_t> weight_shape, bool has_bias,
                                  NormMethod method)
@@ -171,12 +177,147 @@ std::vector<torch::Tensor> LinearLikeGrads::weighted_sum(const std::vector<torch
   return out;
 }
 
+void LinearLikeGrads::add_weighted_sum_to(const std::vector<torch::Tensor>& w,
+                                          const std::vector<torch::Tensor>& out) {
+  for (const auto& o : out) {
+    if (!o.is_contiguous()) return PerSampleGrads::add_weighted_sum_to(w, out);
+  }
+  size_t k = 0;
+  if (!weight_shape_.empty()) {
+    const auto wk = w.at(k).to(a_.scalar_type());
+    const auto& o = out.at(k++);
+    if (weight_samples_.defined()) {
+      o.view({-1}).addmv_(weight_samples_.flatten(1).t(), wk);
+    } else if (groups_ == 1) {
+      // The non-private weight gradient's matmul, with the rows of g scaled per sample.
+      const int64_t rows = a_.size(0) * a_.size(1);
+      auto gw = g_ * broadcast_weights(wk, g_);
+      o.view({g_.size(2), a_.size(2)})
+          .addmm_(gw.reshape({rows, g_.size(2)}).t(), a_.reshape({rows, a_.size(2)}));
+    } else {
+      o.add_(grad_sample::weighted_sum(a_, g_, wk, groups_).view(o.sizes()));
+    }
+  }
+  if (has_bias_) out.at(k).addmv_(bias_samples().t(), w.at(k).to(g_.scalar_type()));
+}
+
 std::vector<torch::Tensor> LinearLikeGrads::materialize() {
   std::vector<torch::Tensor> out;
   if (!weight_shape_.empty()) {
     std::vector<int64_t> shape{a_.size(0)};
     shape.insert(shape.end(), weight_shape_.begin(), weight_shape_.end());
     out.push_back(weight_samples().view(shape));
+  }
+  if (has_bias_) out.push_back(bias_samples());
+  return out;
+}
+
+ConvGrads::ConvGrads(std::vector<torch::Tensor> inputs, std::vector<torch::Tensor> grad_outputs,
+                     torch::Tensor weight, bool train_weight, bool has_bias, ConvGeometry geometry,
+                     NormMethod method, int64_t chunk_bytes)
+    : inputs_(std::move(inputs)),
+      grad_outputs_(std::move(grad_outputs)),
+      weight_(std::move(weight)),
+      train_weight_(train_weight),
+      has_bias_(has_bias),
+      geometry_(std::move(geometry)),
+      method_(method),
+      chunk_bytes_(chunk_bytes) {
+  TORCH_CHECK(!inputs_.empty() && inputs_.size() == grad_outputs_.size(),
+              "ConvGrads needs one output gradient per recorded input, got ", inputs_.size(),
+              " inputs and ", grad_outputs_.size(), " output gradients");
+}
+
+std::vector<std::string> ConvGrads::names() const {
+  std::vector<std::string> names;
+  if (train_weight_) names.emplace_back("weight");
+  if (has_bias_) names.emplace_back("bias");
+  return names;
+}
+
+LinearLikeGrads ConvGrads::chunk(int64_t begin, int64_t end, bool with_bias) const {
+  std::vector<torch::Tensor> a, g;
+  for (size_t r = 0; r < inputs_.size(); ++r) {
+    a.push_back(unfold_patches(inputs_[r].slice(0, begin, end), geometry_.kernel, geometry_.stride,
+                               geometry_.padding, geometry_.dilation));
+    g.push_back(grad_outputs_[r].slice(0, begin, end).flatten(2).transpose(1, 2));
+  }
+  auto cat = [](std::vector<torch::Tensor>& parts) {
+    return parts.size() == 1 ? parts.front() : torch::cat(parts, 1);
+  };
+  return {cat(a),           cat(g),
+          geometry_.groups, train_weight_ ? weight_.sizes().vec() : std::vector<int64_t>{},
+          with_bias,        method_};
+}
+
+int64_t ConvGrads::chunk_size() const {
+  const int64_t B = inputs_.front().size(0), G = geometry_.groups;
+  int64_t T = 0;
+  for (const auto& g : grad_outputs_) T += g.numel() / std::max<int64_t>(1, g.size(0) * g.size(1));
+  const int64_t p = weight_.size(0) / G, d = weight_.numel() / weight_.size(0);
+  const bool mat = method_ == NormMethod::kMaterialize ||
+                   (method_ == NormMethod::kAuto && materialize_is_cheaper(T, d, p));
+  // Patches and output gradients, plus the per-sample gradients or the two Gram matrices.
+  const int64_t per_sample = T * G * (d + p) + (mat ? G * p * d : 2 * G * T * T);
+  const int64_t bytes = per_sample * static_cast<int64_t>(weight_.element_size());
+  return std::clamp<int64_t>(chunk_bytes_ / std::max<int64_t>(1, bytes), 1,
+                             std::max<int64_t>(1, B));
+}
+
+const torch::Tensor& ConvGrads::bias_samples() {
+  if (!bias_samples_.defined()) {
+    for (const auto& g : grad_outputs_) {
+      auto b = g.flatten(2).sum(2);
+      bias_samples_ = bias_samples_.defined() ? bias_samples_.add_(b) : b;
+    }
+  }
+  return bias_samples_;
+}
+
+std::vector<torch::Tensor> ConvGrads::norm_sq() {
+  std::vector<torch::Tensor> out;
+  if (train_weight_) {
+    const int64_t B = inputs_.front().size(0), step = chunk_size();
+    std::vector<torch::Tensor> parts;
+    for (int64_t b = 0; b < B; b += step) {
+      parts.push_back(chunk(b, std::min(B, b + step), false).norm_sq().at(0));
+    }
+    out.push_back(parts.size() == 1 ? parts.front() : torch::cat(parts));
+  }
+  if (has_bias_) out.push_back(at::linalg_vector_norm(bias_samples(), 2, {1}).square());
+  return out;
+}
+
+std::vector<torch::Tensor> ConvGrads::weighted_sum(const std::vector<torch::Tensor>& w) {
+  std::vector<torch::Tensor> out;
+  size_t k = 0;
+  if (train_weight_) {
+    const auto& wk = w.at(k++);
+    const std::vector<int64_t> output_padding(geometry_.kernel.size(), 0);
+    torch::Tensor sum;
+    for (size_t r = 0; r < inputs_.size(); ++r) {
+      const auto& g = grad_outputs_[r];
+      auto part = std::get<1>(at::convolution_backward(
+          g * broadcast_weights(wk, g), inputs_[r], weight_, c10::nullopt, geometry_.stride,
+          geometry_.padding, geometry_.dilation, /*transposed=*/false, output_padding,
+          geometry_.groups, {false, true, false}));
+      sum = sum.defined() ? sum.add_(part) : part;
+    }
+    out.push_back(sum);
+  }
+  if (has_bias_) out.push_back(torch::mv(bias_samples().t(), w.at(k).to(weight_.scalar_type())));
+  return out;
+}
+
+std::vector<torch::Tensor> ConvGrads::materialize() {
+  std::vector<torch::Tensor> out;
+  if (train_weight_) {
+    const int64_t B = inputs_.front().size(0), step = chunk_size();
+    std::vector<torch::Tensor> parts;
+    for (int64_t b = 0; b < B; b += step) {
+      parts.push_back(chunk(b, std::min(B, b + step), false).materialize().at(0));
+    }
+    out.push_back(parts.size() == 1 ? parts.front() : torch::cat(parts));
   }
   if (has_bias_) out.push_back(bias_samples());
   return out;
@@ -197,8 +338,15 @@ std::vector<torch::Tensor> EmbeddingGrads::norm_sq() {
 }
 
 std::vector<torch::Tensor> EmbeddingGrads::weighted_sum(const std::vector<torch::Tensor>& w) {
+  std::vector<torch::Tensor> out{torch::zeros({num_embeddings_, g_.size(1)}, g_.options())};
+  add_weighted_sum_to(w, out);
+  return out;
+}
+
+void EmbeddingGrads::add_weighted_sum_to(const std::vector<torch::Tensor>& w,
+                                         const std::vector<torch::Tensor>& out) {
   auto rows = g_ * w.at(0).to(g_.scalar_type()).index_select(0, sample_).unsqueeze(1);
-  return {torch::zeros({num_embeddings_, g_.size(1)}, g_.options()).index_add_(0, index_, rows)};
+  out.at(0).index_add_(0, index_, rows);
 }
 
 std::vector<torch::Tensor> EmbeddingGrads::materialize() {
@@ -215,6 +363,20 @@ std::vector<torch::Tensor> MaterializedGrads::norm_sq() {
   std::vector<torch::Tensor> out;
   for (const auto& s : samples_) out.push_back(row_norm_sq(s));
   return out;
+}
+
+void MaterializedGrads::add_weighted_sum_to(const std::vector<torch::Tensor>& w,
+                                            const std::vector<torch::Tensor>& out) {
+  for (size_t k = 0; k < samples_.size(); ++k) {
+    const auto& s = samples_[k];
+    const auto& o = out.at(k);
+    const auto wk = w.at(k).to(s.scalar_type());
+    if (o.is_contiguous()) {
+      o.view({-1}).addmv_(s.flatten(1).t(), wk);
+    } else {
+      o.add_(torch::mv(s.flatten(1).t(), wk).view(o.sizes()));
+    }
+  }
 }
 
 std::vector<torch::Tensor> MaterializedGrads::weighted_sum(const std::vector<torch::Tensor>& w) {

@@ -235,16 +235,22 @@ torch::Tensor ConvImpl<D>::forward(const torch::Tensor& input) {
 
 template <size_t D>
 std::unique_ptr<PerSampleGrads> ConvImpl<D>::make_grads(std::vector<Record> records) {
-  std::vector<torch::Tensor> a, g;
-  for (const auto& r : records) {
-    const auto pad = r.extra.at(0);
-    std::vector<int64_t> padding(pad.data_ptr<int64_t>(), pad.data_ptr<int64_t>() + D);
-    a.push_back(grad_sample::unfold_patches(r.input, options.kernel_size(), options.stride(),
-                                            padding, options.dilation()));
-    g.push_back(r.grad_output.flatten(2).transpose(1, 2));
+  std::vector<torch::Tensor> inputs, grad_outputs;
+  for (auto& r : records) {
+    inputs.push_back(std::move(r.input));
+    grad_outputs.push_back(std::move(r.grad_output));
   }
-  return linear_like(std::move(a), std::move(g), options.groups(), weight, bias,
-                     this->norm_method());
+  // Every call pads alike: the padding passed to the convolution is the first record's.
+  const auto pad = records.front().extra.at(0);
+  grad_sample::ConvGeometry geometry;
+  geometry.kernel = at::IntArrayRef(options.kernel_size()).vec();
+  geometry.stride = at::IntArrayRef(options.stride()).vec();
+  geometry.padding.assign(pad.data_ptr<int64_t>(), pad.data_ptr<int64_t>() + D);
+  geometry.dilation = at::IntArrayRef(options.dilation()).vec();
+  geometry.groups = options.groups();
+  return std::make_unique<grad_sample::ConvGrads>(
+      std::move(inputs), std::move(grad_outputs), weight.detach(), trainable(weight),
+      trainable(bias), std::move(geometry), this->norm_method());
 }
 
 template class ConvImpl<1>;

@@ -64,9 +64,9 @@ void DPOptimizer::step() {
       clipper_->grad_sample_module().options().loss_reduction() == LossReduction::kMean;
   for (size_t k = 0; k < params.size(); ++k) {
     const auto& p = params[k];
-    // The accumulator is dropped after the step: it becomes the gradient without a copy.
+    // The clipper's accumulator becomes the gradient without a copy; the noise goes into it.
     auto grad = sums.empty() ? torch::zeros_like(p) : sums[k];
-    if (stddev > 0) grad.add_(noise_->gaussian(p.sizes(), stddev, p.options()));
+    noise_->add_gaussian_(grad, stddev);
     if (mean) grad.div_(options_.expected_batch_size());
     p.mutable_grad() = grad.detach();
   }

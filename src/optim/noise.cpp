@@ -120,6 +120,34 @@ torch::Tensor TorchNoise::gaussian(at::IntArrayRef shape, double stddev,
   return result;
 }
 
+void NoiseSource::add_gaussian_(const torch::Tensor& target, double stddev) {
+  check_noise_arguments(stddev, target.options());
+  if (stddev == 0.0) return;
+  target.add_(gaussian(target.sizes(), stddev, target.options()));
+}
+
+void TorchNoise::add_gaussian_(const torch::Tensor& target, double stddev) {
+  check_noise_arguments(stddev, target.options());
+  if (stddev == 0.0) return;
+  if (!target.device().is_cpu() || !target.is_contiguous()) {
+    NoiseSource::add_gaussian_(target, stddev);
+    return;
+  }
+  std::lock_guard<std::mutex> lock(mutex_);
+  auto& generator = generator_for(target.device());
+  if (!scratch_.defined() || scratch_.scalar_type() != target.scalar_type()) {
+    scratch_ = torch::empty({kChunk}, target.options().requires_grad(false));
+  }
+  const auto flat = target.view({-1});
+  const int64_t n = flat.numel();
+  for (int64_t first = 0; first < n; first += kChunk) {
+    const int64_t count = std::min(kChunk, n - first);
+    auto chunk = scratch_.narrow(0, 0, count);
+    chunk.normal_(0.0, stddev, generator);
+    flat.narrow(0, first, count).add_(chunk);
+  }
+}
+
 std::string TorchNoise::state() const {
   std::lock_guard<std::mutex> lock(mutex_);
   std::string out(kStateMagic);

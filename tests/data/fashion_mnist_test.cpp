@@ -2,7 +2,6 @@
 
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
-#include <zlib.h>
 
 #include <cstdint>
 #include <cstdlib>
@@ -12,62 +11,20 @@
 #include <string>
 #include <vector>
 
+#include "support/idx_files.h"
+#include "support/temp_dir.h"
+
 namespace dptorch::data {
 namespace {
 
 using ::testing::AllOf;
+using testing::Bytes;
 using ::testing::HasSubstr;
+using testing::idx_header;
+using testing::TempDir;
 using ::testing::ThrowsMessage;
-using Bytes = std::vector<std::uint8_t>;
-
-// A fresh directory under the system's temp directory, removed with everything in it.
-class TempDir {
- public:
-  TempDir() {
-    std::string pattern = (std::filesystem::temp_directory_path() / "dptorch_fm_XXXXXX").string();
-    const char* made = mkdtemp(pattern.data());
-    if (made == nullptr) {
-      throw std::runtime_error("mkdtemp failed for " + pattern);
-    }
-    path_ = made;
-  }
-  ~TempDir() {
-    std::error_code ignored;
-    std::filesystem::remove_all(path_, ignored);
-  }
-  TempDir(const TempDir&) = delete;
-  TempDir& operator=(const TempDir&) = delete;
-
-  [[nodiscard]] const std::filesystem::path& path() const { return path_; }
-  [[nodiscard]] std::string file(const std::string& name) const { return (path_ / name).string(); }
-
- private:
-  std::filesystem::path path_;
-};
-
-void write_gz(const std::string& path, const Bytes& bytes) {
-  gzFile file = gzopen(path.c_str(), "wb");
-  ASSERT_NE(file, nullptr) << path;
-  ASSERT_EQ(gzwrite(file, bytes.data(), static_cast<unsigned>(bytes.size())),
-            static_cast<int>(bytes.size()));
-  ASSERT_EQ(gzclose(file), Z_OK);
-}
-
-void write_plain(const std::string& path, const Bytes& bytes) {
-  std::ofstream out(path, std::ios::binary);
-  out.write(reinterpret_cast<const char*>(bytes.data()),
-            static_cast<std::streamsize>(bytes.size()));
-}
-
-Bytes idx_header(std::uint8_t code, const std::vector<std::uint32_t>& dims) {
-  Bytes out = {0, 0, code, static_cast<std::uint8_t>(dims.size())};
-  for (const std::uint32_t d : dims) {
-    for (int shift = 24; shift >= 0; shift -= 8) {
-      out.push_back(static_cast<std::uint8_t>(d >> shift));
-    }
-  }
-  return out;
-}
+using testing::write_gz;
+using testing::write_plain;
 
 // Pixel (i, r, c) of the synthetic images: distinct per image, covering 0..255.
 std::uint8_t pixel(int64_t i, int64_t r, int64_t c) {

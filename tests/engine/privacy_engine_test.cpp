@@ -8,12 +8,14 @@
 #include <filesystem>
 #include <fstream>
 
+#include "support/temp_dir.h"
 #include "support/tensor_assert.h"
 
 namespace dptorch {
 namespace {
 
 using ::testing::HasSubstr;
+using testing::TempDir;
 using testing::tensors_close;
 using ::testing::ThrowsMessage;
 namespace tnn = torch::nn;
@@ -32,19 +34,6 @@ data::TensorPairDataset toy_data(int64_t n = 200) {
 std::shared_ptr<torch::optim::SGD> sgd(const tnn::Sequential& m, double lr = 0.1) {
   return std::make_shared<torch::optim::SGD>(m->parameters(), torch::optim::SGDOptions(lr));
 }
-
-class TempDir {
- public:
-  TempDir() {
-    char tmpl[] = "/tmp/dptorch_test_XXXXXX";
-    path_ = mkdtemp(tmpl);
-  }
-  ~TempDir() { std::filesystem::remove_all(path_); }
-  std::string file(const std::string& name) const { return path_ + "/" + name; }
-
- private:
-  std::string path_;
-};
 
 TEST(DPOptimizer, NoiseStdIsSigmaTimesCOverExpectedBatch) {
   // All per-sample gradients are zero, so every update is pure noise: lr · N(0, σ²C²) / E[B].
@@ -66,6 +55,45 @@ TEST(DPOptimizer, NoiseStdIsSigmaTimesCOverExpectedBatch) {
   auto all = torch::cat(updates);
   EXPECT_NEAR(all.mean().item<double>(), 0.0, 4 * sigma * C / E / std::sqrt(all.numel()));
   EXPECT_NEAR(all.std().item<double>(), sigma * C / E, 0.015 * sigma * C / E);
+}
+
+// A step allocates no parameter-sized tensors: with zero_grad between steps, every step's
+// gradient lives in the same accumulator storage.
+TEST(DPOptimizer, StepsReuseTheGradientStorage) {
+  torch::manual_seed(5);
+  tnn::Sequential m(nn::Linear(20, 30), tnn::Tanh(), nn::Linear(30, 4));
+  auto clipper =
+      std::make_shared<PerSampleGradientClipper>(m, std::make_shared<ConstantFlatClipper>(1.0));
+  optim::DPOptimizer opt(sgd(m), clipper, optim::DPOptimizerOptions(1.0, 8),
+                         std::make_shared<optim::TorchNoise>(5));
+  // The handles are kept, so a fresh allocation could not land at an old address.
+  std::vector<torch::Tensor> grads;
+  for (int step = 0; step < 3; ++step) {
+    opt.zero_grad();
+    m->forward(torch::randn({8, 20})).square().sum().backward();
+    opt.step();
+    grads.push_back(m->parameters()[0].grad());
+  }
+  EXPECT_EQ(grads[1].data_ptr(), grads[0].data_ptr());
+  EXPECT_EQ(grads[2].data_ptr(), grads[0].data_ptr());
+}
+
+// Without zero_grad, the gradient of the last step stays as it was while the next batch
+// accumulates: the accumulator that became .grad is not reused.
+TEST(PerSampleGradientClipper, AccumulationLeavesAHeldGradAlone) {
+  torch::manual_seed(6);
+  tnn::Sequential m(nn::Linear(5, 3));
+  PerSampleGradientClipper clipper(m, std::make_shared<ConstantFlatClipper>(1.0));
+  m->forward(torch::randn({4, 5})).sum().backward();
+  clipper.clip_and_accumulate();
+  (void)clipper.pre_step();
+  const auto grad = m->parameters()[0].grad();
+  const auto held = grad.clone();
+  m->forward(torch::randn({4, 5})).sum().backward();
+  clipper.clip_and_accumulate();
+  EXPECT_TRUE(torch::equal(grad, held));
+  (void)clipper.pre_step();
+  EXPECT_FALSE(torch::equal(m->parameters()[0].grad(), held));
 }
 
 TEST(DPOptimizer, WithoutNoiseAndClippingItIsAPlainStep) {

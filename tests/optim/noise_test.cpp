@@ -101,6 +101,36 @@ TEST_P(NoiseSourceTest, RefusesBadArguments) {
       ThrowsMessage<c10::Error>(HasSubstr("noise dtype must be floating point, but is Long")));
 }
 
+// add_gaussian_ adds the same distribution in place: the moments of the added values, with the
+// tolerances of DrawsMatchTheRequestedGaussian, on contiguous and non-contiguous targets.
+TEST_P(NoiseSourceTest, AddGaussianAddsTheRequestedGaussianInPlace) {
+  constexpr double kStd = 2.5;
+  for (const auto dtype : {torch::kFloat32, torch::kFloat64}) {
+    for (const bool contiguous : {true, false}) {
+      auto base = torch::full({1000, 1000}, 3.0, torch::TensorOptions().dtype(dtype));
+      auto target = contiguous ? base : base.t();
+      const void* data = target.data_ptr();
+      source_->add_gaussian_(target, kStd);
+      ASSERT_EQ(target.data_ptr(), data);
+      const torch::Tensor z = (base.to(torch::kFloat64) - 3.0) / kStd;
+      const double mean = z.mean().item<double>();
+      const double std = z.std().item<double>();
+      const double within_one = (z.abs() < 1).to(torch::kFloat64).mean().item<double>();
+      EXPECT_NEAR(mean, 0.0, 0.006) << dtype << " contiguous " << contiguous;
+      EXPECT_NEAR(std, 1.0, 0.005) << dtype << " contiguous " << contiguous;
+      EXPECT_NEAR(within_one, 0.682689, 0.003) << dtype << " contiguous " << contiguous;
+    }
+  }
+  auto unchanged = torch::ones({5});
+  source_->add_gaussian_(unchanged, 0.0);
+  EXPECT_TRUE(torch::equal(unchanged, torch::ones({5})));
+  EXPECT_THAT([&] { source_->add_gaussian_(unchanged, -1.0); },
+              ThrowsMessage<c10::Error>(HasSubstr("stddev must be finite and >= 0, but is -1")));
+  auto ints = torch::zeros({3}, torch::kLong);
+  EXPECT_THAT([&] { source_->add_gaussian_(ints, 1.0); },
+              ThrowsMessage<c10::Error>(HasSubstr("noise dtype must be floating point")));
+}
+
 INSTANTIATE_TEST_SUITE_P(Sources, NoiseSourceTest, ::testing::ValuesIn(kSources),
                          [](const ::testing::TestParamInfo<SourceCase>& info) {
                            return std::string(info.param.name);
@@ -119,6 +149,20 @@ TEST(TorchNoiseTest, SameSeedGivesSameNoise) {
                             TorchNoise(kSeed + 1).gaussian({50}, 1.0, options)));
   EXPECT_EQ(first.seed(), kSeed);
   EXPECT_FALSE(first.is_secure());
+}
+
+// TorchNoise adds chunk by chunk from one stream: reproducible from the seed, and no chunk
+// repeats another's values.
+TEST(TorchNoiseTest, AddGaussianIsReproducibleAndChunksDiffer) {
+  const int64_t n = 2 * TorchNoise::kChunk + 5;
+  auto first = torch::zeros({n}), second = torch::zeros({n});
+  TorchNoise(kSeed).add_gaussian_(first, 1.0);
+  TorchNoise(kSeed).add_gaussian_(second, 1.0);
+  EXPECT_TRUE(torch::equal(first, second));
+  const auto head = first.narrow(0, 0, 5);
+  EXPECT_FALSE(torch::equal(head, first.narrow(0, TorchNoise::kChunk, 5)));
+  EXPECT_FALSE(torch::equal(head, first.narrow(0, 2 * TorchNoise::kChunk, 5)));
+  EXPECT_TRUE(first.narrow(0, 2 * TorchNoise::kChunk, 5).ne(0).all().item<bool>());
 }
 
 TEST(TorchNoiseTest, RestoredStateContinuesTheStream) {

@@ -73,16 +73,20 @@ class PerSampleGradientClipper {
   void set_on_batch_clip_func(std::function<void(const ClipEvent&)> func,
                               bool with_grad_sample = false);
 
-  /// Accumulated Σ clipped per-sample gradients per trainable parameter (undefined until the
-  /// first clip_and_accumulate()), in the order of grad_sample_module().parameter_names().
-  [[nodiscard]] const std::vector<torch::Tensor>& accumulated() const { return summed_; }
+  /// Accumulated Σ clipped per-sample gradients per trainable parameter, in the order of
+  /// grad_sample_module().parameter_names(); empty when nothing was accumulated since the last
+  /// reset. The accumulators are kept from step to step (zeroed, not reallocated, when a new
+  /// accumulation starts), so a step allocates no parameter-sized tensors; pre_step() and
+  /// DPOptimizer::step() hand them to `.grad` without a copy.
+  [[nodiscard]] std::vector<torch::Tensor> accumulated() const;
   /// Samples accumulated since the last reset.
   [[nodiscard]] int64_t accumulated_batch_size() const { return batch_size_; }
   /// clip_and_accumulate() calls since the last reset.
   [[nodiscard]] int64_t accumulated_iterations() const { return iterations_; }
   /// The largest threshold per parameter over the accumulated calls.
   [[nodiscard]] const std::vector<double>& accumulated_max_norms() const { return max_norms_; }
-  /// Forgets accumulated sums, thresholds and batch size (keeps `.grad`).
+  /// Forgets accumulated sums, thresholds and batch size (keeps `.grad` until the next
+  /// clip_and_accumulate(); a `.grad` still held then is left alone, and a new accumulator made).
   void reset_accumulation();
   /// The tape the clipper reads.
   [[nodiscard]] GradSampleModule& grad_sample_module() { return *gsm_; }
@@ -92,7 +96,10 @@ class PerSampleGradientClipper {
  private:
   std::unique_ptr<GradSampleModule> gsm_;
   std::shared_ptr<NormClipper> norm_clipper_;
-  std::vector<torch::Tensor> summed_;
+  /// Zeroes the accumulators (or makes them, where missing or now held by a `.grad`).
+  void start_accumulation();
+
+  std::vector<torch::Tensor> summed_;  // kept across resets; valid while iterations_ > 0
   std::vector<double> max_norms_;
   int64_t batch_size_ = 0;
   int64_t iterations_ = 0;

@@ -84,6 +84,11 @@ class GradSampleModule {
   /// Σ_i w_i G_i for each trainable parameter with its own weights (in parameter_names() order).
   [[nodiscard]] torch::OrderedDict<std::string, torch::Tensor> clipped_sum(
       const std::vector<torch::Tensor>& w);
+  /// Adds Σ_i w_i G_i into `out[k]` (one tensor per trainable parameter, its shape, in
+  /// parameter_names() order) in place: the accumulation of DP-SGD without parameter-sized
+  /// temporaries where the rule allows it (Linear writes with addmm_, Embedding with index_add_).
+  void add_clipped_sum_to(const std::vector<torch::Tensor>& w,
+                          const std::vector<torch::Tensor>& out);
   /// The per-sample gradients [B, param shape...] of each trainable parameter (memory heavy:
   /// only on request).
   [[nodiscard]] torch::OrderedDict<std::string, torch::Tensor> grad_samples();

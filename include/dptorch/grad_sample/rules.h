@@ -65,6 +65,10 @@ class PerSampleGrads {
   /// Σ_i w_i G_i per parameter, each with its own weights w [B].
   [[nodiscard]] virtual std::vector<torch::Tensor> weighted_sum(
       const std::vector<torch::Tensor>& w) = 0;
+  /// Adds Σ_i w_i G_i into `out` (one tensor of each parameter's shape) in place. The default
+  /// adds weighted_sum(); rules override it to write without a parameter-sized temporary.
+  virtual void add_weighted_sum_to(const std::vector<torch::Tensor>& w,
+                                   const std::vector<torch::Tensor>& out);
   /// The per-sample gradients [B, param shape...] per parameter (costly; on request only).
   [[nodiscard]] virtual std::vector<torch::Tensor> materialize() = 0;
 };
@@ -78,6 +82,8 @@ class LinearLikeGrads final : public PerSampleGrads {
   std::vector<std::string> names() const override;
   std::vector<torch::Tensor> norm_sq() override;
   std::vector<torch::Tensor> weighted_sum(const std::vector<torch::Tensor>& w) override;
+  void add_weighted_sum_to(const std::vector<torch::Tensor>& w,
+                           const std::vector<torch::Tensor>& out) override;
   std::vector<torch::Tensor> materialize() override;
   /// Whether the weight's norms are computed by materialising (after the cost model).
   [[nodiscard]] bool materializes() const { return materialize_; }
@@ -95,6 +101,49 @@ class LinearLikeGrads final : public PerSampleGrads {
   torch::Tensor bias_samples_;    // [B, G·p]
 };
 
+/// How a convolution maps its (already padded) input to its output.
+struct ConvGeometry {
+  std::vector<int64_t> kernel, stride, padding, dilation;
+  int64_t groups = 1;
+};
+
+/// Rule for convolutions. The per-sample norms unfold the input a few samples at a time (each
+/// chunk's temporaries stay near kChunkBytes), so the [B, T, C·k...] patch tensor is never
+/// formed whole; the clipped sum is the convolution's own weight gradient of the per-sample
+/// weighted output gradient, the same kernel the non-private backward runs.
+class ConvGrads final : public PerSampleGrads {
+ public:
+  /// Bytes the temporaries of one chunk of samples aim at, by default.
+  static constexpr int64_t kChunkBytes = int64_t{4} << 20;
+
+  /// One input [B, C, S...] and output gradient [B, C_out, L...] per recorded call of the layer;
+  /// `weight` is the layer's weight (read for its shape and dtype only), `train_weight` whether
+  /// its per-sample gradients are wanted; `chunk_bytes` sizes the chunks of samples (at least one
+  /// sample per chunk).
+  ConvGrads(std::vector<torch::Tensor> inputs, std::vector<torch::Tensor> grad_outputs,
+            torch::Tensor weight, bool train_weight, bool has_bias, ConvGeometry geometry,
+            NormMethod method, int64_t chunk_bytes = kChunkBytes);
+  std::vector<std::string> names() const override;
+  std::vector<torch::Tensor> norm_sq() override;
+  std::vector<torch::Tensor> weighted_sum(const std::vector<torch::Tensor>& w) override;
+  std::vector<torch::Tensor> materialize() override;
+
+ private:
+  /// The linear-like rule of samples [begin, end): unfolded patches against output gradients.
+  LinearLikeGrads chunk(int64_t begin, int64_t end, bool with_bias) const;
+  /// Samples per chunk, from the per-sample sizes of the largest temporaries.
+  [[nodiscard]] int64_t chunk_size() const;
+  const torch::Tensor& bias_samples();
+
+  std::vector<torch::Tensor> inputs_, grad_outputs_;
+  torch::Tensor weight_;
+  bool train_weight_, has_bias_;
+  ConvGeometry geometry_;
+  NormMethod method_;
+  int64_t chunk_bytes_;
+  torch::Tensor bias_samples_;  // [B, C_out]
+};
+
 /// Rule for Embedding and EmbeddingBag: weight [num_embeddings, dim].
 class EmbeddingGrads final : public PerSampleGrads {
  public:
@@ -104,6 +153,8 @@ class EmbeddingGrads final : public PerSampleGrads {
   std::vector<std::string> names() const override;
   std::vector<torch::Tensor> norm_sq() override;
   std::vector<torch::Tensor> weighted_sum(const std::vector<torch::Tensor>& w) override;
+  void add_weighted_sum_to(const std::vector<torch::Tensor>& w,
+                           const std::vector<torch::Tensor>& out) override;
   std::vector<torch::Tensor> materialize() override;
 
  private:
@@ -120,6 +171,8 @@ class MaterializedGrads final : public PerSampleGrads {
   std::vector<std::string> names() const override { return names_; }
   std::vector<torch::Tensor> norm_sq() override;
   std::vector<torch::Tensor> weighted_sum(const std::vector<torch::Tensor>& w) override;
+  void add_weighted_sum_to(const std::vector<torch::Tensor>& w,
+                           const std::vector<torch::Tensor>& out) override;
   std::vector<torch::Tensor> materialize() override { return samples_; }
 
  private:

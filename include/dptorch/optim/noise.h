@@ -24,6 +24,11 @@ class NoiseSource {
   [[nodiscard]] virtual torch::Tensor gaussian(at::IntArrayRef shape, double stddev,
                                                const torch::TensorOptions& options) = 0;
 
+  /// Adds i.i.d. N(0, stddev²) entries to `target` in place (its device and dtype). The default
+  /// adds gaussian() of the target's shape; a source may override it to draw in cache-sized
+  /// chunks, without a temporary the size of the target.
+  virtual void add_gaussian_(const torch::Tensor& target, double stddev);
+
   /// Whether the noise comes from a cryptographically secure generator, hardened against
   /// floating-point attacks: what a deployed privacy guarantee needs.
   [[nodiscard]] virtual bool is_secure() const noexcept = 0;
@@ -44,6 +49,13 @@ class TorchNoise final : public NoiseSource {
   [[nodiscard]] torch::Tensor gaussian(at::IntArrayRef shape, double stddev,
                                        const torch::TensorOptions& options) override;
 
+  /// On the CPU, draws into a reused buffer of kChunk entries and adds chunk by chunk (the same
+  /// distribution as gaussian(), a different order of the stream); elsewhere the default.
+  void add_gaussian_(const torch::Tensor& target, double stddev) override;
+
+  /// Entries per chunk of add_gaussian_() on the CPU.
+  static constexpr int64_t kChunk = int64_t{1} << 15;
+
   /// false: the stream is predictable from the seed.
   [[nodiscard]] bool is_secure() const noexcept override { return false; }
 
@@ -63,6 +75,7 @@ class TorchNoise final : public NoiseSource {
   uint64_t seed_;
   mutable std::mutex mutex_;
   std::map<std::string, at::Generator> generators_;  // keyed by Device::str()
+  torch::Tensor scratch_;                            // add_gaussian_()'s chunk on the CPU
 };
 
 /// Cryptographically secure noise: random bits from the operating system (getrandom(2), else
