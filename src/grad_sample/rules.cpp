@@ -14,7 +14,7 @@ torch::Tensor row_norm_sq(const torch::Tensor& x) {
 torch::Tensor by_group(const torch::Tensor& x, int64_t groups) {
   const int64_t B = x.size(0), T = x.size(1), c = x.size(2) / groups;
   if (groups == 1) return x;
-  return x.view({B, T, groups, c}).permute({0, 2, 1, 3}).reshape({B * groups, T, c});
+  return x.reshape({B, T, groups, c}).permute({0, 2, 1, 3}).reshape({B * groups, T, c});
 }
 
 // Per-sample weights w [B] broadcast over a [B, ...] tensor.
@@ -30,14 +30,14 @@ torch::Tensor ghost_norm_sq(const torch::Tensor& a, const torch::Tensor& g, int6
   const int64_t B = a.size(0), T = a.size(1);
   if (T == 1) {
     // ‖g aᵀ‖² = ‖a‖²‖g‖², per group.
-    auto aa = a.view({B, groups, a.size(2) / groups}).square().sum(2);
-    auto gg = g.view({B, groups, g.size(2) / groups}).square().sum(2);
-    return (aa * gg).sum(1);
+    auto aa = at::linalg_vector_norm(a.reshape({B, groups, a.size(2) / groups}), 2, {2});
+    auto gg = at::linalg_vector_norm(g.reshape({B, groups, g.size(2) / groups}), 2, {2});
+    return aa.mul_(gg).square_().sum(1);
   }
   auto ag = by_group(a, groups), gg = by_group(g, groups);
   auto gram_a = torch::bmm(ag, ag.transpose(1, 2));  // [B·G, T, T]
   auto gram_g = torch::bmm(gg, gg.transpose(1, 2));
-  return (gram_a * gram_g).view({B, groups * T * T}).sum(1);
+  return gram_a.mul_(gram_g).view({B, groups * T * T}).sum(1);
 }
 
 torch::Tensor materialize(const torch::Tensor& a, const torch::Tensor& g, int64_t groups) {
