@@ -25,7 +25,6 @@
 #include <CLI/CLI.hpp>
 
 #include <dlfcn.h>
-#include <malloc.h>
 #include <sched.h>
 #include <sys/resource.h>
 #include <unistd.h>
@@ -881,9 +880,9 @@ int main(int argc, char** argv) {
                  "norm method (default: PerSampleGradientClipper, kAuto)")
       ->check(CLI::IsMember({"auto", "ghost", "materialize"}));
   app.add_flag("--malloc-no-mmap", o.malloc_no_mmap,
-               "serve every allocation from glibc's heap and never trim it (mallopt M_MMAP_MAX=0, "
-               "M_TRIM_THRESHOLD=INT_MAX), so that large tensors reuse pages instead of faulting "
-               "in fresh ones each step");
+               "call dptorch::keep_freed_memory() first, as tools/dptrain does: glibc serves every "
+               "allocation from its heap and never trims it, so large tensors reuse pages instead "
+               "of faulting in fresh ones each step");
   app.add_option("--budget", o.budget_s, "timing seconds per row (default 12, quick 1)")
       ->check(CLI::PositiveNumber);
   app.add_option("--mem-steps", o.mem_steps,
@@ -902,8 +901,7 @@ int main(int argc, char** argv) {
   if (o.mem_steps == 0) o.mem_steps = o.quick ? 2 : 3;
   if (o.profile_steps == 0) o.profile_steps = o.quick ? 3 : 7;
   if (o.malloc_no_mmap) {
-    mallopt(M_MMAP_MAX, 0);
-    mallopt(M_TRIM_THRESHOLD, INT_MAX);
+    dptorch::keep_freed_memory();
   }
   try {
     torch::set_num_threads(o.threads);

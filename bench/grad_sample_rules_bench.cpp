@@ -14,7 +14,6 @@
 #include <torch/torch.h>
 #include <CLI/CLI.hpp>
 
-#include <malloc.h>
 #include <sys/resource.h>
 
 #include <algorithm>
@@ -249,11 +248,10 @@ int main(int argc, char** argv) {
       ->check(CLI::PositiveNumber);
   app.add_option("--cases", cases, "comma-separated: conv, norm, embedding, pages");
   app.add_flag("--malloc-no-mmap", no_mmap,
-               "serve every allocation from glibc's heap and never trim it (mallopt)");
+               "call dptorch::keep_freed_memory() first (glibc: no mmap, no trimming)");
   CLI11_PARSE(app, argc, argv);
   if (no_mmap) {
-    mallopt(M_MMAP_MAX, 0);
-    mallopt(M_TRIM_THRESHOLD, INT_MAX);
+    dptorch::keep_freed_memory();
   }
   std::set<std::string> chosen;
   std::istringstream in(cases);

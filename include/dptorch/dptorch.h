@@ -19,6 +19,7 @@
 #include <dptorch/engine/privacy_engine.h>
 #include <dptorch/grad_sample/grad_sample_module.h>
 #include <dptorch/grad_sample/rules.h>
+#include <dptorch/memory.h>
 #include <dptorch/nn/convert.h>
 #include <dptorch/nn/layer.h>
 #include <dptorch/nn/modules.h>
