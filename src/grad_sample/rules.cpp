@@ -275,16 +275,20 @@ const torch::Tensor& ConvGrads::bias_samples() {
   return bias_samples_;
 }
 
+torch::Tensor ConvGrads::by_chunks(
+    const std::function<torch::Tensor(LinearLikeGrads&)>& weight_result) const {
+  const int64_t B = inputs_.front().size(0), step = chunk_size();
+  std::vector<torch::Tensor> parts;
+  for (int64_t b = 0; b < B; b += step) {
+    auto rule = chunk(b, std::min(B, b + step), false);
+    parts.push_back(weight_result(rule));
+  }
+  return parts.size() == 1 ? parts.front() : torch::cat(parts);
+}
+
 std::vector<torch::Tensor> ConvGrads::norm_sq() {
   std::vector<torch::Tensor> out;
-  if (train_weight_) {
-    const int64_t B = inputs_.front().size(0), step = chunk_size();
-    std::vector<torch::Tensor> parts;
-    for (int64_t b = 0; b < B; b += step) {
-      parts.push_back(chunk(b, std::min(B, b + step), false).norm_sq().at(0));
-    }
-    out.push_back(parts.size() == 1 ? parts.front() : torch::cat(parts));
-  }
+  if (train_weight_) out.push_back(by_chunks([](LinearLikeGrads& g) { return g.norm_sq().at(0); }));
   if (has_bias_) out.push_back(at::linalg_vector_norm(bias_samples(), 2, {1}).square());
   return out;
 }
@@ -313,12 +317,7 @@ std::vector<torch::Tensor> ConvGrads::weighted_sum(const std::vector<torch::Tens
 std::vector<torch::Tensor> ConvGrads::materialize() {
   std::vector<torch::Tensor> out;
   if (train_weight_) {
-    const int64_t B = inputs_.front().size(0), step = chunk_size();
-    std::vector<torch::Tensor> parts;
-    for (int64_t b = 0; b < B; b += step) {
-      parts.push_back(chunk(b, std::min(B, b + step), false).materialize().at(0));
-    }
-    out.push_back(parts.size() == 1 ? parts.front() : torch::cat(parts));
+    out.push_back(by_chunks([](LinearLikeGrads& g) { return g.materialize().at(0); }));
   }
   if (has_bias_) out.push_back(bias_samples());
   return out;

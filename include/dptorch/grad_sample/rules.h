@@ -4,6 +4,7 @@
 
 #include <torch/types.h>
 
+#include <functional>
 #include <memory>
 #include <optional>
 #include <string>
@@ -131,6 +132,9 @@ class ConvGrads final : public PerSampleGrads {
  private:
   /// The linear-like rule of samples [begin, end): unfolded patches against output gradients.
   LinearLikeGrads chunk(int64_t begin, int64_t end, bool with_bias) const;
+  /// The weight's per-sample result of every chunk's rule, concatenated over the batch.
+  [[nodiscard]] torch::Tensor by_chunks(
+      const std::function<torch::Tensor(LinearLikeGrads&)>& weight_result) const;
   /// Samples per chunk, from the per-sample sizes of the largest temporaries.
   [[nodiscard]] int64_t chunk_size() const;
   const torch::Tensor& bias_samples();
