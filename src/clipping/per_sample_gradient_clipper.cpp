@@ -9,11 +9,18 @@ namespace dptorch {
 PerSampleGradientClipper::PerSampleGradientClipper(std::shared_ptr<torch::nn::Module> module,
                                                    std::shared_ptr<NormClipper> norm_clipper,
                                                    bool batch_first,
-                                                   const std::string& loss_reduction) {
+                                                   const std::string& loss_reduction)
+    : PerSampleGradientClipper(std::move(module), std::move(norm_clipper),
+                               GradSampleOptions()
+                                   .batch_first(batch_first)
+                                   .loss_reduction(parse_loss_reduction(loss_reduction))) {}
+
+PerSampleGradientClipper::PerSampleGradientClipper(std::shared_ptr<torch::nn::Module> module,
+                                                   std::shared_ptr<NormClipper> norm_clipper,
+                                                   const GradSampleOptions& options) {
   TORCH_CHECK_VALUE(norm_clipper != nullptr,
                     "PerSampleGradientClipper needs a norm clipper, e.g. "
                     "std::make_shared<dptorch::ConstantFlatClipper>(1.0)");
-  const auto reduction = parse_loss_reduction(loss_reduction);
   TORCH_CHECK_VALUE(module != nullptr, "PerSampleGradientClipper needs a module, got a null one");
   // Check everything before attaching, so that nothing is left half-attached on error.
   validate(*module);
@@ -22,8 +29,7 @@ PerSampleGradientClipper::PerSampleGradientClipper(std::shared_ptr<torch::nn::Mo
     if (p.value().requires_grad()) names.push_back(p.key());
   }
   norm_clipper->check_parameters(names);
-  gsm_ = std::make_unique<GradSampleModule>(
-      std::move(module), GradSampleOptions().batch_first(batch_first).loss_reduction(reduction));
+  gsm_ = std::make_unique<GradSampleModule>(std::move(module), options);
   norm_clipper_ = std::move(norm_clipper);
 }
 

@@ -119,6 +119,30 @@ TEST_F(ClipperTest, VirtualStepsEqualOneStepOverTheWholeBatch) {
   }
 }
 
+// The norm method is the clipper's choice too; every method gives the same clipped gradients.
+TEST_F(ClipperTest, EveryNormMethodGivesTheSameClippedGradients) {
+  std::vector<std::vector<torch::Tensor>> grads;
+  for (auto method : {NormMethod::kAuto, NormMethod::kGhost, NormMethod::kMaterialize}) {
+    torch::manual_seed(9);
+    auto m = small_cnn();
+    m->to(torch::kDouble);
+    PerSampleGradientClipper clipper(
+        m, std::make_shared<ConstantFlatClipper>(0.05),
+        GradSampleOptions().norm_method(method).loss_reduction(LossReduction::kSum));
+    EXPECT_EQ(clipper.grad_sample_module().options().norm_method(), method);
+    loss_of(m, x_.to(torch::kDouble), y_, "sum").backward();
+    clipper.clip_and_accumulate();
+    (void)clipper.pre_step();
+    std::vector<torch::Tensor> g;
+    for (const auto& p : m->parameters()) g.push_back(p.grad().clone());
+    grads.push_back(g);
+  }
+  for (size_t k = 0; k < grads[0].size(); ++k) {
+    EXPECT_TRUE(tensors_close(grads[1][k], grads[0][k], 1e-10)) << k;
+    EXPECT_TRUE(tensors_close(grads[2][k], grads[0][k], 1e-10)) << k;
+  }
+}
+
 TEST_F(ClipperTest, PreStepBeforeAccumulationIsAnError) {
   auto m = small_cnn();
   PerSampleGradientClipper clipper(m, std::make_shared<ConstantFlatClipper>(1.0));

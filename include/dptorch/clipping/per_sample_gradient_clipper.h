@@ -58,6 +58,18 @@ class PerSampleGradientClipper {
                            const std::string& loss_reduction = "mean")
       : PerSampleGradientClipper(module.ptr(), std::move(norm_clipper), batch_first,
                                  loss_reduction) {}
+  /// Attaches to `module` with every option of its GradSampleModule: batch_first,
+  /// loss_reduction, and the norm method (kAuto: the cost model; kGhost / kMaterialize force one).
+  /// Example: `PerSampleGradientClipper(model, clipper,
+  ///                                    GradSampleOptions().norm_method(NormMethod::kGhost))`.
+  PerSampleGradientClipper(std::shared_ptr<torch::nn::Module> module,
+                           std::shared_ptr<NormClipper> norm_clipper,
+                           const GradSampleOptions& options);
+  template <typename M>
+  PerSampleGradientClipper(const torch::nn::ModuleHolder<M>& module,
+                           std::shared_ptr<NormClipper> norm_clipper,
+                           const GradSampleOptions& options)
+      : PerSampleGradientClipper(module.ptr(), std::move(norm_clipper), options) {}
 
   /// Clips the per-sample gradients of the last backward and adds their sum to the accumulators.
   void clip_and_accumulate();
