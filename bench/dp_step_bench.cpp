@@ -24,6 +24,8 @@
 #include <torch/version.h>
 #include <CLI/CLI.hpp>
 
+#include "measure.h"
+
 #include <dlfcn.h>
 #include <sched.h>
 #include <sys/resource.h>
@@ -48,6 +50,10 @@
 #include <vector>
 
 namespace {
+
+using dptorch::bench::cpu_ms;
+using dptorch::bench::median;
+using dptorch::bench::page_faults;
 
 namespace tnn = torch::nn;
 namespace F = torch::nn::functional;
@@ -205,21 +211,6 @@ std::pair<torch::Tensor, torch::Tensor> make_batch(const std::string& kind, int6
 
 double ms_since(Clock::time_point t0) {
   return std::chrono::duration<double, std::milli>(Clock::now() - t0).count();
-}
-
-// Process CPU time in ms: all threads of this process, so that time the machine gives to other
-// processes does not count (with one thread, the cost of the work itself).
-double cpu_ms() {
-  timespec ts{};
-  clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &ts);
-  return static_cast<double>(ts.tv_sec) * 1e3 + static_cast<double>(ts.tv_nsec) * 1e-6;
-}
-
-// Minor page faults of this process so far (first touches of fresh pages).
-double page_faults() {
-  struct rusage usage {};
-  getrusage(RUSAGE_SELF, &usage);
-  return static_cast<double>(usage.ru_minflt);
 }
 
 // Wall and CPU time of a stretch of work, in ms, and the page faults it took.
@@ -485,13 +476,6 @@ std::unique_ptr<Stepper> make_stepper(const Options& o, const Row& row, bool dp,
 }
 
 // ------------------------------------------------------------------------------------ children
-
-double median(std::vector<double> v) {
-  if (v.empty()) return NAN;
-  std::sort(v.begin(), v.end());
-  const size_t n = v.size();
-  return n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
-}
 
 double quantile(std::vector<double> v, double q) {
   if (v.empty()) return NAN;

@@ -14,7 +14,7 @@
 #include <torch/torch.h>
 #include <CLI/CLI.hpp>
 
-#include <sys/resource.h>
+#include "measure.h"
 
 #include <algorithm>
 #include <cstdio>
@@ -32,32 +32,19 @@ namespace gs = dptorch::grad_sample;
 
 int g_reps = 11;
 
-double cpu_ms() {
-  timespec ts{};
-  clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &ts);
-  return static_cast<double>(ts.tv_sec) * 1e3 + static_cast<double>(ts.tv_nsec) * 1e-6;
-}
-
-double minor_faults() {
-  struct rusage usage {};
-  getrusage(RUSAGE_SELF, &usage);
-  return static_cast<double>(usage.ru_minflt);
-}
-
-double median(std::vector<double> v) {
-  std::sort(v.begin(), v.end());
-  return v[v.size() / 2];
-}
+using dptorch::bench::cpu_ms;
+using dptorch::bench::median;
+using dptorch::bench::page_faults;
 
 // Prints "name  cpu <median> ms  faults <median>/call" for `f`, after one warm-up call.
 void measure(const std::string& name, const std::function<void()>& f) {
   f();
   std::vector<double> cpu, faults;
   for (int i = 0; i < g_reps; ++i) {
-    const double c0 = cpu_ms(), f0 = minor_faults();
+    const double c0 = cpu_ms(), f0 = page_faults();
     f();
     cpu.push_back(cpu_ms() - c0);
-    faults.push_back(minor_faults() - f0);
+    faults.push_back(page_faults() - f0);
   }
   std::printf("  %-62s cpu %8.2f ms   faults %6.0f/call\n", name.c_str(), median(cpu),
               median(faults));
