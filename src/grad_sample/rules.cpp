@@ -2,6 +2,8 @@
 
 #include <torch/torch.h>
 
+#include "cpu_kernels.h"
+
 namespace dptorch::grad_sample {
 namespace {
 
@@ -60,9 +62,11 @@ torch::Tensor weighted_sum(const torch::Tensor& a, const torch::Tensor& g, const
 
 bool materialize_is_cheaper(int64_t T, int64_t d, int64_t p) { return d * p <= T * (d + p); }
 
-torch::Tensor unfold_patches(const torch::Tensor& input, at::IntArrayRef kernel,
-                             at::IntArrayRef stride, at::IntArrayRef padding,
-                             at::IntArrayRef dilation) {
+namespace detail {
+
+torch::Tensor unfold_patches_generic(const torch::Tensor& input, at::IntArrayRef kernel,
+                                     at::IntArrayRef stride, at::IntArrayRef padding,
+                                     at::IntArrayRef dilation) {
   const int64_t D = static_cast<int64_t>(kernel.size());
   TORCH_CHECK(input.dim() == D + 2, "unfold_patches: expected a [B, C, ", D,
               " spatial dims] input, got shape ", input.sizes());
@@ -94,9 +98,9 @@ torch::Tensor unfold_patches(const torch::Tensor& input, at::IntArrayRef kernel,
   return x.permute(perm).reshape({B, cols, T}).transpose(1, 2);
 }
 
-torch::Tensor embedding_norm_sq(const torch::Tensor& index, const torch::Tensor& sample,
-                                const torch::Tensor& g, int64_t batch_size,
-                                int64_t num_embeddings) {
+torch::Tensor embedding_norm_sq_generic(const torch::Tensor& index, const torch::Tensor& sample,
+                                        const torch::Tensor& g, int64_t batch_size,
+                                        int64_t num_embeddings) {
   auto norms = torch::zeros({batch_size}, g.options());
   if (index.numel() == 0) return norms;
   // Lookups of the same row by the same sample add up before the norm is taken.
@@ -110,6 +114,76 @@ torch::Tensor embedding_norm_sq(const torch::Tensor& index, const torch::Tensor&
   auto summed = torch::zeros({keys.size(0), g.size(1)}, g.options())
                     .index_add_(0, run_of, g.index_select(0, order));
   return norms.index_add_(0, keys.div(num_embeddings, "floor"), summed.square().sum(1));
+}
+
+}  // namespace detail
+
+namespace {
+
+// Whether the CPU loops of cpu_kernels.h take a tensor: on the CPU, float or double.
+bool cpu_kernel_dtype(const torch::Tensor& t) {
+  return t.device().is_cpu() &&
+         (t.scalar_type() == torch::kFloat || t.scalar_type() == torch::kDouble);
+}
+
+}  // namespace
+
+torch::Tensor unfold_patches(const torch::Tensor& input, at::IntArrayRef kernel,
+                             at::IntArrayRef stride, at::IntArrayRef padding,
+                             at::IntArrayRef dilation) {
+  const int64_t D = static_cast<int64_t>(kernel.size());
+  if (!cpu_kernel_dtype(input) || (D != 1 && D != 2) || input.dim() != D + 2) {
+    return detail::unfold_patches_generic(input, kernel, stride, padding, dilation);
+  }
+  // A 1-D convolution is a 2-D one of height 1.
+  auto at2 = [&](at::IntArrayRef v, int64_t d, int64_t one) {
+    return D == 1 ? (d == 0 ? one : v[0]) : v[d];
+  };
+  cpu::PatchGeometry geo{};
+  geo.channels = input.size(1);
+  geo.height = D == 1 ? 1 : input.size(2);
+  geo.width = input.size(D + 1);
+  geo.kernel_h = at2(kernel, 0, 1);
+  geo.kernel_w = at2(kernel, 1, 1);
+  geo.stride_h = at2(stride, 0, 1);
+  geo.stride_w = at2(stride, 1, 1);
+  geo.pad_h = at2(padding, 0, 0);
+  geo.pad_w = at2(padding, 1, 0);
+  geo.dilation_h = at2(dilation, 0, 1);
+  geo.dilation_w = at2(dilation, 1, 1);
+  auto positions = [](int64_t size, int64_t k, int64_t s, int64_t p, int64_t d) {
+    return (size + 2 * p - d * (k - 1) - 1) / s + 1;
+  };
+  geo.out_h = positions(geo.height, geo.kernel_h, geo.stride_h, geo.pad_h, geo.dilation_h);
+  geo.out_w = positions(geo.width, geo.kernel_w, geo.stride_w, geo.pad_w, geo.dilation_w);
+  TORCH_CHECK(geo.out_h > 0 && geo.out_w > 0, "unfold_patches: the kernel ", kernel,
+              " does not fit the padded input of shape ", input.sizes());
+  const int64_t B = input.size(0), T = geo.out_h * geo.out_w;
+  const int64_t cols = geo.channels * geo.kernel_h * geo.kernel_w;
+  const auto x = input.contiguous();
+  auto out = torch::empty({B, cols, T}, x.options());
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "unfold_patches", [&] {
+    cpu::unfold_patches_2d(x.data_ptr<scalar_t>(), B, geo, out.data_ptr<scalar_t>());
+  });
+  // [B, C·k..., T] transposed as a view, as the generic path returns it.
+  return out.transpose(1, 2);
+}
+
+torch::Tensor embedding_norm_sq(const torch::Tensor& index, const torch::Tensor& sample,
+                                const torch::Tensor& g, int64_t batch_size,
+                                int64_t num_embeddings) {
+  if (!cpu_kernel_dtype(g) || index.scalar_type() != torch::kLong ||
+      sample.scalar_type() != torch::kLong || g.dim() != 2) {
+    return detail::embedding_norm_sq_generic(index, sample, g, batch_size, num_embeddings);
+  }
+  auto norms = torch::empty({batch_size}, g.options());
+  const auto idx = index.contiguous(), who = sample.contiguous(), rows = g.contiguous();
+  AT_DISPATCH_FLOATING_TYPES(rows.scalar_type(), "embedding_norm_sq", [&] {
+    cpu::embedding_norm_sq(idx.data_ptr<int64_t>(), who.data_ptr<int64_t>(),
+                           rows.data_ptr<scalar_t>(), rows.size(0), rows.size(1), batch_size,
+                           num_embeddings, norms.data_ptr<scalar_t>());
+  });
+  return norms;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -345,6 +419,24 @@ std::vector<torch::Tensor> EmbeddingGrads::weighted_sum(const std::vector<torch:
 
 void EmbeddingGrads::add_weighted_sum_to(const std::vector<torch::Tensor>& w,
                                          const std::vector<torch::Tensor>& out) {
+  const auto& o = out.at(0);
+  if (cpu_kernel_dtype(g_) && o.device().is_cpu() && o.scalar_type() == g_.scalar_type() &&
+      o.is_contiguous() && o.dim() == 2 && o.size(0) == num_embeddings_ &&
+      o.size(1) == g_.size(1) && index_.scalar_type() == torch::kLong &&
+      sample_.scalar_type() == torch::kLong) {
+    // One pass: each lookup's row, scaled by its sample's weight, straight into the table.
+    const auto wk = w.at(0).to(g_.scalar_type()).contiguous();
+    TORCH_CHECK(wk.numel() == batch_size_, "EmbeddingGrads: expected ", batch_size_,
+                " weights, got ", wk.numel());
+    const auto idx = index_.contiguous(), who = sample_.contiguous(), rows = g_.contiguous();
+    AT_DISPATCH_FLOATING_TYPES(rows.scalar_type(), "embedding_add_weighted", [&] {
+      cpu::embedding_add_weighted(idx.data_ptr<int64_t>(), who.data_ptr<int64_t>(),
+                                  rows.data_ptr<scalar_t>(), wk.data_ptr<scalar_t>(), rows.size(0),
+                                  rows.size(1), batch_size_, num_embeddings_,
+                                  o.data_ptr<scalar_t>());
+    });
+    return;
+  }
   auto rows = g_ * w.at(0).to(g_.scalar_type()).index_select(0, sample_).unsqueeze(1);
   out.at(0).index_add_(0, index_, rows);
 }

@@ -1,0 +1,40 @@
+#pragma once
+
+// CPU loops behind the grad_sample rules where a chain of torch operators would copy or scatter
+// the same data several times. Raw pointers into contiguous tensors; the callers check shapes,
+// dtypes and devices, and fall back to the device-generic operators for everything else.
+
+#include <cstdint>
+
+namespace dptorch::grad_sample::cpu {
+
+/// Geometry of a 2-D patch extraction (a 1-D convolution is the case H = kh = 1).
+struct PatchGeometry {
+  int64_t channels, height, width;  // input [C, H, W] of one sample
+  int64_t kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w;
+  int64_t out_h, out_w;  // output positions
+};
+
+/// Writes the patches of `samples` inputs [C, H, W] (`input`, one after another) as
+/// [C, kh, kw, out_h·out_w] per sample into `out`: the unfolded input with the output positions
+/// innermost, zeros where a patch reaches into the padding. Parallel over samples.
+template <typename T>
+void unfold_patches_2d(const T* input, int64_t samples, const PatchGeometry& geometry, T* out);
+
+/// ‖Σ_{n: sample[n]=i, index[n]=v} g_n‖² summed over v, into norm_sq[i] for i < batch_size;
+/// g is [N, dim]. Every index must lie in [0, num_embeddings), every sample in [0, batch_size)
+/// (checked). Parallel over samples; each sample's repeated rows are found with a small hash
+/// table, so time and memory are O(N·dim) whatever the table size.
+template <typename T>
+void embedding_norm_sq(const int64_t* index, const int64_t* sample, const T* g, int64_t n,
+                       int64_t dim, int64_t batch_size, int64_t num_embeddings, T* norm_sq);
+
+/// out[index[n]] += w[sample[n]] · g_n for every n, out [num_embeddings, dim]. Parallel over
+/// blocks of the table's rows, each scanning the lookups in order, so the result does not depend
+/// on the number of threads. Indices and samples are checked as above.
+template <typename T>
+void embedding_add_weighted(const int64_t* index, const int64_t* sample, const T* g,
+                            const T* w, int64_t n, int64_t dim, int64_t batch_size,
+                            int64_t num_embeddings, T* out);
+
+}  // namespace dptorch::grad_sample::cpu

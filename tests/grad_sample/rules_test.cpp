@@ -1,0 +1,130 @@
+// The CPU loops behind the rules against the device-generic operators they stand in for.
+
+#include <dptorch/dptorch.h>
+
+#include <gmock/gmock.h>
+#include <gtest/gtest.h>
+
+#include "support/tensor_assert.h"
+
+namespace dptorch {
+namespace {
+
+using ::testing::HasSubstr;
+using testing::tensors_close;
+using ::testing::ThrowsMessage;
+namespace gs = grad_sample;
+
+struct UnfoldCase {
+  std::vector<int64_t> input, kernel, stride, padding, dilation;
+};
+
+class UnfoldPatches : public ::testing::TestWithParam<UnfoldCase> {};
+
+TEST_P(UnfoldPatches, CpuLoopEqualsTheGenericOperators) {
+  const auto& c = GetParam();
+  torch::manual_seed(11);
+  for (auto dtype : {torch::kFloat, torch::kDouble}) {
+    SCOPED_TRACE(c10::toString(dtype));
+    auto x = torch::randn(c.input, torch::TensorOptions().dtype(dtype));
+    auto fast = gs::unfold_patches(x, c.kernel, c.stride, c.padding, c.dilation);
+    auto generic = gs::detail::unfold_patches_generic(x, c.kernel, c.stride, c.padding, c.dilation);
+    ASSERT_EQ(fast.sizes(), generic.sizes());
+    EXPECT_TRUE(torch::equal(fast, generic));  // a gather: bit for bit
+    // A non-contiguous input (channels last) gives the same patches.
+    auto strided = x.transpose(1, -1).contiguous().transpose(1, -1);
+    ASSERT_FALSE(strided.is_contiguous());
+    EXPECT_TRUE(torch::equal(gs::unfold_patches(strided, c.kernel, c.stride, c.padding, c.dilation),
+                             generic));
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    Geometries, UnfoldPatches,
+    ::testing::Values(
+        UnfoldCase{{4, 1, 28, 28}, {8, 8}, {2, 2}, {2, 2}, {1, 1}},  // the CNN's conv1
+        UnfoldCase{{3, 16, 12, 12}, {4, 4}, {2, 2}, {0, 0}, {1, 1}},  // and conv2
+        UnfoldCase{{2, 3, 9, 8}, {3, 2}, {2, 1}, {1, 0}, {1, 2}},     // dilation, mixed strides
+        UnfoldCase{{2, 2, 5, 6}, {3, 3}, {1, 3}, {4, 3}, {2, 1}},     // padding wider than reach
+        UnfoldCase{{3, 2, 7, 7}, {1, 1}, {3, 2}, {0, 1}, {1, 1}},     // 1×1 kernel
+        UnfoldCase{{3, 4, 17}, {5}, {3}, {2}, {2}},                   // 1-D
+        UnfoldCase{{2, 2, 10}, {3}, {1}, {0}, {1}}));
+
+// Lookups of two records: rows of each sample interleaved, repeats within samples, one sample
+// without lookups.
+struct Lookups {
+  torch::Tensor index, sample, g;
+  int64_t batch = 6, vocab = 50, dim = 7;
+};
+
+Lookups make_lookups(torch::ScalarType dtype) {
+  torch::manual_seed(3);
+  Lookups l;
+  const int64_t n = 300;
+  l.index = torch::randint(l.vocab, {n}, torch::kLong);
+  l.sample = torch::randint(l.batch - 1, {n}, torch::kLong);  // sample 5 has no lookups
+  l.index.slice(0, 0, 40).copy_(l.index.slice(0, 40, 80));    // many repeats
+  l.g = torch::randn({n, l.dim}, torch::TensorOptions().dtype(dtype));
+  return l;
+}
+
+TEST(EmbeddingNormSq, CpuLoopEqualsTheGenericOperators) {
+  for (auto dtype : {torch::kFloat, torch::kDouble}) {
+    SCOPED_TRACE(c10::toString(dtype));
+    const auto l = make_lookups(dtype);
+    auto fast = gs::embedding_norm_sq(l.index, l.sample, l.g, l.batch, l.vocab);
+    auto generic = gs::detail::embedding_norm_sq_generic(l.index, l.sample, l.g, l.batch, l.vocab);
+    EXPECT_TRUE(tensors_close(fast, generic, dtype == torch::kDouble ? 1e-13 : 1e-6));
+    EXPECT_EQ(fast[l.batch - 1].item<double>(), 0.0);
+    // Every lookup its own sample: the norms are the rows' norms.
+    auto own = torch::arange(l.g.size(0), torch::kLong);
+    EXPECT_TRUE(tensors_close(gs::embedding_norm_sq(l.index, own, l.g, l.g.size(0), l.vocab),
+                              l.g.square().sum(1), dtype == torch::kDouble ? 1e-14 : 1e-6));
+  }
+}
+
+TEST(EmbeddingNormSq, RefusesRowsOutsideTheTable) {
+  auto l = make_lookups(torch::kFloat);
+  l.index[17] = l.vocab;
+  EXPECT_THAT([&] { (void)gs::embedding_norm_sq(l.index, l.sample, l.g, l.batch, l.vocab); },
+              ThrowsMessage<c10::Error>(HasSubstr("embedding row 50 is out of range")));
+}
+
+TEST(EmbeddingGrads, AddsTheWeightedSumLikeIndexAdd) {
+  for (auto dtype : {torch::kFloat, torch::kDouble}) {
+    SCOPED_TRACE(c10::toString(dtype));
+    const auto l = make_lookups(dtype);
+    const auto opts = torch::TensorOptions().dtype(dtype);
+    auto w = torch::rand({l.batch}, opts);
+    auto start = torch::randn({l.vocab, l.dim}, opts);
+    auto expected = start.clone().index_add_(0, l.index, l.g * w.index_select(0, l.sample).unsqueeze(1));
+    gs::EmbeddingGrads rule(l.index, l.sample, l.g, l.batch, l.vocab);
+    const double tol = dtype == torch::kDouble ? 1e-14 : 1e-6;
+    auto table = start.clone();  // contiguous: the CPU loop
+    rule.add_weighted_sum_to({w}, {table});
+    EXPECT_TRUE(tensors_close(table, expected, tol));
+    auto strided = start.t().contiguous().t();  // not contiguous: the generic operators
+    rule.add_weighted_sum_to({w}, {strided});
+    EXPECT_TRUE(tensors_close(strided, expected, tol));
+    EXPECT_TRUE(tensors_close(rule.weighted_sum({w}).at(0), expected - start, tol));
+  }
+}
+
+TEST(EmbeddingGrads, WeightedSumDoesNotDependOnTheThreadCount) {
+  const auto l = make_lookups(torch::kFloat);
+  auto w = torch::rand({l.batch});
+  gs::EmbeddingGrads rule(l.index, l.sample, l.g, l.batch, l.vocab);
+  const int threads = torch::get_num_threads();
+  std::vector<torch::Tensor> tables;
+  for (int t : {1, 2, 3}) {
+    torch::set_num_threads(t);
+    tables.push_back(torch::zeros({l.vocab, l.dim}));
+    rule.add_weighted_sum_to({w}, {tables.back()});
+  }
+  torch::set_num_threads(threads);
+  EXPECT_TRUE(torch::equal(tables[0], tables[1]));
+  EXPECT_TRUE(torch::equal(tables[0], tables[2]));
+}
+
+}  // namespace
+}  // namespace dptorch
