@@ -4,46 +4,211 @@
 #include <c10/util/Exception.h>
 
 #include <algorithm>
+#include <cstring>
 #include <vector>
 
 namespace dptorch::grad_sample::cpu {
 namespace {
 
-// ⌈a / b⌉ for b > 0 and any sign of a.
-int64_t ceil_div(int64_t a, int64_t b) { return a >= 0 ? (a + b - 1) / b : -((-a) / b); }
+// ⌈a / b⌉ for a >= 0, b > 0.
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
-template <typename T>
-void unfold_one(const T* input, const PatchGeometry& g, T* out) {
-  const int64_t positions = g.out_h * g.out_w;
+// One output row of patches: row[ox] = src[ox·stride]. The stride as a template argument lets the
+// compiler vectorise the common strides 1 and 2.
+template <int64_t kStride, typename T>
+void gather_row(const T* __restrict src, int64_t stride, int64_t size, T* __restrict row) {
+  const int64_t s = kStride > 0 ? kStride : stride;
+  for (int64_t ox = 0; ox < size; ++ox) row[ox] = src[ox * s];
+}
+
+// Patches of one sample from its zero-padded input [C, Hp, Wp]: every read is in bounds, so the
+// inner loops are plain strided copies with no per-element test.
+template <int64_t kStride, typename T>
+void unfold_one(const T* padded, const PatchGeometry& g, int64_t padded_h, int64_t padded_w,
+                T* out) {
+  const int64_t out_h = g.out_h, out_w = g.out_w, positions = out_h * out_w;
+  const int64_t row_step = g.stride_h * padded_w, stride_w = g.stride_w;
   for (int64_t c = 0; c < g.channels; ++c) {
-    const T* plane = input + c * g.height * g.width;
+    const T* plane = padded + c * padded_h * padded_w;
     for (int64_t kh = 0; kh < g.kernel_h; ++kh) {
       for (int64_t kw = 0; kw < g.kernel_w; ++kw) {
         T* dst = out + ((c * g.kernel_h + kh) * g.kernel_w + kw) * positions;
-        // Output column ox reads input column ox·stride + x_offset; [begin, end) are inside.
-        const int64_t x_offset = kw * g.dilation_w - g.pad_w;
-        const int64_t begin = std::clamp<int64_t>(ceil_div(-x_offset, g.stride_w), 0, g.out_w);
-        const int64_t end =
-            std::clamp<int64_t>(ceil_div(g.width - x_offset, g.stride_w), begin, g.out_w);
-        for (int64_t oy = 0; oy < g.out_h; ++oy) {
-          T* row = dst + oy * g.out_w;
-          const int64_t y = oy * g.stride_h + kh * g.dilation_h - g.pad_h;
-          if (y < 0 || y >= g.height) {
-            std::fill(row, row + g.out_w, T(0));
-            continue;
-          }
-          std::fill(row, row + begin, T(0));
-          const T* src = plane + y * g.width;
-          if (g.stride_w == 1) {
-            std::copy(src + begin + x_offset, src + end + x_offset, row + begin);
-          } else {
-            for (int64_t ox = begin; ox < end; ++ox) row[ox] = src[ox * g.stride_w + x_offset];
-          }
-          std::fill(row + end, row + g.out_w, T(0));
+        const T* src = plane + kh * g.dilation_h * padded_w + kw * g.dilation_w;
+        for (int64_t oy = 0; oy < out_h; ++oy) {
+          gather_row<kStride>(src + oy * row_step, stride_w, out_w, dst + oy * out_w);
         }
       }
     }
   }
+}
+
+// Copies one sample's input [C, H, W] into the interior of `padded` [C, H + 2·pad_h, W + 2·pad_w],
+// whose border stays zero, and returns it; without padding, the input itself. `padded` serves
+// one geometry only.
+template <typename T>
+const T* pad_sample(const T* x, const PatchGeometry& g, std::vector<T>& padded) {
+  if (g.pad_h == 0 && g.pad_w == 0) return x;
+  const int64_t padded_h = g.height + 2 * g.pad_h, padded_w = g.width + 2 * g.pad_w;
+  const auto size = static_cast<size_t>(g.channels * padded_h * padded_w);
+  if (padded.size() != size) padded.assign(size, T(0));
+  for (int64_t c = 0; c < g.channels; ++c) {
+    for (int64_t y = 0; y < g.height; ++y) {
+      std::copy(x + (c * g.height + y) * g.width, x + (c * g.height + y + 1) * g.width,
+                padded.data() + (c * padded_h + y + g.pad_h) * padded_w + g.pad_w);
+    }
+  }
+  return padded.data();
+}
+
+// Register tile of the fused conv norm: kTileRows output channels × two vectors of patch
+// columns, in GCC vector types of kBytes bytes (16: SSE2 or NEON; 32: AVX2).
+template <typename T, int kBytes>
+struct Vector;
+template <>
+struct Vector<float, 16> {
+  typedef float Type __attribute__((vector_size(16)));
+};
+template <>
+struct Vector<float, 32> {
+  typedef float Type __attribute__((vector_size(32)));
+};
+template <>
+struct Vector<double, 16> {
+  typedef double Type __attribute__((vector_size(16)));
+};
+template <>
+struct Vector<double, 32> {
+  typedef double Type __attribute__((vector_size(32)));
+};
+constexpr int64_t kTileRows = 6;
+// Patch columns per tile: the buffers' rows are padded to a multiple of the widest tile.
+template <typename T>
+constexpr int64_t kTileCols = static_cast<int64_t>(2 * 32 / sizeof(T));
+
+// Σ G² over the tile of G = Σ_t g[o, t] a[t, j] at rows o0.. and columns j0.. (g and a point
+// there), g [rows, g_stride] the output gradient, a [positions, d_stride] the patches; `columns`
+// of a multiple of the vector width.
+template <typename T, int kBytes>
+__attribute__((always_inline)) inline double tile_sum_of_squares(const T* g, int64_t g_stride,
+                                                                 const T* a, int64_t d_stride,
+                                                                 int64_t positions,
+                                                                 int64_t columns) {
+  using Vec = typename Vector<T, kBytes>::Type;
+  constexpr auto kLanes = static_cast<int64_t>(kBytes / sizeof(T));
+  double s = 0.0;
+  for (int64_t j = 0; j < columns; j += 2 * kLanes) {
+    Vec acc[kTileRows][2] = {};
+    for (int64_t t = 0; t < positions; ++t) {
+      Vec a0, a1;
+      std::memcpy(&a0, a + t * d_stride + j, sizeof(Vec));
+      std::memcpy(&a1, a + t * d_stride + j + kLanes, sizeof(Vec));
+      for (int64_t r = 0; r < kTileRows; ++r) {
+        const T gv = g[r * g_stride + t];
+        acc[r][0] += gv * a0;
+        acc[r][1] += gv * a1;
+      }
+    }
+    Vec squares = {};
+    for (int64_t r = 0; r < kTileRows; ++r)
+      squares += acc[r][0] * acc[r][0] + acc[r][1] * acc[r][1];
+    for (int64_t l = 0; l < kLanes; ++l) s += static_cast<double>(squares[l]);
+  }
+  return s;
+}
+
+// ‖G‖² of one sample, tile by tile.
+template <typename T, int kBytes>
+__attribute__((always_inline)) inline double sample_norm_sq_with(const T* g, int64_t rows,
+                                                                 const T* a, int64_t d_stride,
+                                                                 int64_t positions) {
+  double s = 0.0;
+  for (int64_t o = 0; o < rows; o += kTileRows) {
+    for (int64_t j = 0; j < d_stride; j += kTileCols<T>) {
+      s += tile_sum_of_squares<T, kBytes>(g + o * positions, positions, a + j, d_stride, positions,
+                                          kTileCols<T>);
+    }
+  }
+  return s;
+}
+
+// Copies the kernel row of a patch: kKernel elements at `dilation` apart. The common kernel
+// widths without dilation are compile-time counts, so that the copy is a vector move or two.
+template <int64_t kKernel, typename T>
+__attribute__((always_inline)) inline void copy_kernel_row(const T* src, int64_t kernel,
+                                                           int64_t dilation, T* dst) {
+  if constexpr (kKernel > 0) {
+    for (int64_t i = 0; i < kKernel; ++i) dst[i] = src[i];
+  } else {
+    for (int64_t i = 0; i < kernel; ++i) dst[i] = src[i * dilation];
+  }
+}
+
+// The patches of one record of one sample as rows [positions, d_stride] from its padded input
+// (patch-major; columns past C·kh·kw are left as they are: zero).
+template <int64_t kKernel, typename T>
+void patch_rows(const T* x, const PatchGeometry& g, T* a, int64_t d_stride) {
+  const int64_t padded_h = g.height + 2 * g.pad_h, padded_w = g.width + 2 * g.pad_w;
+  for (int64_t oy = 0; oy < g.out_h; ++oy) {
+    for (int64_t ox = 0; ox < g.out_w; ++ox) {
+      T* row = a + (oy * g.out_w + ox) * d_stride;
+      for (int64_t c = 0; c < g.channels; ++c) {
+        for (int64_t kh = 0; kh < g.kernel_h; ++kh) {
+          const T* src =
+              x + (c * padded_h + oy * g.stride_h + kh * g.dilation_h) * padded_w + ox * g.stride_w;
+          copy_kernel_row<kKernel>(src, g.kernel_w, g.dilation_w,
+                                   row + (c * g.kernel_h + kh) * g.kernel_w);
+        }
+      }
+    }
+  }
+}
+
+// One record of one sample: its patches into rows [first, first + positions) of `a`
+// [positions_total, d_stride], its output gradient into columns [first, ...) of `grad_rows`
+// [rows, positions_total] (rows past the output channels stay zero).
+template <typename T>
+void sample_rows(const ConvRecord<T>& record, int64_t sample, int64_t out_channels,
+                 std::vector<T>& padded, int64_t first, T* a, int64_t d_stride, T* grad_rows,
+                 int64_t positions_total) {
+  const auto& g = record.geometry;
+  const int64_t in_size = g.channels * g.height * g.width, positions = g.out_h * g.out_w;
+  const T* x = pad_sample(record.input + sample * in_size, g, padded);
+  T* rows = a + first * d_stride;
+  switch (g.dilation_w == 1 ? g.kernel_w : 0) {
+    case 3: patch_rows<3>(x, g, rows, d_stride); break;
+    case 4: patch_rows<4>(x, g, rows, d_stride); break;
+    case 5: patch_rows<5>(x, g, rows, d_stride); break;
+    case 8: patch_rows<8>(x, g, rows, d_stride); break;
+    default: patch_rows<0>(x, g, rows, d_stride); break;
+  }
+  const T* grad = record.grad_output + sample * out_channels * positions;
+  for (int64_t o = 0; o < out_channels; ++o) {
+    std::copy(grad + o * positions, grad + (o + 1) * positions,
+              grad_rows + o * positions_total + first);
+  }
+}
+
+#if defined(__x86_64__) && defined(__GNUC__)
+// The same loops compiled for AVX2 + FMA (x86-64-v3), taken where the processor has them.
+template <typename T>
+__attribute__((target("arch=x86-64-v3"))) double sample_norm_sq_v3(const T* g, int64_t rows,
+                                                                   const T* a, int64_t d_stride,
+                                                                   int64_t positions) {
+  return sample_norm_sq_with<T, 32>(g, rows, a, d_stride, positions);
+}
+
+bool has_x86_64_v3() {
+  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return has;
+}
+#endif
+
+template <typename T>
+double sample_norm_sq(const T* g, int64_t rows, const T* a, int64_t d_stride, int64_t positions) {
+#if defined(__x86_64__) && defined(__GNUC__)
+  if (has_x86_64_v3()) return sample_norm_sq_v3(g, rows, a, d_stride, positions);
+#endif
+  return sample_norm_sq_with<T, 16>(g, rows, a, d_stride, positions);
 }
 
 void check_lookups(const int64_t* index, const int64_t* sample, int64_t n, int64_t batch_size,
@@ -56,10 +221,22 @@ void check_lookups(const int64_t* index, const int64_t* sample, int64_t n, int64
   }
 }
 
+// Σ x_d² in double. Eight independent partial sums: the compiler vectorises them without
+// reordering any one sum (a single running sum would be one long dependency chain).
 template <typename T>
 double sum_of_squares(const T* x, int64_t size) {
+  constexpr int64_t kLanes = 8;
+  double lanes[kLanes] = {};
+  int64_t d = 0;
+  for (; d + kLanes <= size; d += kLanes) {
+    for (int64_t j = 0; j < kLanes; ++j) {
+      const auto v = static_cast<double>(x[d + j]);
+      lanes[j] += v * v;
+    }
+  }
   double s = 0.0;
-  for (int64_t d = 0; d < size; ++d) s += static_cast<double>(x[d]) * static_cast<double>(x[d]);
+  for (; d < size; ++d) s += static_cast<double>(x[d]) * static_cast<double>(x[d]);
+  for (const double lane : lanes) s += lane;
   return s;
 }
 
@@ -67,12 +244,51 @@ double sum_of_squares(const T* x, int64_t size) {
 
 template <typename T>
 void unfold_patches_2d(const T* input, int64_t samples, const PatchGeometry& geometry, T* out) {
-  const int64_t in_size = geometry.channels * geometry.height * geometry.width;
-  const int64_t out_size = geometry.channels * geometry.kernel_h * geometry.kernel_w *
-                           geometry.out_h * geometry.out_w;
+  const auto& g = geometry;
+  const int64_t in_size = g.channels * g.height * g.width;
+  const int64_t out_size = g.channels * g.kernel_h * g.kernel_w * g.out_h * g.out_w;
+  const int64_t padded_h = g.height + 2 * g.pad_h, padded_w = g.width + 2 * g.pad_w;
   const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 15) / std::max<int64_t>(1, out_size));
   at::parallel_for(0, samples, grain, [&](int64_t begin, int64_t end) {
-    for (int64_t b = begin; b < end; ++b) unfold_one(input + b * in_size, geometry, out + b * out_size);
+    std::vector<T> padded;
+    for (int64_t b = begin; b < end; ++b) {
+      const T* x = pad_sample(input + b * in_size, g, padded);
+      T* patches = out + b * out_size;
+      switch (g.stride_w) {
+        case 1: unfold_one<1>(x, g, padded_h, padded_w, patches); break;
+        case 2: unfold_one<2>(x, g, padded_h, padded_w, patches); break;
+        default: unfold_one<0>(x, g, padded_h, padded_w, patches); break;
+      }
+    }
+  });
+}
+
+template <typename T>
+void conv_weight_norm_sq(const std::vector<ConvRecord<T>>& records, int64_t samples,
+                         int64_t out_channels, T* norm_sq) {
+  const auto& g0 = records.front().geometry;
+  const int64_t d = g0.channels * g0.kernel_h * g0.kernel_w;
+  auto round_up = [](int64_t n, int64_t m) { return (n + m - 1) / m * m; };
+  const int64_t d_stride = round_up(d, kTileCols<T>);
+  const int64_t p_stride = round_up(out_channels, kTileRows);
+  int64_t positions = 0;
+  for (const auto& r : records) positions += r.geometry.out_h * r.geometry.out_w;
+  at::parallel_for(0, samples, 1, [&](int64_t begin, int64_t end) {
+    // Padding columns and rows of the buffers stay zero and add nothing to the norms.
+    std::vector<T> a(static_cast<size_t>(positions * d_stride), T(0));
+    std::vector<T> grad_rows(static_cast<size_t>(p_stride * positions), T(0));
+    std::vector<std::vector<T>> padded(records.size());
+    for (int64_t i = begin; i < end; ++i) {
+      int64_t first = 0;
+      for (size_t k = 0; k < records.size(); ++k) {
+        const auto& r = records[k];
+        sample_rows(r, i, out_channels, padded[k], first, a.data(), d_stride, grad_rows.data(),
+                    positions);
+        first += r.geometry.out_h * r.geometry.out_w;
+      }
+      norm_sq[i] =
+          static_cast<T>(sample_norm_sq(grad_rows.data(), p_stride, a.data(), d_stride, positions));
+    }
   });
 }
 
@@ -105,8 +321,8 @@ void embedding_norm_sq(const int64_t* index, const int64_t* sample, const T* g, 
       sums.clear();
       for (int64_t k = start[i]; k < start[i + 1]; ++k) {
         const int64_t r = order[k], v = index[r];
-        auto h = static_cast<int64_t>((static_cast<uint64_t>(v) * 0x9E3779B97F4A7C15ULL) >>
-                                      (64 - bits));
+        auto h =
+            static_cast<int64_t>((static_cast<uint64_t>(v) * 0x9E3779B97F4A7C15ULL) >> (64 - bits));
         while (keys[h] != -1 && keys[h] != v) h = (h + 1) & mask;
         if (keys[h] == -1) {
           keys[h] = v;
@@ -134,9 +350,9 @@ void embedding_norm_sq(const int64_t* index, const int64_t* sample, const T* g, 
 }
 
 template <typename T>
-void embedding_add_weighted(const int64_t* index, const int64_t* sample, const T* g,
-                            const T* w, int64_t n, int64_t dim, int64_t batch_size,
-                            int64_t num_embeddings, T* out) {
+void embedding_add_weighted(const int64_t* index, const int64_t* sample, const T* g, const T* w,
+                            int64_t n, int64_t dim, int64_t batch_size, int64_t num_embeddings,
+                            T* out) {
   check_lookups(index, sample, n, batch_size, num_embeddings);
   const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
   const int64_t grain = std::max<int64_t>(1, ceil_div(num_embeddings, threads));
@@ -152,11 +368,12 @@ void embedding_add_weighted(const int64_t* index, const int64_t* sample, const T
   });
 }
 
-#define DPTORCH_INSTANTIATE(T)                                                                  \
-  template void unfold_patches_2d<T>(const T*, int64_t, const PatchGeometry&, T*);             \
-  template void embedding_norm_sq<T>(const int64_t*, const int64_t*, const T*, int64_t,        \
-                                     int64_t, int64_t, int64_t, T*);                            \
-  template void embedding_add_weighted<T>(const int64_t*, const int64_t*, const T*, const T*,   \
+#define DPTORCH_INSTANTIATE(T)                                                                   \
+  template void unfold_patches_2d<T>(const T*, int64_t, const PatchGeometry&, T*);               \
+  template void conv_weight_norm_sq<T>(const std::vector<ConvRecord<T>>&, int64_t, int64_t, T*); \
+  template void embedding_norm_sq<T>(const int64_t*, const int64_t*, const T*, int64_t, int64_t, \
+                                     int64_t, int64_t, T*);                                      \
+  template void embedding_add_weighted<T>(const int64_t*, const int64_t*, const T*, const T*,    \
                                           int64_t, int64_t, int64_t, int64_t, T*);
 DPTORCH_INSTANTIATE(float)
 DPTORCH_INSTANTIATE(double)

@@ -5,6 +5,7 @@
 // dtypes and devices, and fall back to the device-generic operators for everything else.
 
 #include <cstdint>
+#include <vector>
 
 namespace dptorch::grad_sample::cpu {
 
@@ -21,6 +22,24 @@ struct PatchGeometry {
 template <typename T>
 void unfold_patches_2d(const T* input, int64_t samples, const PatchGeometry& geometry, T* out);
 
+/// One recorded call of a convolution: its input [B, C, H, W] and output gradient
+/// [B, P, out_h, out_w], both contiguous, with the call's geometry.
+template <typename T>
+struct ConvRecord {
+  const T* input;
+  const T* grad_output;
+  PatchGeometry geometry;
+};
+
+/// ‖G_i‖² of a convolution's weight gradient (groups = 1) for every sample, G_i = Σ over the
+/// records and output positions t of g_t a_tᵀ ([P, C·kh·kw]), into norm_sq[i]. G_i is formed
+/// one register tile at a time from the sample's patches (unfolded into a per-thread buffer)
+/// and never stored: time T·C·kh·kw·P per sample, memory one sample's patches per thread.
+/// Parallel over samples; the result does not depend on the number of threads.
+template <typename T>
+void conv_weight_norm_sq(const std::vector<ConvRecord<T>>& records, int64_t samples,
+                         int64_t out_channels, T* norm_sq);
+
 /// ‖Σ_{n: sample[n]=i, index[n]=v} g_n‖² summed over v, into norm_sq[i] for i < batch_size;
 /// g is [N, dim]. Every index must lie in [0, num_embeddings), every sample in [0, batch_size)
 /// (checked). Parallel over samples; each sample's repeated rows are found with a small hash
@@ -33,8 +52,8 @@ void embedding_norm_sq(const int64_t* index, const int64_t* sample, const T* g, 
 /// blocks of the table's rows, each scanning the lookups in order, so the result does not depend
 /// on the number of threads. Indices and samples are checked as above.
 template <typename T>
-void embedding_add_weighted(const int64_t* index, const int64_t* sample, const T* g,
-                            const T* w, int64_t n, int64_t dim, int64_t batch_size,
-                            int64_t num_embeddings, T* out);
+void embedding_add_weighted(const int64_t* index, const int64_t* sample, const T* g, const T* w,
+                            int64_t n, int64_t dim, int64_t batch_size, int64_t num_embeddings,
+                            T* out);
 
 }  // namespace dptorch::grad_sample::cpu

@@ -62,6 +62,8 @@ torch::Tensor weighted_sum(const torch::Tensor& a, const torch::Tensor& g, const
 
 bool materialize_is_cheaper(int64_t T, int64_t d, int64_t p) { return d * p <= T * (d + p); }
 
+bool fused_conv_is_cheaper(int64_t T, int64_t d, int64_t p) { return d * p <= 2 * T * (d + p); }
+
 namespace detail {
 
 torch::Tensor unfold_patches_generic(const torch::Tensor& input, at::IntArrayRef kernel,
@@ -126,31 +128,30 @@ bool cpu_kernel_dtype(const torch::Tensor& t) {
          (t.scalar_type() == torch::kFloat || t.scalar_type() == torch::kDouble);
 }
 
-}  // namespace
-
-torch::Tensor unfold_patches(const torch::Tensor& input, at::IntArrayRef kernel,
-                             at::IntArrayRef stride, at::IntArrayRef padding,
-                             at::IntArrayRef dilation) {
-  const int64_t D = static_cast<int64_t>(kernel.size());
-  if (!cpu_kernel_dtype(input) || (D != 1 && D != 2) || input.dim() != D + 2) {
-    return detail::unfold_patches_generic(input, kernel, stride, padding, dilation);
-  }
+// The geometry of the CPU loops for a 1-D or 2-D convolution input [B, C, S...] on the CPU in
+// float or double; nothing for anything else (the generic operators then take over).
+std::optional<cpu::PatchGeometry> cpu_patch_geometry(const torch::Tensor& input,
+                                                     at::IntArrayRef kernel, at::IntArrayRef stride,
+                                                     at::IntArrayRef padding,
+                                                     at::IntArrayRef dilation) {
+  const auto D = static_cast<int64_t>(kernel.size());
+  if (!cpu_kernel_dtype(input) || (D != 1 && D != 2) || input.dim() != D + 2) return std::nullopt;
   // A 1-D convolution is a 2-D one of height 1.
-  auto at2 = [&](at::IntArrayRef v, int64_t d, int64_t one) {
+  auto hw = [&](at::IntArrayRef v, int64_t d, int64_t one) {
     return D == 1 ? (d == 0 ? one : v[0]) : v[d];
   };
   cpu::PatchGeometry geo{};
   geo.channels = input.size(1);
   geo.height = D == 1 ? 1 : input.size(2);
   geo.width = input.size(D + 1);
-  geo.kernel_h = at2(kernel, 0, 1);
-  geo.kernel_w = at2(kernel, 1, 1);
-  geo.stride_h = at2(stride, 0, 1);
-  geo.stride_w = at2(stride, 1, 1);
-  geo.pad_h = at2(padding, 0, 0);
-  geo.pad_w = at2(padding, 1, 0);
-  geo.dilation_h = at2(dilation, 0, 1);
-  geo.dilation_w = at2(dilation, 1, 1);
+  geo.kernel_h = hw(kernel, 0, 1);
+  geo.kernel_w = hw(kernel, 1, 1);
+  geo.stride_h = hw(stride, 0, 1);
+  geo.stride_w = hw(stride, 1, 1);
+  geo.pad_h = hw(padding, 0, 0);
+  geo.pad_w = hw(padding, 1, 0);
+  geo.dilation_h = hw(dilation, 0, 1);
+  geo.dilation_w = hw(dilation, 1, 1);
   auto positions = [](int64_t size, int64_t k, int64_t s, int64_t p, int64_t d) {
     return (size + 2 * p - d * (k - 1) - 1) / s + 1;
   };
@@ -158,12 +159,57 @@ torch::Tensor unfold_patches(const torch::Tensor& input, at::IntArrayRef kernel,
   geo.out_w = positions(geo.width, geo.kernel_w, geo.stride_w, geo.pad_w, geo.dilation_w);
   TORCH_CHECK(geo.out_h > 0 && geo.out_w > 0, "unfold_patches: the kernel ", kernel,
               " does not fit the padded input of shape ", input.sizes());
-  const int64_t B = input.size(0), T = geo.out_h * geo.out_w;
-  const int64_t cols = geo.channels * geo.kernel_h * geo.kernel_w;
+  return geo;
+}
+
+// ‖G_i‖² of a convolution's weight by cpu::conv_weight_norm_sq, or an undefined tensor where that
+// loop does not apply (groups, device, dtype, number of spatial dimensions).
+torch::Tensor fused_conv_norm_sq(const std::vector<torch::Tensor>& inputs,
+                                 const std::vector<torch::Tensor>& grad_outputs,
+                                 const torch::Tensor& weight, const ConvGeometry& geometry) {
+  if (geometry.groups != 1) return {};
+  std::vector<cpu::PatchGeometry> geos;
+  std::vector<torch::Tensor> xs, gs;
+  const int64_t p = weight.size(0);
+  for (size_t r = 0; r < inputs.size(); ++r) {
+    const auto geo = cpu_patch_geometry(inputs[r], geometry.kernel, geometry.stride,
+                                        geometry.padding, geometry.dilation);
+    if (!geo || inputs[r].scalar_type() != weight.scalar_type() ||
+        grad_outputs[r].scalar_type() != weight.scalar_type() ||
+        !grad_outputs[r].device().is_cpu()) {
+      return {};
+    }
+    TORCH_CHECK(grad_outputs[r].numel() == inputs[r].size(0) * p * geo->out_h * geo->out_w,
+                "ConvGrads: output gradient of shape ", grad_outputs[r].sizes(),
+                " does not match the input ", inputs[r].sizes(), " and weight ", weight.sizes());
+    geos.push_back(*geo);
+    xs.push_back(inputs[r].contiguous());
+    gs.push_back(grad_outputs[r].contiguous());
+  }
+  auto norms = torch::empty({inputs.front().size(0)}, weight.options().requires_grad(false));
+  AT_DISPATCH_FLOATING_TYPES(weight.scalar_type(), "conv_weight_norm_sq", [&] {
+    std::vector<cpu::ConvRecord<scalar_t>> records;
+    for (size_t r = 0; r < xs.size(); ++r) {
+      records.push_back({xs[r].data_ptr<scalar_t>(), gs[r].data_ptr<scalar_t>(), geos[r]});
+    }
+    cpu::conv_weight_norm_sq(records, norms.size(0), p, norms.data_ptr<scalar_t>());
+  });
+  return norms;
+}
+
+}  // namespace
+
+torch::Tensor unfold_patches(const torch::Tensor& input, at::IntArrayRef kernel,
+                             at::IntArrayRef stride, at::IntArrayRef padding,
+                             at::IntArrayRef dilation) {
+  const auto geo = cpu_patch_geometry(input, kernel, stride, padding, dilation);
+  if (!geo) return detail::unfold_patches_generic(input, kernel, stride, padding, dilation);
+  const int64_t B = input.size(0), T = geo->out_h * geo->out_w;
+  const int64_t cols = geo->channels * geo->kernel_h * geo->kernel_w;
   const auto x = input.contiguous();
   auto out = torch::empty({B, cols, T}, x.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "unfold_patches", [&] {
-    cpu::unfold_patches_2d(x.data_ptr<scalar_t>(), B, geo, out.data_ptr<scalar_t>());
+    cpu::unfold_patches_2d(x.data_ptr<scalar_t>(), B, *geo, out.data_ptr<scalar_t>());
   });
   // [B, C·k..., T] transposed as a view, as the generic path returns it.
   return out.transpose(1, 2);
@@ -362,7 +408,18 @@ torch::Tensor ConvGrads::by_chunks(
 
 std::vector<torch::Tensor> ConvGrads::norm_sq() {
   std::vector<torch::Tensor> out;
-  if (train_weight_) out.push_back(by_chunks([](LinearLikeGrads& g) { return g.norm_sq().at(0); }));
+  if (train_weight_) {
+    const int64_t p = weight_.size(0), d = weight_.numel() / p;
+    int64_t T = 0;
+    for (const auto& g : grad_outputs_) T += g.numel() / std::max<int64_t>(1, g.size(0) * p);
+    torch::Tensor fused;
+    if (method_ == NormMethod::kMaterialize ||
+        (method_ == NormMethod::kAuto && fused_conv_is_cheaper(T, d, p))) {
+      fused = fused_conv_norm_sq(inputs_, grad_outputs_, weight_, geometry_);
+    }
+    out.push_back(
+        fused.defined() ? fused : by_chunks([](LinearLikeGrads& g) { return g.norm_sq().at(0); }));
+  }
   if (has_bias_) out.push_back(at::linalg_vector_norm(bias_samples(), 2, {1}).square());
   return out;
 }

@@ -42,7 +42,7 @@ TEST_P(UnfoldPatches, CpuLoopEqualsTheGenericOperators) {
 INSTANTIATE_TEST_SUITE_P(
     Geometries, UnfoldPatches,
     ::testing::Values(
-        UnfoldCase{{4, 1, 28, 28}, {8, 8}, {2, 2}, {2, 2}, {1, 1}},  // the CNN's conv1
+        UnfoldCase{{4, 1, 28, 28}, {8, 8}, {2, 2}, {2, 2}, {1, 1}},   // the CNN's conv1
         UnfoldCase{{3, 16, 12, 12}, {4, 4}, {2, 2}, {0, 0}, {1, 1}},  // and conv2
         UnfoldCase{{2, 3, 9, 8}, {3, 2}, {2, 1}, {1, 0}, {1, 2}},     // dilation, mixed strides
         UnfoldCase{{2, 2, 5, 6}, {3, 3}, {1, 3}, {4, 3}, {2, 1}},     // padding wider than reach
@@ -97,7 +97,8 @@ TEST(EmbeddingGrads, AddsTheWeightedSumLikeIndexAdd) {
     const auto opts = torch::TensorOptions().dtype(dtype);
     auto w = torch::rand({l.batch}, opts);
     auto start = torch::randn({l.vocab, l.dim}, opts);
-    auto expected = start.clone().index_add_(0, l.index, l.g * w.index_select(0, l.sample).unsqueeze(1));
+    auto expected =
+        start.clone().index_add_(0, l.index, l.g * w.index_select(0, l.sample).unsqueeze(1));
     gs::EmbeddingGrads rule(l.index, l.sample, l.g, l.batch, l.vocab);
     const double tol = dtype == torch::kDouble ? 1e-14 : 1e-6;
     auto table = start.clone();  // contiguous: the CPU loop
@@ -124,6 +125,80 @@ TEST(EmbeddingGrads, WeightedSumDoesNotDependOnTheThreadCount) {
   torch::set_num_threads(threads);
   EXPECT_TRUE(torch::equal(tables[0], tables[1]));
   EXPECT_TRUE(torch::equal(tables[0], tables[2]));
+}
+
+}  // namespace
+}  // namespace dptorch
+
+namespace dptorch {
+namespace {
+
+struct FusedCase {
+  std::vector<int64_t> input, weight;  // one input shape of the two records; weight [P, C, k...]
+  std::vector<int64_t> stride, padding, dilation;
+};
+
+class FusedConvNorms : public ::testing::TestWithParam<FusedCase> {};
+
+// kMaterialize takes the fused CPU loop (groups 1); kGhost the unfolded chunks. Two records of
+// different sizes, as a layer called on two inputs.
+TEST_P(FusedConvNorms, EqualGhostNorms) {
+  const auto& c = GetParam();
+  torch::manual_seed(21);
+  for (auto dtype : {torch::kDouble, torch::kFloat}) {
+    SCOPED_TRACE(c10::toString(dtype));
+    const auto opts = torch::TensorOptions().dtype(dtype);
+    auto weight = torch::randn(c.weight, opts);
+    gs::ConvGeometry geo;
+    geo.kernel.assign(c.weight.begin() + 2, c.weight.end());
+    geo.stride = c.stride;
+    geo.padding = c.padding;
+    geo.dilation = c.dilation;
+    std::vector<torch::Tensor> inputs, grads;
+    for (int64_t extra : {0, 3}) {
+      auto shape = c.input;
+      shape.back() += extra;
+      inputs.push_back(torch::randn(shape, opts));
+      auto out = at::convolution(inputs.back(), weight, {}, geo.stride, geo.padding, geo.dilation,
+                                 false, std::vector<int64_t>(geo.kernel.size(), 0), 1);
+      grads.push_back(torch::randn_like(out));
+    }
+    gs::ConvGrads fused(inputs, grads, weight, true, false, geo, NormMethod::kMaterialize);
+    gs::ConvGrads ghost(inputs, grads, weight, true, false, geo, NormMethod::kGhost);
+    const auto n_fused = fused.norm_sq().at(0), n_ghost = ghost.norm_sq().at(0);
+    EXPECT_TRUE(tensors_close(n_fused, n_ghost, dtype == torch::kDouble ? 1e-12 : 1e-5));
+    // And the norms of the materialised per-sample gradients.
+    EXPECT_TRUE(tensors_close(n_fused, fused.materialize().at(0).flatten(1).square().sum(1),
+                              dtype == torch::kDouble ? 1e-12 : 1e-5));
+    // The same for any number of threads.
+    const int threads = torch::get_num_threads();
+    torch::set_num_threads(1);
+    const auto n_one = fused.norm_sq().at(0);
+    torch::set_num_threads(threads);
+    EXPECT_TRUE(torch::equal(n_one, n_fused));
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    Geometries, FusedConvNorms,
+    ::testing::Values(
+        // The CNN's two layers (kernel widths 8 and 4).
+        FusedCase{{5, 1, 28, 28}, {16, 1, 8, 8}, {2, 2}, {2, 2}, {1, 1}},
+        FusedCase{{5, 16, 12, 12}, {32, 16, 4, 4}, {2, 2}, {0, 0}, {1, 1}},
+        // Widths 3 and 5; channels not a multiple of the tile (7 and 13 output channels).
+        FusedCase{{3, 3, 9, 10}, {7, 3, 3, 3}, {1, 1}, {1, 1}, {1, 1}},
+        FusedCase{{3, 2, 11, 9}, {13, 2, 5, 5}, {1, 2}, {2, 0}, {1, 1}},
+        // Dilation, an odd width, rectangular kernel, padding past the reach.
+        FusedCase{{2, 2, 9, 12}, {5, 2, 2, 3}, {2, 1}, {1, 3}, {2, 2}},
+        FusedCase{{2, 3, 7, 8}, {4, 3, 3, 7}, {1, 1}, {4, 4}, {1, 1}},
+        // 1-D.
+        FusedCase{{4, 3, 20}, {6, 3, 5}, {2}, {1}, {1}},
+        FusedCase{{4, 2, 15}, {9, 2, 3}, {1}, {0}, {3}}));
+
+TEST(FusedConvNorms, CostModel) {
+  EXPECT_TRUE(gs::fused_conv_is_cheaper(169, 64, 16));    // the CNN's conv1
+  EXPECT_TRUE(gs::fused_conv_is_cheaper(25, 256, 32));    // and conv2
+  EXPECT_FALSE(gs::fused_conv_is_cheaper(1, 4608, 512));  // 3×3 over 512 channels on 1×1: ghost
 }
 
 }  // namespace

@@ -35,6 +35,12 @@ namespace dptorch::grad_sample {
 /// Whether materialising costs fewer flops than ghost norms: d·p <= T·(d + p) per group.
 [[nodiscard]] bool materialize_is_cheaper(int64_t T, int64_t d, int64_t p);
 
+/// Whether a convolution's (groups = 1, on the CPU) per-sample norms are cheaper by the fused
+/// loop, which forms G_i tile by tile from the input (T·d·p multiply-adds at about twice the
+/// speed of the ghost norms' batched Gram products, measured in bench/grad_sample_rules_bench),
+/// than by ghost norms: d·p <= 2·T·(d + p).
+[[nodiscard]] bool fused_conv_is_cheaper(int64_t T, int64_t d, int64_t p);
+
 /// Unfolds a convolution input [B, C, S1..SD] into [B, T, C·k1..kD] patches, T = number of
 /// output positions, columns in the order of the weight's [C, k1..kD] layout. Works for any D.
 /// The result is a transposed view of a contiguous [B, C·k..., T] tensor (output positions
@@ -125,10 +131,13 @@ struct ConvGeometry {
   int64_t groups = 1;
 };
 
-/// Rule for convolutions. The per-sample norms unfold the input a few samples at a time (each
-/// chunk's temporaries stay near kChunkBytes), so the [B, T, C·k...] patch tensor is never
-/// formed whole; the clipped sum is the convolution's own weight gradient of the per-sample
-/// weighted output gradient, the same kernel the non-private backward runs.
+/// Rule for convolutions. On the CPU (float or double, 1-D or 2-D, groups = 1) the weight's
+/// per-sample norms come from a fused loop that forms each G_i one register tile at a time from
+/// the sample's patches and never stores it, when fused_conv_is_cheaper (kAuto) or always
+/// (kMaterialize). Otherwise they unfold the input a few samples at a time (each chunk's
+/// temporaries stay near kChunkBytes), so the [B, T, C·k...] patch tensor is never formed whole.
+/// The clipped sum is the convolution's own weight gradient of the per-sample weighted output
+/// gradient, the same kernel the non-private backward runs.
 class ConvGrads final : public PerSampleGrads {
  public:
   /// Bytes the temporaries of one chunk of samples aim at, by default.
