@@ -3,10 +3,10 @@
 // For each row (model × batch size) it times, side by side in one process, the non-private step
 // (torch::nn layers, torch::optim::SGD: forward + loss + backward + step) and the DP-SGD step of
 // the same model built from dptorch::nn layers, through the public API a user calls
-// (PerSampleGradientClipper + ConstantFlatClipper, DPOptimizer + TorchNoise: forward + loss +
-// backward + clip + noise + step). Steps of the two alternate, so that load on a shared machine
-// hits both alike; each time is the median over all steps, in wall time and in process CPU time.
-// Peak memory is measured per variant in a fresh process of its own (see child_mem). A second
+// (PerSampleGradientClipper + ConstantFlatClipper, DPOptimizer + the default noise source: forward
+// + loss + backward + clip + noise + step). Steps of the two alternate, so that load on a shared
+// machine hits both alike; each time is the median over all steps, in wall time and in process CPU
+// time. Peak memory is measured per variant in a fresh process of its own (see child_mem). A second
 // pass times the stages of each step with manual timers (torch on the CPU is synchronous, so a
 // stage's time is its cost) and counts the page faults of each stage. Results and the method are
 // recorded in docs/performance.md.
@@ -15,7 +15,7 @@
 //   dp_step_bench --quick               # ~20-40 s, fewer repetitions
 //   dp_step_bench --threads 1 --rows mlp-1024,cnn-256
 //   dp_step_bench --malloc-no-mmap      # glibc keeps freed pages: no fresh-page faults per step
-//   dp_step_bench --norm-method ghost   # DP step through GradSampleModule with a forced method
+//   dp_step_bench --norm-method ghost   # the clipper with a forced norm method
 
 #include <dptorch/dptorch.h>
 
@@ -317,20 +317,26 @@ void move_noise(std::vector<Span>& stages, Span noise) {
   stages.at(6).faults -= noise.faults;
 }
 
-// The private step through the public API: PerSampleGradientClipper + ConstantFlatClipper,
-// DPOptimizer(SGD) + TorchNoise.
+// The private step through the public API: PerSampleGradientClipper + ConstantFlatClipper with
+// the norm method asked for (kAuto unless --norm-method), DPOptimizer(SGD) + the default noise
+// source (make_noise_source with a seed).
 class DpStepper final : public Stepper {
  public:
-  DpStepper(Model model, torch::Tensor x, torch::Tensor y)
-      : model_(std::move(model)), x_(std::move(x)), y_(std::move(y)), side_noise_(kSeed + 7) {
+  DpStepper(Model model, torch::Tensor x, torch::Tensor y, dptorch::NormMethod method)
+      : model_(std::move(model)),
+        x_(std::move(x)),
+        y_(std::move(y)),
+        side_noise_(
+            dptorch::optim::make_noise_source(dptorch::optim::NoiseOptions().seed(kSeed + 7))) {
     clipper_ = std::make_shared<dptorch::PerSampleGradientClipper>(
-        model_.module, std::make_shared<dptorch::ConstantFlatClipper>(kMaxGradNorm));
+        model_.module, std::make_shared<dptorch::ConstantFlatClipper>(kMaxGradNorm),
+        dptorch::GradSampleOptions().norm_method(method));
     const double B = static_cast<double>(x_.size(0));
     opt_ = std::make_unique<dptorch::optim::DPOptimizer>(
         std::make_shared<torch::optim::SGD>(model_.module->parameters(),
                                             torch::optim::SGDOptions(kLearningRate)),
         clipper_, dptorch::optim::DPOptimizerOptions(kNoiseMultiplier, B).sample_rate(B / 60000),
-        std::make_shared<dptorch::optim::TorchNoise>(kSeed),
+        dptorch::optim::make_noise_source(dptorch::optim::NoiseOptions().seed(kSeed)),
         dptorch::accounting::make_accountant("rdp"));
   }
 
@@ -362,7 +368,7 @@ class DpStepper final : public Stepper {
     lap(4);
     opt_->step();
     lap(6);
-    move_noise(stages, time_noise(side_noise_, gsm.parameters()));
+    move_noise(stages, time_noise(*side_noise_, gsm.parameters()));
   }
 
  private:
@@ -370,66 +376,7 @@ class DpStepper final : public Stepper {
   torch::Tensor x_, y_;
   std::shared_ptr<dptorch::PerSampleGradientClipper> clipper_;
   std::unique_ptr<dptorch::optim::DPOptimizer> opt_;
-  dptorch::optim::TorchNoise side_noise_;
-};
-
-// The private step through GradSampleModule with a forced norm method (PerSampleGradientClipper
-// takes no norm_method): the same math as DpStepper, spelled out.
-class GsmStepper final : public Stepper {
- public:
-  GsmStepper(Model model, torch::Tensor x, torch::Tensor y, dptorch::NormMethod method)
-      : model_(std::move(model)),
-        x_(std::move(x)),
-        y_(std::move(y)),
-        gsm_(model_.module, dptorch::GradSampleOptions().norm_method(method)),
-        clipper_(kMaxGradNorm),
-        noise_(kSeed),
-        side_noise_(kSeed + 7),
-        sgd_(model_.module->parameters(), torch::optim::SGDOptions(kLearningRate)) {}
-
-  void step() override {
-    std::vector<Span> ignored(dp_stage_names().size());
-    run(ignored, false);
-  }
-
-  std::vector<std::string> stage_names() const override { return dp_stage_names(); }
-
-  void staged_step(std::vector<Span>& stages) override { run(stages, true); }
-
- private:
-  void run(std::vector<Span>& stages, bool time_noise_apart) {
-    Laps lap(stages);
-    gsm_.clear();
-    sgd_.zero_grad();
-    auto loss = F::cross_entropy(model_.forward(x_), y_);
-    lap(0);
-    loss.backward();
-    lap(1);
-    const double B = static_cast<double>(gsm_.batch_size());
-    lap(2);
-    auto norms = gsm_.flat_norm();
-    lap(3);
-    auto factors = clipper_.clipping_factors({norms}).at(0);
-    auto sums = gsm_.clipped_sum(factors);
-    lap(4);
-    const auto params = gsm_.parameters();
-    for (size_t k = 0; k < params.size(); ++k) {
-      auto grad = sums[k].value().add_(
-          noise_.gaussian(params[k].sizes(), kNoiseMultiplier * kMaxGradNorm, params[k].options()));
-      params[k].mutable_grad() = grad.div_(B).detach();
-    }
-    gsm_.clear();
-    sgd_.step();
-    lap(6);
-    if (time_noise_apart) move_noise(stages, time_noise(side_noise_, params));
-  }
-
-  Model model_;
-  torch::Tensor x_, y_;
-  dptorch::GradSampleModule gsm_;
-  dptorch::ConstantFlatClipper clipper_;
-  dptorch::optim::TorchNoise noise_, side_noise_;
-  torch::optim::SGD sgd_;
+  std::unique_ptr<dptorch::optim::NoiseSource> side_noise_;
 };
 
 // ------------------------------------------------------------------------------------ options
@@ -469,10 +416,9 @@ const Row& find_row(const std::string& name) {
 std::unique_ptr<Stepper> make_stepper(const Options& o, const Row& row, bool dp, Model model) {
   auto [x, y] = make_batch(row.kind, row.batch);
   if (!dp) return std::make_unique<NonPrivateStepper>(std::move(model), x, y);
-  if (auto method = parse_norm_method(o.norm_method)) {
-    return std::make_unique<GsmStepper>(std::move(model), x, y, *method);
-  }
-  return std::make_unique<DpStepper>(std::move(model), x, y);
+  return std::make_unique<DpStepper>(
+      std::move(model), x, y,
+      parse_norm_method(o.norm_method).value_or(dptorch::NormMethod::kAuto));
 }
 
 // ------------------------------------------------------------------------------------ children
@@ -726,13 +672,10 @@ void print_environment(const Options& o) {
   std::printf("threads: %d (torch::set_num_threads; %d cores available to this process)\n",
               o.threads, available_cores());
   std::printf("DP step: %s; sigma=%.1f, C=%.1f, SGD lr=%.2f, loss cross-entropy (mean)\n",
-              o.norm_method.empty()
-                  ? "PerSampleGradientClipper(ConstantFlatClipper) + DPOptimizer(SGD, TorchNoise, "
-                    "RDP accountant), norm method kAuto"
-                  : ("GradSampleModule with norm_method=" + o.norm_method +
-                     " (PerSampleGradientClipper takes no norm_method), ConstantFlatClipper "
-                     "factors, TorchNoise, SGD")
-                        .c_str(),
+              ("PerSampleGradientClipper(ConstantFlatClipper, norm method " +
+               (o.norm_method.empty() ? std::string("auto") : o.norm_method) +
+               ") + DPOptimizer(SGD, make_noise_source(seed), RDP accountant)")
+                  .c_str(),
               kNoiseMultiplier, kMaxGradNorm, kLearningRate);
   std::printf(
       "timing: medians of per-step wall and CPU time, non-private and DP steps "
@@ -860,8 +803,8 @@ int main(int argc, char** argv) {
   app.add_option("--rows", o.rows,
                  "comma-separated rows: mlp-256, mlp-1024, cnn-256, cnn-1024, text-256, block-64");
   app.add_option("--norm-method", o.norm_method,
-                 "auto|ghost|materialize: run the DP step through GradSampleModule with this "
-                 "norm method (default: PerSampleGradientClipper, kAuto)")
+                 "auto|ghost|materialize: the clipper's norm method (GradSampleOptions; "
+                 "default auto)")
       ->check(CLI::IsMember({"auto", "ghost", "materialize"}));
   app.add_flag("--malloc-no-mmap", o.malloc_no_mmap,
                "call dptorch::keep_freed_memory() first, as tools/dptrain does: glibc serves every "
