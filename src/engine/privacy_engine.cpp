@@ -142,8 +142,8 @@ void PrivacyEngine::save_checkpoint(const std::string& path, optim::DPOptimizer&
   archive.write("info", torch::tensor({info.loader_position, info.optimizer_steps,
                                        static_cast<int64_t>(info.sampler_seed)},
                                       torch::kLong));
-  if (auto* torch_noise = dynamic_cast<optim::TorchNoise*>(&optimizer.noise())) {
-    archive.write("noise", c10::IValue(torch_noise->state()));
+  if (optimizer.noise().resumable()) {
+    archive.write("noise", c10::IValue(optimizer.noise().state()));
   }
   if (auto adaptive =
           std::dynamic_pointer_cast<AdaptiveClipper>(optimizer.clipper().norm_clipper())) {
@@ -207,14 +207,16 @@ CheckpointInfo PrivacyEngine::load_checkpoint(const std::string& path,
       archive.try_read("model", model_archive) && archive.try_read("optimizer", optimizer_archive),
       "checkpoint ", path, " is not a dptorch checkpoint (no model or optimizer state)");
 
-  // Everything is checked: restore.
+  // Everything is checked: restore. The noise state goes first: set_state() refuses a state of
+  // another kind of source before anything else has changed.
+  c10::IValue value;
+  if (optimizer.noise().resumable() && archive.try_read("noise", value)) {
+    TORCH_CHECK_VALUE(value.isString(), "checkpoint ", path, " has a damaged noise state");
+    optimizer.noise().set_state(value.toStringRef());
+  }
   module.load(model_archive);
   optimizer.inner().load(optimizer_archive);
   accountant_->deserialize(accountant_state);
-  c10::IValue value;
-  if (auto* torch_noise = dynamic_cast<optim::TorchNoise*>(&optimizer.noise())) {
-    if (archive.try_read("noise", value)) torch_noise->set_state(value.toStringRef());
-  }
   if (auto adaptive =
           std::dynamic_pointer_cast<AdaptiveClipper>(optimizer.clipper().norm_clipper())) {
     if (archive.try_read("max_norm", value)) adaptive->set_max_norm(value.toDouble());

@@ -1,5 +1,7 @@
 #include "dptorch/optim/noise.h"
 
+#include "dptorch/optim/philox.h"
+
 #include <ATen/Context.h>
 #include <ATen/Parallel.h>
 
@@ -19,6 +21,7 @@ namespace dptorch::optim {
 namespace {
 
 constexpr char kStateMagic[] = "dptorch.TorchNoise.v1";
+constexpr char kPhiloxMagic[] = "dptorch.PhiloxNoise.v1";
 constexpr double kTwoPi = 6.283185307179586476925286766559;
 
 void check_noise_arguments(double stddev, const torch::TensorOptions& options) {
@@ -224,6 +227,102 @@ torch::Tensor SecureNoise::gaussian(at::IntArrayRef shape, double stddev,
   return result.to(options.device(), dtype);
 }
 
+std::string NoiseSource::state() const {
+  TORCH_CHECK_VALUE(false,
+                    "this noise source cannot be saved (resumable() is false): secure noise ",
+                    "cannot be replayed; checkpoints of secure-mode runs carry no noise state");
+}
+
+void NoiseSource::set_state(const std::string& /*state*/) {
+  TORCH_CHECK_VALUE(false,
+                    "this noise source cannot be restored (resumable() is false); resume "
+                    "with the noise source the checkpoint was written with");
+}
+
+uint64_t PhiloxNoise::draws() const {
+  std::lock_guard<std::mutex> lock(mutex_);
+  return draws_;
+}
+
+uint64_t PhiloxNoise::next_stream() {
+  std::lock_guard<std::mutex> lock(mutex_);
+  return draws_++;
+}
+
+void PhiloxNoise::fill(const torch::Tensor& out, double stddev, uint64_t stream, bool add) const {
+  // Blocks of 64k entries: each block's values depend on its position only, so the split
+  // between threads changes nothing.
+  constexpr int64_t kGrain = int64_t{1} << 16;
+  const int64_t n = out.numel();
+  if (out.scalar_type() == torch::kFloat) {
+    float* data = out.data_ptr<float>();
+    const auto scale = static_cast<float>(stddev);
+    at::parallel_for(0, n, kGrain, [&](int64_t begin, int64_t end) {
+      detail::normal_fill(data + begin, end - begin, static_cast<uint64_t>(begin), seed_, stream,
+                          scale, add);
+    });
+  } else {
+    double* data = out.data_ptr<double>();
+    at::parallel_for(0, n, kGrain, [&](int64_t begin, int64_t end) {
+      detail::normal_fill(data + begin, end - begin, static_cast<uint64_t>(begin), seed_, stream,
+                          stddev, add);
+    });
+  }
+}
+
+torch::Tensor PhiloxNoise::gaussian(at::IntArrayRef shape, double stddev,
+                                    const torch::TensorOptions& options) {
+  check_noise_arguments(stddev, options);
+  const auto dtype = c10::typeMetaToScalarType(options.dtype());
+  const uint64_t stream = next_stream();
+  if (stddev == 0.0) return torch::zeros(shape, options.requires_grad(false));
+  // Float and double are drawn as they are; other dtypes in float. On the CPU, then moved.
+  const auto draw_dtype = dtype == torch::kDouble ? torch::kDouble : torch::kFloat;
+  auto result = torch::empty(shape, torch::TensorOptions().dtype(draw_dtype));
+  fill(result, stddev, stream, /*add=*/false);
+  return result.to(options.device(), dtype);
+}
+
+void PhiloxNoise::add_gaussian_(const torch::Tensor& target, double stddev) {
+  check_noise_arguments(stddev, target.options());
+  const bool direct =
+      target.device().is_cpu() && target.is_contiguous() &&
+      (target.scalar_type() == torch::kFloat || target.scalar_type() == torch::kDouble);
+  if (!direct) {
+    target.add_(gaussian(target.sizes(), stddev, target.options()));
+    return;
+  }
+  const uint64_t stream = next_stream();
+  if (stddev == 0.0) return;
+  fill(target, stddev, stream, /*add=*/true);
+}
+
+std::string PhiloxNoise::state() const {
+  std::lock_guard<std::mutex> lock(mutex_);
+  std::string out(kPhiloxMagic);
+  append_u64(out, seed_);
+  append_u64(out, draws_);
+  return out;
+}
+
+void PhiloxNoise::set_state(const std::string& state) {
+  const std::string magic(kPhiloxMagic);
+  TORCH_CHECK_VALUE(state.compare(0, magic.size(), magic) == 0,
+                    "PhiloxNoise state does not start with '", magic,
+                    "'; pass a string from PhiloxNoise::state() (a checkpoint written with another "
+                    "noise source must be resumed with that source)");
+  const std::string rest = state.substr(magic.size());
+  TORCH_CHECK_VALUE(rest.size() == 16, "PhiloxNoise state has ", rest.size(),
+                    " bytes after its header instead of 16; pass the unmodified string from "
+                    "PhiloxNoise::state()");
+  StateReader fields(rest);
+  const uint64_t seed = fields.u64();
+  const uint64_t draws = fields.u64();
+  std::lock_guard<std::mutex> lock(mutex_);
+  seed_ = seed;
+  draws_ = draws;
+}
+
 void secure_random_bytes(void* buffer, size_t size) {
   auto* out = static_cast<unsigned char*>(buffer);
 #if defined(__linux__)
@@ -268,7 +367,7 @@ std::unique_ptr<NoiseSource> make_noise_source(const NoiseOptions& options) {
                       "off for reproducible (non-secure) noise");
     return std::make_unique<SecureNoise>();
   }
-  return std::make_unique<TorchNoise>(options.seed() ? *options.seed() : secure_seed());
+  return std::make_unique<PhiloxNoise>(options.seed() ? *options.seed() : secure_seed());
 }
 
 }  // namespace dptorch::optim

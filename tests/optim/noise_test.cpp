@@ -1,8 +1,12 @@
 #include "dptorch/optim/noise.h"
 
+#include "dptorch/optim/philox.h"
+
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
 
+#include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstdint>
 #include <functional>
@@ -26,6 +30,7 @@ struct SourceCase {
 };
 
 const SourceCase kSources[] = {
+    {"PhiloxNoise", [] { return std::make_unique<PhiloxNoise>(kSeed); }},
     {"TorchNoise", [] { return std::make_unique<TorchNoise>(kSeed); }},
     {"SecureNoise", [] { return std::make_unique<SecureNoise>(); }},
 };
@@ -35,7 +40,8 @@ class NoiseSourceTest : public ::testing::TestWithParam<SourceCase> {
   std::unique_ptr<NoiseSource> source_ = GetParam().make();
 };
 
-// Sample moments of 1e6 draws with std 2.5 (TorchNoise seeded with kSeed; SecureNoise unseeded),
+// Sample moments of 1e6 draws with std 2.5 (PhiloxNoise and TorchNoise seeded with kSeed;
+// SecureNoise unseeded),
 // standardised by the requested std. Tolerances are at least 6 standard errors: mean within
 // 0.006 (se 0.001), std within 0.5% (se 0.07%), kurtosis within 0.05 of 3 (se 0.005), mass within
 // one std 0.6827 +- 0.003 (se 0.0005), beyond three std 0.0027 +- 0.0004 (se 0.00005).
@@ -231,13 +237,139 @@ TEST(MakeNoiseSourceTest, BuildsTheRequestedSource) {
   const auto seeded = make_noise_source(NoiseOptions().seed(kSeed));
   EXPECT_FALSE(seeded->is_secure());
   EXPECT_TRUE(torch::equal(seeded->gaussian({20}, 1.0, options),
-                           TorchNoise(kSeed).gaussian({20}, 1.0, options)));
+                           PhiloxNoise(kSeed).gaussian({20}, 1.0, options)));
   EXPECT_FALSE(make_noise_source()->is_secure());
 }
 
 TEST(MakeNoiseSourceTest, RefusesASeedInSecureMode) {
   EXPECT_THAT([] { (void)make_noise_source(NoiseOptions().secure_mode(true).seed(7)); },
               ThrowsMessage<c10::Error>(HasSubstr("secure_mode takes no seed, but seed is 7")));
+}
+
+// ------------------------------------------------------------------------------- PhiloxNoise
+
+// Known-answer vectors of Philox4x32-10 from Random123's kat_vectors file (counter, key,
+// expected output).
+TEST(PhiloxTest, MatchesTheRandom123KnownAnswers) {
+  using detail::philox4x32_10;
+  EXPECT_EQ(philox4x32_10({0, 0, 0, 0}, {0, 0}),
+            (std::array<uint32_t, 4>{0x6627e8d5, 0xe169c58d, 0xbc57ac4c, 0x9b00dbd8}));
+  EXPECT_EQ(
+      philox4x32_10({0xffffffff, 0xffffffff, 0xffffffff, 0xffffffff}, {0xffffffff, 0xffffffff}),
+      (std::array<uint32_t, 4>{0x408f276d, 0x41c83b0e, 0xa20bc7c6, 0x6d5451fd}));
+  EXPECT_EQ(
+      philox4x32_10({0x243f6a88, 0x85a308d3, 0x13198a2e, 0x03707344}, {0xa4093822, 0x299f31d0}),
+      (std::array<uint32_t, 4>{0xd16cfe09, 0x94fdcceb, 0x5001e420, 0x24126ea1}));
+}
+
+// The float path's log over [2^-32, 1] (the radius' arguments) in 2^20 geometric steps, and its
+// sin/cos over [0, 1) turns in 2^20 steps, against the C library in double. Bounds: log within
+// 2 ulp of the float result; sin and cos within 2e-7 absolute (the reduction's product with
+// π/2 rounds once).
+TEST(PhiloxTest, FloatLogAndSinCosAreAccurate) {
+  double worst_log_ulp = 0;
+  for (int64_t i = 0; i <= (int64_t{1} << 20); ++i) {
+    const auto x = static_cast<float>(std::exp2(-32.0 * static_cast<double>(i) / (1 << 20)));
+    const double exact = std::log(static_cast<double>(x));
+    const double ulp = std::max(
+        static_cast<double>(std::nextafter(static_cast<float>(std::fabs(exact)), INFINITY)) -
+            std::fabs(exact),
+        1e-45);
+    worst_log_ulp = std::max(worst_log_ulp, std::fabs(detail::log_poly(x) - exact) / ulp);
+  }
+  EXPECT_LE(worst_log_ulp, 2.0);
+  double worst_trig = 0;
+  for (int64_t i = 0; i < (int64_t{1} << 20); ++i) {
+    const float u = static_cast<float>(i) / static_cast<float>(1 << 20);
+    float s = 0, c = 0;
+    detail::sincos_turns(u, &s, &c);
+    const double angle = 2 * M_PI * static_cast<double>(u);
+    worst_trig =
+        std::max({worst_trig, std::fabs(s - std::sin(angle)), std::fabs(c - std::cos(angle))});
+  }
+  EXPECT_LE(worst_trig, 2e-7);
+}
+
+// Kolmogorov–Smirnov distance of 2^21 float draws (seed kSeed) from the standard normal CDF,
+// against the α = 0.001 critical value 1.95/√n; the largest |z| reaches the float path's range
+// (about 6.66) but not beyond.
+TEST(PhiloxTest, FloatDrawsPassKolmogorovSmirnov) {
+  PhiloxNoise noise(kSeed);
+  const int64_t n = int64_t{1} << 21;
+  auto z = std::get<0>(noise.gaussian({n}, 1.0, torch::TensorOptions().dtype(torch::kFloat32))
+                           .to(torch::kFloat64)
+                           .sort());
+  auto cdf = 0.5 * torch::erfc(-z / std::sqrt(2.0));
+  auto i = torch::arange(n, torch::kFloat64);
+  const double d = torch::max((i + 1) / n - cdf, cdf - i / n).max().item<double>();
+  EXPECT_LT(d, 1.95 / std::sqrt(static_cast<double>(n)));
+  EXPECT_LE(z.abs().max().item<double>(), 6.7);
+}
+
+TEST(PhiloxTest, EveryDrawIsNewAndTheSeedDecides) {
+  const auto options = torch::TensorOptions().dtype(torch::kFloat32);
+  PhiloxNoise a(kSeed), b(kSeed), c(kSeed + 1);
+  const auto a1 = a.gaussian({100}, 1.0, options), a2 = a.gaussian({100}, 1.0, options);
+  EXPECT_TRUE(torch::equal(a1, b.gaussian({100}, 1.0, options)));
+  EXPECT_FALSE(torch::equal(a1, a2));
+  EXPECT_FALSE(torch::equal(a1, c.gaussian({100}, 1.0, options)));
+  EXPECT_EQ(a.draws(), 2U);
+}
+
+// Entry j depends on j alone: the same tensor for any thread count, and a prefix of a longer
+// draw equals the shorter draw.
+TEST(PhiloxTest, IndependentOfThreadsAndOfTheLength) {
+  for (const auto dtype : {torch::kFloat32, torch::kFloat64}) {
+    const auto options = torch::TensorOptions().dtype(dtype);
+    const int threads = torch::get_num_threads();
+    torch::set_num_threads(1);
+    const auto one = PhiloxNoise(kSeed).gaussian({300001}, 1.0, options);
+    torch::set_num_threads(std::max(2, threads));
+    const auto many = PhiloxNoise(kSeed).gaussian({300001}, 1.0, options);
+    torch::set_num_threads(threads);
+    EXPECT_TRUE(torch::equal(one, many)) << dtype;
+    EXPECT_TRUE(torch::equal(PhiloxNoise(kSeed).gaussian({77}, 1.0, options), one.narrow(0, 0, 77)))
+        << dtype;
+  }
+}
+
+TEST(PhiloxTest, AddGaussianAddsWhatGaussianWouldDraw) {
+  for (const auto dtype : {torch::kFloat32, torch::kFloat64}) {
+    const auto options = torch::TensorOptions().dtype(dtype);
+    PhiloxNoise noise(kSeed);
+    (void)noise.gaussian({5}, 1.0, options);  // not the first draw
+    const std::string state = noise.state();
+    auto target = torch::randn({1000, 37}, options);
+    const auto before = target.clone();
+    noise.add_gaussian_(target, 0.7);
+    noise.set_state(state);
+    EXPECT_TRUE(torch::allclose(target, before + noise.gaussian({1000, 37}, 0.7, options), 0, 0))
+        << dtype;
+    // A non-contiguous target takes the same draw.
+    noise.set_state(state);
+    auto strided = before.t().contiguous().t();
+    noise.add_gaussian_(strided, 0.7);
+    EXPECT_TRUE(torch::allclose(strided, target, 1e-6, 1e-6)) << dtype;
+  }
+}
+
+TEST(PhiloxTest, StateRoundTripsAndRefusesOtherStrings) {
+  const auto options = torch::TensorOptions().dtype(torch::kFloat32);
+  PhiloxNoise noise(kSeed);
+  (void)noise.gaussian({3}, 1.0, options);
+  const std::string state = noise.state();
+  const auto next = noise.gaussian({50}, 1.0, options);
+  PhiloxNoise other(7);
+  other.set_state(state);
+  EXPECT_TRUE(torch::equal(other.gaussian({50}, 1.0, options), next));
+  EXPECT_THAT([&] { other.set_state(TorchNoise(kSeed).state()); },
+              ThrowsMessage<c10::Error>(HasSubstr("PhiloxNoise state does not start with")));
+  EXPECT_THAT([&] { other.set_state(state + "x"); },
+              ThrowsMessage<c10::Error>(HasSubstr("bytes after its header instead of 16")));
+  EXPECT_EQ(other.draws(), 2U);  // unchanged by the refused strings
+  EXPECT_FALSE(SecureNoise().resumable());
+  EXPECT_THAT([] { (void)SecureNoise().state(); },
+              ThrowsMessage<c10::Error>(HasSubstr("cannot be saved")));
 }
 
 }  // namespace

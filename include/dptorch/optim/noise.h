@@ -32,11 +32,23 @@ class NoiseSource {
   /// Whether the noise comes from a cryptographically secure generator, hardened against
   /// floating-point attacks: what a deployed privacy guarantee needs.
   [[nodiscard]] virtual bool is_secure() const noexcept = 0;
+
+  /// Whether state() and set_state() can save and resume this source (checkpoints); false by
+  /// default (SecureNoise: its stream cannot be replayed).
+  [[nodiscard]] virtual bool resumable() const noexcept { return false; }
+
+  /// The source's position as a byte string for a checkpoint; an error if not resumable().
+  [[nodiscard]] virtual std::string state() const;
+
+  /// Continues exactly where the source that wrote `state` was; an error if the string is not
+  /// from a source of this kind, and then this source is unchanged.
+  virtual void set_state(const std::string& state);
 };
 
 /// Reproducible noise from torch's own generators (mt19937 on the CPU, Philox on CUDA), one per
-/// device, each seeded with `seed`: the same seed and the same calls give the same noise. Fast,
-/// for experiments and tests; NOT secure (the stream is predictable from the seed).
+/// device, each seeded with `seed`: the same seed and the same calls give the same noise. For
+/// streams that must match torch's own; PhiloxNoise (the default) is faster on the CPU and
+/// independent of the thread count. NOT secure (the stream is predictable from the seed).
 /// Example:
 ///   dptorch::optim::TorchNoise noise(42);
 ///   torch::Tensor n = noise.gaussian({10, 5}, sigma * max_grad_norm, param.options());
@@ -59,15 +71,18 @@ class TorchNoise final : public NoiseSource {
   /// false: the stream is predictable from the seed.
   [[nodiscard]] bool is_secure() const noexcept override { return false; }
 
+  /// true.
+  [[nodiscard]] bool resumable() const noexcept override { return true; }
+
   /// The seed the generators started from.
   [[nodiscard]] uint64_t seed() const noexcept { return seed_; }
 
   /// The seed and every device generator's state as a byte string, for a checkpoint;
   /// set_state() of it makes this source continue exactly where it was.
-  [[nodiscard]] std::string state() const;
+  [[nodiscard]] std::string state() const override;
 
   /// Restores a state from state(), replacing the seed and all generator states.
-  void set_state(const std::string& state);
+  void set_state(const std::string& state) override;
 
  private:
   at::Generator& generator_for(const torch::Device& device);
@@ -76,6 +91,61 @@ class TorchNoise final : public NoiseSource {
   mutable std::mutex mutex_;
   std::map<std::string, at::Generator> generators_;  // keyed by Device::str()
   torch::Tensor scratch_;                            // add_gaussian_()'s chunk on the CPU
+};
+
+/// Reproducible noise from a counter-based generator, the default non-secure source: entry j
+/// of the k-th draw (gaussian() or add_gaussian_() call) is a function of (seed, k, j) alone —
+/// Philox4x32-10 (Salmon et al. 2011) keyed by the seed, at counter (j / 4, k), turned into
+/// Gaussians by Box–Muller — so draws are computed in parallel blocks, the same for any number
+/// of threads, and state() is two numbers. Float noise comes from a vectorised kernel
+/// (detail::normal_fill in philox.h: |z| up to about 6.66), double noise from 53-bit uniforms and
+/// the C library's log, sin and cos; other floating dtypes are drawn in float and converted, and
+/// other devices get the CPU's values copied over, so a seed gives the same noise everywhere.
+/// NOT secure (the stream is predictable from the seed).
+/// Example:
+///   dptorch::optim::PhiloxNoise noise(42);
+///   noise.add_gaussian_(param.mutable_grad(), sigma * max_grad_norm);
+class PhiloxNoise final : public NoiseSource {
+ public:
+  /// Noise determined by `seed` (all 64 bits are the Philox key).
+  explicit PhiloxNoise(uint64_t seed) : seed_(seed) {}
+
+  /// N(0, stddev²) entries: the next draw of the stream.
+  [[nodiscard]] torch::Tensor gaussian(at::IntArrayRef shape, double stddev,
+                                       const torch::TensorOptions& options) override;
+
+  /// Adds the next draw in place, without a temporary on the CPU for float and double: the
+  /// result equals target + gaussian(target.sizes(), stddev, target.options()) from the same
+  /// state, bit for bit on the CPU.
+  void add_gaussian_(const torch::Tensor& target, double stddev) override;
+
+  /// false: the stream is predictable from the seed.
+  [[nodiscard]] bool is_secure() const noexcept override { return false; }
+
+  /// true.
+  [[nodiscard]] bool resumable() const noexcept override { return true; }
+
+  /// The seed (the Philox key).
+  [[nodiscard]] uint64_t seed() const noexcept { return seed_; }
+
+  /// Draws made so far: the next draw uses stream number draws().
+  [[nodiscard]] uint64_t draws() const;
+
+  /// The seed and the number of draws, as a byte string for a checkpoint.
+  [[nodiscard]] std::string state() const override;
+
+  /// Continues from a string of state(); an error (this source unchanged) for anything else.
+  void set_state(const std::string& state) override;
+
+ private:
+  // Writes (or, with `add`, adds) stddev × draw `stream` into the contiguous CPU float or double
+  // tensor `out`, in parallel blocks.
+  void fill(const torch::Tensor& out, double stddev, uint64_t stream, bool add) const;
+  uint64_t next_stream();
+
+  uint64_t seed_;
+  uint64_t draws_ = 0;
+  mutable std::mutex mutex_;
 };
 
 /// Cryptographically secure noise: random bits from the operating system (getrandom(2), else
@@ -118,12 +188,12 @@ void secure_random_bytes(void* buffer, size_t size);
 struct NoiseOptions {
   /// Cryptographically secure noise (SecureNoise), which takes no seed.
   TORCH_ARG(bool, secure_mode) = false;
-  /// Seed of a reproducible TorchNoise; without one, it is drawn from the OS. Refused in
+  /// Seed of the reproducible PhiloxNoise; without one, it is drawn from the OS. Refused in
   /// secure mode.
   TORCH_ARG(std::optional<uint64_t>, seed) = std::nullopt;
 };
 
-/// SecureNoise in secure mode, else TorchNoise(seed); a seed given with secure mode is an error.
+/// SecureNoise in secure mode, else PhiloxNoise(seed); a seed given with secure mode is an error.
 [[nodiscard]] std::unique_ptr<NoiseSource> make_noise_source(const NoiseOptions& options = {});
 
 }  // namespace dptorch::optim
