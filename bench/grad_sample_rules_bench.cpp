@@ -127,12 +127,16 @@ void embedding_cases() {
   measure("  non-private: embedding_dense_backward", [&] {
     (void)at::embedding_dense_backward(g.view({B, T, D}), idx2, V, -1, false);
   });
-  dptorch::optim::TorchNoise noise(1);
-  measure("noise: TorchNoise::gaussian for the [20000, 64] table", [&] {
-    (void)noise.gaussian({V, D}, 1.0, g.options());
-  });
+  dptorch::optim::PhiloxNoise philox(1);
+  dptorch::optim::TorchNoise torch_noise(1);
+  measure("noise: PhiloxNoise::gaussian for the [20000, 64] table",
+          [&] { (void)philox.gaussian({V, D}, 1.0, g.options()); });
+  measure("noise: PhiloxNoise::add_gaussian_ into the table",
+          [&] { philox.add_gaussian_(table, 1.0); });
+  measure("noise: TorchNoise::gaussian for the table",
+          [&] { (void)torch_noise.gaussian({V, D}, 1.0, g.options()); });
   measure("noise: TorchNoise::add_gaussian_ into the table",
-          [&] { noise.add_gaussian_(table, 1.0); });
+          [&] { torch_noise.add_gaussian_(table, 1.0); });
 }
 
 // ------------------------------------------------------------------------------------ memory
