@@ -129,12 +129,14 @@ void embedding_cases() {
   });
   dptorch::optim::PhiloxNoise philox(1);
   dptorch::optim::TorchNoise torch_noise(1);
-  measure("noise: PhiloxNoise::gaussian for the [20000, 64] table",
-          [&] { (void)philox.gaussian({V, D}, 1.0, g.options()); });
+  measure("noise: PhiloxNoise::gaussian for the [20000, 64] table", [&] {
+    (void)philox.gaussian({V, D}, 1.0, g.options());
+  });
   measure("noise: PhiloxNoise::add_gaussian_ into the table",
           [&] { philox.add_gaussian_(table, 1.0); });
-  measure("noise: TorchNoise::gaussian for the table",
-          [&] { (void)torch_noise.gaussian({V, D}, 1.0, g.options()); });
+  measure("noise: TorchNoise::gaussian for the table", [&] {
+    (void)torch_noise.gaussian({V, D}, 1.0, g.options());
+  });
   measure("noise: TorchNoise::add_gaussian_ into the table",
           [&] { torch_noise.add_gaussian_(table, 1.0); });
 }

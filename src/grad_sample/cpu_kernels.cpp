@@ -293,8 +293,9 @@ void conv_weight_norm_sq(const std::vector<ConvRecord<T>>& records, int64_t samp
 }
 
 template <typename T>
-void embedding_norm_sq(const int64_t* index, const int64_t* sample, const T* g, int64_t n,
-                       int64_t dim, int64_t batch_size, int64_t num_embeddings, T* norm_sq) {
+void embedding_norm_sq(const int64_t* index, const int64_t* sample, const Rows<T>& g,
+                       int64_t batch_size, int64_t num_embeddings, T* norm_sq) {
+  const int64_t n = g.count, dim = g.dim;
   check_lookups(index, sample, n, batch_size, num_embeddings);
   // Counting sort of the lookups by sample (stable: each sample's rows keep their order).
   std::vector<int64_t> start(static_cast<size_t>(batch_size) + 1, 0), order(static_cast<size_t>(n));
@@ -333,15 +334,16 @@ void embedding_norm_sq(const int64_t* index, const int64_t* sample, const T* g, 
         }
         if (summed[h] == -1) {
           summed[h] = static_cast<int64_t>(sums.size());
-          sums.insert(sums.end(), g + first[h] * dim, g + (first[h] + 1) * dim);
+          const T* row = g.row(first[h]);
+          sums.insert(sums.end(), row, row + dim);
         }
         double* acc = sums.data() + summed[h];
-        const T* row = g + r * dim;
+        const T* row = g.row(r);
         for (int64_t d = 0; d < dim; ++d) acc[d] += static_cast<double>(row[d]);
       }
       double total = 0.0;
       for (const int64_t h : used) {
-        total += summed[h] == -1 ? sum_of_squares(g + first[h] * dim, dim)
+        total += summed[h] == -1 ? sum_of_squares(g.row(first[h]), dim)
                                  : sum_of_squares(sums.data() + summed[h], dim);
       }
       norm_sq[i] = static_cast<T>(total);
@@ -350,9 +352,9 @@ void embedding_norm_sq(const int64_t* index, const int64_t* sample, const T* g, 
 }
 
 template <typename T>
-void embedding_add_weighted(const int64_t* index, const int64_t* sample, const T* g, const T* w,
-                            int64_t n, int64_t dim, int64_t batch_size, int64_t num_embeddings,
-                            T* out) {
+void embedding_add_weighted(const int64_t* index, const int64_t* sample, const Rows<T>& g,
+                            const T* w, int64_t batch_size, int64_t num_embeddings, T* out) {
+  const int64_t n = g.count, dim = g.dim;
   check_lookups(index, sample, n, batch_size, num_embeddings);
   const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
   const int64_t grain = std::max<int64_t>(1, ceil_div(num_embeddings, threads));
@@ -361,7 +363,7 @@ void embedding_add_weighted(const int64_t* index, const int64_t* sample, const T
       const int64_t v = index[r];
       if (v < begin || v >= end) continue;
       const T factor = w[sample[r]];
-      const T* row = g + r * dim;
+      const T* row = g.row(r);
       T* dst = out + v * dim;
       for (int64_t d = 0; d < dim; ++d) dst[d] += factor * row[d];
     }
@@ -371,10 +373,10 @@ void embedding_add_weighted(const int64_t* index, const int64_t* sample, const T
 #define DPTORCH_INSTANTIATE(T)                                                                   \
   template void unfold_patches_2d<T>(const T*, int64_t, const PatchGeometry&, T*);               \
   template void conv_weight_norm_sq<T>(const std::vector<ConvRecord<T>>&, int64_t, int64_t, T*); \
-  template void embedding_norm_sq<T>(const int64_t*, const int64_t*, const T*, int64_t, int64_t, \
-                                     int64_t, int64_t, T*);                                      \
-  template void embedding_add_weighted<T>(const int64_t*, const int64_t*, const T*, const T*,    \
-                                          int64_t, int64_t, int64_t, int64_t, T*);
+  template void embedding_norm_sq<T>(const int64_t*, const int64_t*, const Rows<T>&, int64_t,    \
+                                     int64_t, T*);                                               \
+  template void embedding_add_weighted<T>(const int64_t*, const int64_t*, const Rows<T>&,        \
+                                          const T*, int64_t, int64_t, T*);
 DPTORCH_INSTANTIATE(float)
 DPTORCH_INSTANTIATE(double)
 #undef DPTORCH_INSTANTIATE

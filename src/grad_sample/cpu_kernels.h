@@ -40,20 +40,32 @@ template <typename T>
 void conv_weight_norm_sq(const std::vector<ConvRecord<T>>& records, int64_t samples,
                          int64_t out_channels, T* norm_sq);
 
-/// ‖Σ_{n: sample[n]=i, index[n]=v} g_n‖² summed over v, into norm_sq[i] for i < batch_size;
-/// g is [N, dim]. Every index must lie in [0, num_embeddings), every sample in [0, batch_size)
-/// (checked). Parallel over samples; each sample's repeated rows are found with a small hash
-/// table, so time and memory are O(N·dim) whatever the table size.
+/// N rows of `dim` contiguous elements in groups of `per_group`: row n starts at
+/// data + (n / per_group)·group_stride + (n % per_group)·row_stride. A [B, T, dim] tensor with
+/// any strides over B and T (an output gradient expanded over positions has row_stride 0), or
+/// [N, dim] with per_group 1.
 template <typename T>
-void embedding_norm_sq(const int64_t* index, const int64_t* sample, const T* g, int64_t n,
-                       int64_t dim, int64_t batch_size, int64_t num_embeddings, T* norm_sq);
+struct Rows {
+  const T* data;
+  int64_t count, dim, per_group, group_stride, row_stride;
+  [[nodiscard]] const T* row(int64_t n) const {
+    return data + (n / per_group) * group_stride + (n % per_group) * row_stride;
+  }
+};
+
+/// ‖Σ_{n: sample[n]=i, index[n]=v} g_n‖² summed over v, into norm_sq[i] for i < batch_size.
+/// Every index must lie in [0, num_embeddings), every sample in [0, batch_size) (checked).
+/// Parallel over samples; each sample's repeated rows are found with a small hash table, so time
+/// and memory are O(N·dim) whatever the table size.
+template <typename T>
+void embedding_norm_sq(const int64_t* index, const int64_t* sample, const Rows<T>& g,
+                       int64_t batch_size, int64_t num_embeddings, T* norm_sq);
 
 /// out[index[n]] += w[sample[n]] · g_n for every n, out [num_embeddings, dim]. Parallel over
 /// blocks of the table's rows, each scanning the lookups in order, so the result does not depend
 /// on the number of threads. Indices and samples are checked as above.
 template <typename T>
-void embedding_add_weighted(const int64_t* index, const int64_t* sample, const T* g, const T* w,
-                            int64_t n, int64_t dim, int64_t batch_size, int64_t num_embeddings,
-                            T* out);
+void embedding_add_weighted(const int64_t* index, const int64_t* sample, const Rows<T>& g,
+                            const T* w, int64_t batch_size, int64_t num_embeddings, T* out);
 
 }  // namespace dptorch::grad_sample::cpu

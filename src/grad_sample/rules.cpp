@@ -128,6 +128,29 @@ bool cpu_kernel_dtype(const torch::Tensor& t) {
          (t.scalar_type() == torch::kFloat || t.scalar_type() == torch::kDouble);
 }
 
+// Gradient rows of an embedding rule, [N, dim] or [B, T, dim], as [N, dim] (a copy where the
+// strides need one).
+torch::Tensor rows_2d(const torch::Tensor& g) {
+  return g.dim() == 3 ? g.reshape({-1, g.size(2)}) : g;
+}
+
+// The CPU loops' view of gradient rows [N, dim] or [B, T, dim] whose last dimension is
+// contiguous (`g` is that tensor, kept alive by the caller).
+template <typename T>
+cpu::Rows<T> cpu_rows(const torch::Tensor& g) {
+  if (g.dim() == 3) {
+    return {g.data_ptr<T>(), g.size(0) * g.size(1),
+            g.size(2),       std::max<int64_t>(1, g.size(1)),
+            g.stride(0),     g.stride(1)};
+  }
+  return {g.data_ptr<T>(), g.size(0), g.size(1), 1, g.stride(0), 0};
+}
+
+// `g` with its last dimension contiguous, for cpu_rows.
+torch::Tensor unit_inner_stride(const torch::Tensor& g) {
+  return g.stride(-1) == 1 ? g : g.contiguous();
+}
+
 // The geometry of the CPU loops for a 1-D or 2-D convolution input [B, C, S...] on the CPU in
 // float or double; nothing for anything else (the generic operators then take over).
 std::optional<cpu::PatchGeometry> cpu_patch_geometry(const torch::Tensor& input,
@@ -219,15 +242,18 @@ torch::Tensor embedding_norm_sq(const torch::Tensor& index, const torch::Tensor&
                                 const torch::Tensor& g, int64_t batch_size,
                                 int64_t num_embeddings) {
   if (!cpu_kernel_dtype(g) || index.scalar_type() != torch::kLong ||
-      sample.scalar_type() != torch::kLong || g.dim() != 2) {
-    return detail::embedding_norm_sq_generic(index, sample, g, batch_size, num_embeddings);
+      sample.scalar_type() != torch::kLong || (g.dim() != 2 && g.dim() != 3)) {
+    return detail::embedding_norm_sq_generic(index, sample, rows_2d(g), batch_size, num_embeddings);
   }
+  TORCH_CHECK(index.numel() == sample.numel() && index.numel() * g.size(-1) == g.numel(),
+              "embedding_norm_sq: ", index.numel(), " lookups but gradient rows of shape ",
+              g.sizes());
   auto norms = torch::empty({batch_size}, g.options());
-  const auto idx = index.contiguous(), who = sample.contiguous(), rows = g.contiguous();
+  const auto idx = index.contiguous(), who = sample.contiguous(), rows = unit_inner_stride(g);
   AT_DISPATCH_FLOATING_TYPES(rows.scalar_type(), "embedding_norm_sq", [&] {
     cpu::embedding_norm_sq(idx.data_ptr<int64_t>(), who.data_ptr<int64_t>(),
-                           rows.data_ptr<scalar_t>(), rows.size(0), rows.size(1), batch_size,
-                           num_embeddings, norms.data_ptr<scalar_t>());
+                           cpu_rows<scalar_t>(rows), batch_size, num_embeddings,
+                           norms.data_ptr<scalar_t>());
   });
   return norms;
 }
@@ -469,7 +495,7 @@ std::vector<torch::Tensor> EmbeddingGrads::norm_sq() {
 }
 
 std::vector<torch::Tensor> EmbeddingGrads::weighted_sum(const std::vector<torch::Tensor>& w) {
-  std::vector<torch::Tensor> out{torch::zeros({num_embeddings_, g_.size(1)}, g_.options())};
+  std::vector<torch::Tensor> out{torch::zeros({num_embeddings_, g_.size(-1)}, g_.options())};
   add_weighted_sum_to(w, out);
   return out;
 }
@@ -479,29 +505,29 @@ void EmbeddingGrads::add_weighted_sum_to(const std::vector<torch::Tensor>& w,
   const auto& o = out.at(0);
   if (cpu_kernel_dtype(g_) && o.device().is_cpu() && o.scalar_type() == g_.scalar_type() &&
       o.is_contiguous() && o.dim() == 2 && o.size(0) == num_embeddings_ &&
-      o.size(1) == g_.size(1) && index_.scalar_type() == torch::kLong &&
+      o.size(1) == g_.size(-1) && index_.scalar_type() == torch::kLong &&
       sample_.scalar_type() == torch::kLong) {
     // One pass: each lookup's row, scaled by its sample's weight, straight into the table.
     const auto wk = w.at(0).to(g_.scalar_type()).contiguous();
     TORCH_CHECK(wk.numel() == batch_size_, "EmbeddingGrads: expected ", batch_size_,
                 " weights, got ", wk.numel());
-    const auto idx = index_.contiguous(), who = sample_.contiguous(), rows = g_.contiguous();
+    const auto idx = index_.contiguous(), who = sample_.contiguous(), rows = unit_inner_stride(g_);
     AT_DISPATCH_FLOATING_TYPES(rows.scalar_type(), "embedding_add_weighted", [&] {
       cpu::embedding_add_weighted(idx.data_ptr<int64_t>(), who.data_ptr<int64_t>(),
-                                  rows.data_ptr<scalar_t>(), wk.data_ptr<scalar_t>(), rows.size(0),
-                                  rows.size(1), batch_size_, num_embeddings_,
-                                  o.data_ptr<scalar_t>());
+                                  cpu_rows<scalar_t>(rows), wk.data_ptr<scalar_t>(), batch_size_,
+                                  num_embeddings_, o.data_ptr<scalar_t>());
     });
     return;
   }
-  auto rows = g_ * w.at(0).to(g_.scalar_type()).index_select(0, sample_).unsqueeze(1);
+  auto rows = rows_2d(g_) * w.at(0).to(g_.scalar_type()).index_select(0, sample_).unsqueeze(1);
   out.at(0).index_add_(0, index_, rows);
 }
 
 std::vector<torch::Tensor> EmbeddingGrads::materialize() {
-  auto samples = torch::zeros({batch_size_ * num_embeddings_, g_.size(1)}, g_.options());
-  samples.index_add_(0, sample_ * num_embeddings_ + index_, g_);
-  return {samples.view({batch_size_, num_embeddings_, g_.size(1)})};
+  const int64_t dim = g_.size(-1);
+  auto samples = torch::zeros({batch_size_ * num_embeddings_, dim}, g_.options());
+  samples.index_add_(0, sample_ * num_embeddings_ + index_, rows_2d(g_));
+  return {samples.view({batch_size_, num_embeddings_, dim})};
 }
 
 MaterializedGrads::MaterializedGrads(std::vector<std::string> names,

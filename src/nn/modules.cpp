@@ -296,7 +296,12 @@ std::unique_ptr<PerSampleGrads> EmbeddingImpl::make_grads(std::vector<Record> re
   for (const auto& r : records) {
     auto idx = to_brp(r.input.unsqueeze(-1), r.batch_dim, 1);  // [B, T, 1]
     const int64_t T = idx.size(1);
-    auto rows = to_brp(r.grad_output, r.batch_dim, 1).reshape({B * T, weight.size(1)});
+    // [B, T, dim] as recorded: an output gradient expanded over the positions (a mean after the
+    // lookup) stays a view, which the rule reads without copying.
+    auto rows = to_brp(r.grad_output, r.batch_dim, 1);
+    if (records.size() > 1 || options.padding_idx().has_value()) {
+      rows = rows.reshape({B * T, weight.size(1)});
+    }
     auto flat = idx.reshape({B * T});
     auto who = torch::arange(B, flat.options()).repeat_interleave(T);
     if (options.padding_idx().has_value()) {

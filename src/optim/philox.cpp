@@ -72,9 +72,9 @@ DPTORCH_INLINE typename Lanes<kBytes>::F log_lanes(typename Lanes<kBytes>::F x) 
   using U = typename L::U;
   // Casts between vector types of one size reinterpret the bits.
   const U bits = (U)x;
-  const I exponent = (I)bits >> 23;  // x > 0: the sign bit is 0
+  const I exponent = (I)bits >> 23;                     // x > 0: the sign bit is 0
   const F m = (F)((bits & 0x007FFFFFU) | 0x3F000000U);  // m in [0.5, 1)
-  const I low = m < 0.70710678118654752440f;  // -1 where m < √½
+  const I low = m < 0.70710678118654752440f;            // -1 where m < √½
   const F e = __builtin_convertvector(exponent - 126 + low, F);
   const F f = low ? m + m - 1.0f : m - 1.0f;
   const F z = f * f;
@@ -106,10 +106,9 @@ DPTORCH_INLINE void sincos_lanes(typename Lanes<kBytes>::F u, typename Lanes<kBy
   const F x = (t - __builtin_convertvector(q, F)) * 1.57079632679489661923f;
   const F x2 = x * x;
   const F sp = ((-1.9515295891E-4f * x2 + 8.3321608736E-3f) * x2 - 1.6666654611E-1f) * x2 * x + x;
-  const F cp =
-      ((2.443315711809948E-5f * x2 - 1.388731625493765E-3f) * x2 + 4.166664568298827E-2f) * x2 *
-          x2 -
-      0.5f * x2 + 1.0f;
+  const F cp = ((2.443315711809948E-5f * x2 - 1.388731625493765E-3f) * x2 + 4.166664568298827E-2f) *
+                   x2 * x2 -
+               0.5f * x2 + 1.0f;
   const I odd = (q & 1) != 0;
   const F sv = odd ? cp : sp;
   const F cv = odd ? sp : cp;
@@ -139,8 +138,9 @@ DPTORCH_INLINE void philox_group(uint32_t* c0, uint32_t* c1, uint32_t* c2, uint3
 #if defined(__x86_64__) && defined(__GNUC__)
 // philox_group with AVX2 intrinsics, 8 lanes per register: the compiler's own vectorisation of
 // the 32×32→64-bit products spends most of its time shuffling.
-__attribute__((target("arch=x86-64-v3"))) void philox_group_avx2(
-    uint32_t* c0, uint32_t* c1, uint32_t* c2, uint32_t* c3, uint32_t k0, uint32_t k1) {
+__attribute__((target("arch=x86-64-v3"))) void philox_group_avx2(uint32_t* c0, uint32_t* c1,
+                                                                 uint32_t* c2, uint32_t* c3,
+                                                                 uint32_t k0, uint32_t k1) {
   const __m256i m0 = _mm256_set1_epi32(static_cast<int>(kM0));
   const __m256i m1 = _mm256_set1_epi32(static_cast<int>(kM1));
   // All lanes' rounds interleaved: one vector's rounds form a chain of dependent multiplies,
@@ -154,8 +154,10 @@ __attribute__((target("arch=x86-64-v3"))) void philox_group_avx2(
     x3[v] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(c3 + 8 * v));
   }
   for (int round = 0; round < kRounds; ++round) {
-    const __m256i key0 = _mm256_set1_epi32(static_cast<int>(k0 + static_cast<uint32_t>(round) * kW0));
-    const __m256i key1 = _mm256_set1_epi32(static_cast<int>(k1 + static_cast<uint32_t>(round) * kW1));
+    const __m256i key0 =
+        _mm256_set1_epi32(static_cast<int>(k0 + static_cast<uint32_t>(round) * kW0));
+    const __m256i key1 =
+        _mm256_set1_epi32(static_cast<int>(k1 + static_cast<uint32_t>(round) * kW1));
     for (int64_t v = 0; v < kVectors; ++v) {
       // 64-bit products of the even and of the odd 32-bit elements; hi and lo words regathered.
       const __m256i e0 = _mm256_mul_epu32(x0[v], m0);
@@ -276,8 +278,8 @@ bool has_x86_64_v3() {
 }
 #endif
 
-void float_fill_baseline(float* out, int64_t count, uint64_t first, uint64_t key,
-                         uint64_t stream, float scale, bool add) {
+void float_fill_baseline(float* out, int64_t count, uint64_t first, uint64_t key, uint64_t stream,
+                         float scale, bool add) {
   float_fill<16>(out, count, first, key, stream, scale, add);
 }
 
@@ -305,9 +307,10 @@ void normal_fill(double* out, int64_t count, uint64_t first, uint64_t key, uint6
   for (int64_t i = 0; i < count;) {
     const uint64_t j = first + static_cast<uint64_t>(i);
     const uint64_t block = j / 2;
-    const auto w = philox4x32_10({static_cast<uint32_t>(block), static_cast<uint32_t>(block >> 32),
-                                  static_cast<uint32_t>(stream), static_cast<uint32_t>(stream >> 32)},
-                                 {static_cast<uint32_t>(key), static_cast<uint32_t>(key >> 32)});
+    const auto w =
+        philox4x32_10({static_cast<uint32_t>(block), static_cast<uint32_t>(block >> 32),
+                       static_cast<uint32_t>(stream), static_cast<uint32_t>(stream >> 32)},
+                      {static_cast<uint32_t>(key), static_cast<uint32_t>(key >> 32)});
     const uint64_t a = ((static_cast<uint64_t>(w[0]) << 32) | w[1]) >> 11;
     const uint64_t b = ((static_cast<uint64_t>(w[2]) << 32) | w[3]) >> 11;
     const double u1 = static_cast<double>(a + 1) * 0x1.0p-53;  // (0, 1]

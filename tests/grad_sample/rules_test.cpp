@@ -111,6 +111,34 @@ TEST(EmbeddingGrads, AddsTheWeightedSumLikeIndexAdd) {
   }
 }
 
+// Rows given as a [B, T, dim] view expanded over T (the gradient of a mean over positions) give
+// what the copied [B·T, dim] rows give, in the norms, the sums and the materialised gradients.
+TEST(EmbeddingGrads, ExpandedRowsEqualCopiedRows) {
+  for (auto dtype : {torch::kFloat, torch::kDouble}) {
+    SCOPED_TRACE(c10::toString(dtype));
+    torch::manual_seed(8);
+    const int64_t B = 5, T = 9, V = 30, D = 6;
+    auto index = torch::randint(V, {B * T}, torch::kLong);
+    index.slice(0, 0, 4).fill_(3);  // repeats within sample 0
+    auto sample = torch::arange(B, torch::kLong).repeat_interleave(T);
+    auto per_sample = torch::randn({B, 1, D}, torch::TensorOptions().dtype(dtype));
+    auto expanded = per_sample.expand({B, T, D});
+    auto copied = expanded.reshape({B * T, D}).contiguous();
+    gs::EmbeddingGrads a(index, sample, expanded, B, V), b(index, sample, copied, B, V);
+    const double tol = dtype == torch::kDouble ? 1e-13 : 1e-6;
+    EXPECT_TRUE(tensors_close(a.norm_sq().at(0), b.norm_sq().at(0), tol));
+    auto w = torch::rand({B}, torch::TensorOptions().dtype(dtype));
+    auto ta = torch::zeros({V, D}, w.options()), tb = torch::zeros({V, D}, w.options());
+    a.add_weighted_sum_to({w}, {ta});
+    b.add_weighted_sum_to({w}, {tb});
+    EXPECT_TRUE(tensors_close(ta, tb, tol));
+    EXPECT_TRUE(tensors_close(a.weighted_sum({w}).at(0), tb, tol));
+    EXPECT_TRUE(tensors_close(a.materialize().at(0), b.materialize().at(0), tol));
+    EXPECT_TRUE(tensors_close(gs::detail::embedding_norm_sq_generic(index, sample, copied, B, V),
+                              a.norm_sq().at(0), tol));
+  }
+}
+
 TEST(EmbeddingGrads, WeightedSumDoesNotDependOnTheThreadCount) {
   const auto l = make_lookups(torch::kFloat);
   auto w = torch::rand({l.batch});

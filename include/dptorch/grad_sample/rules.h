@@ -177,7 +177,9 @@ class ConvGrads final : public PerSampleGrads {
 /// Rule for Embedding and EmbeddingBag: weight [num_embeddings, dim].
 class EmbeddingGrads final : public PerSampleGrads {
  public:
-  /// index [N] rows used, sample [N] their samples, g [N, dim] the gradient rows.
+  /// index [N] rows used, sample [N] their samples, g the gradient rows: [N, dim], or
+  /// [B, T, dim] with any strides over B and T (N = B·T, row n = g[n / T][n % T]; an output
+  /// gradient expanded over the positions is read without a copy on the CPU).
   EmbeddingGrads(torch::Tensor index, torch::Tensor sample, torch::Tensor g, int64_t batch_size,
                  int64_t num_embeddings);
   std::vector<std::string> names() const override;
