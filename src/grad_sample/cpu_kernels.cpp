@@ -1,4 +1,5 @@
 #include "cpu_kernels.h"
+#include "../cpu_features.h"
 
 #include <ATen/Parallel.h>
 #include <c10/util/Exception.h>
@@ -197,10 +198,7 @@ __attribute__((target("arch=x86-64-v3"))) double sample_norm_sq_v3(const T* g, i
   return sample_norm_sq_with<T, 32>(g, rows, a, d_stride, positions);
 }
 
-bool has_x86_64_v3() {
-  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  return has;
-}
+using dptorch::detail::has_x86_64_v3;
 #endif
 
 template <typename T>

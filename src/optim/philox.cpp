@@ -2,6 +2,7 @@
 // (CMakeLists.txt), so that the float square roots vectorise.
 
 #include "dptorch/optim/philox.h"
+#include "../cpu_features.h"
 
 #include <algorithm>
 #include <cmath>
@@ -272,10 +273,7 @@ __attribute__((target("arch=x86-64-v3"))) void float_fill_v3(float* out, int64_t
   float_fill<32>(out, count, first, key, stream, scale, add);
 }
 
-bool has_x86_64_v3() {
-  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  return has;
-}
+using dptorch::detail::has_x86_64_v3;
 #endif
 
 void float_fill_baseline(float* out, int64_t count, uint64_t first, uint64_t key, uint64_t stream,
