@@ -76,7 +76,7 @@ void conv_cases() {
         "%s, B=%lld: T=%lld d=%lld p=%lld, kAuto %s\n", c.name, static_cast<long long>(c.batch),
         static_cast<long long>(T), static_cast<long long>(d),
         static_cast<long long>(c.out_channels),
-        gs::materialize_is_cheaper(T, d, c.out_channels) ? "materializes" : "uses ghost norms");
+        gs::fused_conv_is_cheaper(T, d, c.out_channels) ? "takes the fused loop" : "uses ghost norms");
     gs::ConvGeometry geo{k, st, pad, dil, 1};
     auto library = [&] {
       gs::ConvGrads rule({x}, {g}, weight, true, false, geo, dptorch::NormMethod::kAuto);
