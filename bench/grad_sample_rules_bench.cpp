@@ -72,11 +72,11 @@ void conv_cases() {
     auto g = torch::randn_like(at::convolution(x, weight, {}, st, pad, dil, false, {0, 0}, 1));
     auto w = torch::rand({c.batch});
     const int64_t T = g.size(2) * g.size(3), d = c.channels * c.kernel * c.kernel;
-    std::printf(
-        "%s, B=%lld: T=%lld d=%lld p=%lld, kAuto %s\n", c.name, static_cast<long long>(c.batch),
-        static_cast<long long>(T), static_cast<long long>(d),
-        static_cast<long long>(c.out_channels),
-        gs::fused_conv_is_cheaper(T, d, c.out_channels) ? "takes the fused loop" : "uses ghost norms");
+    std::printf("%s, B=%lld: T=%lld d=%lld p=%lld, kAuto %s\n", c.name,
+                static_cast<long long>(c.batch), static_cast<long long>(T),
+                static_cast<long long>(d), static_cast<long long>(c.out_channels),
+                gs::fused_conv_is_cheaper(T, d, c.out_channels) ? "takes the fused loop"
+                                                                : "uses ghost norms");
     gs::ConvGeometry geo{k, st, pad, dil, 1};
     auto library = [&] {
       gs::ConvGrads rule({x}, {g}, weight, true, false, geo, dptorch::NormMethod::kAuto);
