@@ -271,6 +271,42 @@ TEST(PrivacyEngine, ResumeAfterSaveEqualsUninterrupted) {
   EXPECT_FALSE(std::filesystem::exists(dir.file("ckpt.pt.tmp")));
 }
 
+// A checkpoint carries the state of whichever resumable noise source the optimizer draws from;
+// one written with another kind of source is refused before the model or the noise changes.
+TEST(PrivacyEngine, CheckpointFromAnotherNoiseSourceIsRefusedWithNothingChanged) {
+  TempDir dir;
+  torch::manual_seed(4);
+  auto m = mlp();
+  PrivacyEngine engine;
+  auto run =
+      engine.make_private(m, sgd(m), toy_data(),
+                          PrivacyOptions().noise_multiplier(1.0).expected_batch_size(20).seed(2));
+  ASSERT_NE(dynamic_cast<optim::PhiloxNoise*>(&run.optimizer->noise()), nullptr);
+  engine.save_checkpoint(dir.file("philox.pt"), run);
+
+  // Another copy of the model, stepped with TorchNoise: its own checkpoint resumes its stream.
+  auto u = mlp();
+  auto clipper =
+      std::make_shared<PerSampleGradientClipper>(u, std::make_shared<ConstantFlatClipper>(1.0));
+  optim::DPOptimizer opt(sgd(u), clipper, optim::DPOptimizerOptions(1.0, 20),
+                         std::make_shared<optim::TorchNoise>(3));
+  const auto options = torch::TensorOptions().dtype(torch::kFloat32);
+  (void)opt.noise().gaussian({10}, 1.0, options);
+  engine.save_checkpoint(dir.file("torch.pt"), opt, CheckpointInfo{});
+  const auto expected = opt.noise().gaussian({10}, 1.0, options);
+  (void)engine.load_checkpoint(dir.file("torch.pt"), opt);
+  EXPECT_TRUE(torch::equal(opt.noise().gaussian({10}, 1.0, options), expected));
+
+  // The PhiloxNoise checkpoint is refused by name; weights and noise stay as they were.
+  u->parameters()[0].data().add_(1.0);
+  const auto weights = u->parameters()[0].detach().clone();
+  const std::string noise = opt.noise().state();
+  EXPECT_THAT([&] { (void)engine.load_checkpoint(dir.file("philox.pt"), opt); },
+              ThrowsMessage<c10::Error>(HasSubstr("TorchNoise state does not start with")));
+  EXPECT_TRUE(torch::equal(u->parameters()[0], weights));
+  EXPECT_EQ(opt.noise().state(), noise);
+}
+
 TEST(PrivacyEngine, RefusesBadSettingsWithTheFix) {
   auto m = mlp();
   auto data = toy_data();
