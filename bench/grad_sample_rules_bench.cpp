@@ -10,6 +10,7 @@
 // median number of minor page faults per call.
 
 #include <dptorch/dptorch.h>
+#include <dptorch/optim/philox.h>
 
 #include <torch/torch.h>
 #include <CLI/CLI.hpp>
@@ -24,6 +25,7 @@
 #include <set>
 #include <sstream>
 #include <string>
+#include <utility>
 #include <vector>
 
 namespace {
@@ -134,6 +136,18 @@ void embedding_cases() {
   });
   measure("noise: PhiloxNoise::add_gaussian_ into the table",
           [&] { philox.add_gaussian_(table, 1.0); });
+  // The float generator's code paths side by side (PhiloxNoise takes the fastest).
+  const std::pair<dptorch::optim::detail::FillPath, const char*> paths[] = {
+      {dptorch::optim::detail::FillPath::kBaseline, "baseline (SSE2)"},
+      {dptorch::optim::detail::FillPath::kAvx2, "AVX2"},
+      {dptorch::optim::detail::FillPath::kAvx512, "AVX-512"}};
+  for (const auto& [path, name] : paths) {
+    if (!dptorch::optim::detail::has_fill_path(path)) continue;
+    measure(std::string("noise: normal_fill into the table, ") + name + " path", [&] {
+      dptorch::optim::detail::normal_fill(path, table.data_ptr<float>(), table.numel(), 0, 1, 0,
+                                          1.0f, false);
+    });
+  }
   measure("noise: TorchNoise::gaussian for the table", [&] {
     (void)torch_noise.gaussian({V, D}, 1.0, g.options());
   });

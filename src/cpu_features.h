@@ -11,6 +11,14 @@ inline bool has_x86_64_v3() {
   static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
   return has;
 }
+
+/// Whether the processor also has the AVX-512 F, BW, DQ and VL sets (the x86-64-v4 level).
+inline bool has_x86_64_v4() {
+  static const bool has = has_x86_64_v3() && __builtin_cpu_supports("avx512f") &&
+                          __builtin_cpu_supports("avx512bw") &&
+                          __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl");
+  return has;
+}
 #endif
 
 }  // namespace dptorch::detail

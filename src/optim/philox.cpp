@@ -7,9 +7,15 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <stdexcept>
 
 #if defined(__x86_64__) && defined(__GNUC__)
+// GCC 12's AVX-512 headers start some intrinsics from _mm512_undefined_*(), which its
+// -Wmaybe-uninitialized then reports wherever they are inlined (GCC bug 105593).
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #include <immintrin.h>
+#pragma GCC diagnostic pop
 #endif
 
 namespace dptorch::optim::detail {
@@ -243,6 +249,138 @@ DPTORCH_INLINE void float_group(uint64_t group, uint64_t key, uint64_t stream, f
   }
 }
 
+#if defined(__x86_64__) && defined(__GNUC__)
+// The AVX-512 path: 16 lanes per register and a group of kWideBlocks Philox blocks, four
+// registers whose rounds run interleaved. Philox keeps the 64-bit products' halves apart with
+// masked in-lane shuffles and folds its two XORs into one ternary-logic instruction; the four
+// outputs of each block are put back in stream order with two rounds of in-register shuffles.
+constexpr int64_t kWideBlocks = 64;
+constexpr int64_t kWideEntries = 4 * kWideBlocks;
+
+__attribute__((target("arch=x86-64-v4"))) DPTORCH_INLINE void philox_wide(__m512i* x0, __m512i* x1,
+                                                                          __m512i* x2, __m512i* x3,
+                                                                          uint32_t k0,
+                                                                          uint32_t k1) {
+  const __m512i m0 = _mm512_set1_epi32(static_cast<int>(kM0));
+  const __m512i m1 = _mm512_set1_epi32(static_cast<int>(kM1));
+  constexpr int64_t kVectors = kWideBlocks / 16;
+  for (int round = 0; round < kRounds; ++round) {
+    const __m512i key0 =
+        _mm512_set1_epi32(static_cast<int>(k0 + static_cast<uint32_t>(round) * kW0));
+    const __m512i key1 =
+        _mm512_set1_epi32(static_cast<int>(k1 + static_cast<uint32_t>(round) * kW1));
+    for (int64_t v = 0; v < kVectors; ++v) {
+      // Products of the even and of the odd 32-bit elements; in each 64-bit lane the low word
+      // sits in the even element and the high word in the odd one.
+      const __m512i e0 = _mm512_mul_epu32(x0[v], m0);
+      const __m512i o0 = _mm512_mul_epu32(_mm512_srli_epi64(x0[v], 32), m0);
+      const __m512i e2 = _mm512_mul_epu32(x2[v], m1);
+      const __m512i o2 = _mm512_mul_epu32(_mm512_srli_epi64(x2[v], 32), m1);
+      // hi: even elements take e's odd neighbour, odd ones keep o; lo: the converse.
+      const __m512i hi0 = _mm512_mask_shuffle_epi32(o0, 0x5555, e0, _MM_PERM_CDAB);
+      const __m512i lo0 = _mm512_mask_shuffle_epi32(e0, 0xAAAA, o0, _MM_PERM_CDAB);
+      const __m512i hi1 = _mm512_mask_shuffle_epi32(o2, 0x5555, e2, _MM_PERM_CDAB);
+      const __m512i lo1 = _mm512_mask_shuffle_epi32(e2, 0xAAAA, o2, _MM_PERM_CDAB);
+      x0[v] = _mm512_ternarylogic_epi32(hi1, x1[v], key0, 0x96);  // three-way XOR
+      x2[v] = _mm512_ternarylogic_epi32(hi0, x3[v], key1, 0x96);
+      x1[v] = lo1;
+      x3[v] = lo0;
+    }
+  }
+}
+
+// Box–Muller on 16 pairs of words, as box_muller_lanes.
+__attribute__((target("arch=x86-64-v4"))) DPTORCH_INLINE void box_muller_wide(
+    __m512i radius_words, __m512i angle_words, __m512& radius, __m512& sin_out, __m512& cos_out) {
+  using F = Lanes<64>::F;
+  using I = Lanes<64>::I;
+  using U = Lanes<64>::U;
+  const U w1 = (U)radius_words, w2 = (U)angle_words;
+  const F u1 = __builtin_convertvector((I)(w1 >> 1), F) * 0x1p-31f + 0x1p-32f;
+  const F u2 = __builtin_convertvector((I)(w2 >> 8), F) * 0x1p-24f;
+  radius = _mm512_sqrt_ps((__m512)(-2.0f * log_lanes<64>(u1)));
+  F sn, cs;
+  sincos_lanes<64>(u2, sn, cs);
+  sin_out = (__m512)sn;
+  cos_out = (__m512)cs;
+}
+
+// scale × entries kWideEntries·group ... of the float stream: stored to out[0..kWideEntries),
+// or added to it with `add`.
+__attribute__((target("arch=x86-64-v4"))) DPTORCH_INLINE void float_group_wide(
+    uint64_t group, uint64_t key, uint64_t stream, float scale, bool add, float* out) {
+  constexpr int64_t kVectors = kWideBlocks / 16;
+  const uint64_t first_block = group * kWideBlocks;
+  // Groups are aligned to kWideBlocks, a divisor of 2^32: the high counter word is shared.
+  const __m512i iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  __m512i x0[kVectors], x1[kVectors], x2[kVectors], x3[kVectors];
+  for (int64_t v = 0; v < kVectors; ++v) {
+    x0[v] = _mm512_add_epi32(
+        _mm512_set1_epi32(static_cast<int>(static_cast<uint32_t>(first_block + 16 * v))), iota);
+    x1[v] = _mm512_set1_epi32(static_cast<int>(static_cast<uint32_t>(first_block >> 32)));
+    x2[v] = _mm512_set1_epi32(static_cast<int>(static_cast<uint32_t>(stream)));
+    x3[v] = _mm512_set1_epi32(static_cast<int>(static_cast<uint32_t>(stream >> 32)));
+  }
+  philox_wide(x0, x1, x2, x3, static_cast<uint32_t>(key), static_cast<uint32_t>(key >> 32));
+  const __m512 s = _mm512_set1_ps(scale);
+  for (int64_t v = 0; v < kVectors; ++v) {
+    __m512 r0, s0, c0, r1, s1, c1;
+    box_muller_wide(x0[v], x1[v], r0, s0, c0);
+    box_muller_wide(x2[v], x3[v], r1, s1, c1);
+    const __m512 a = _mm512_mul_ps(s, r0), b = _mm512_mul_ps(s, r1);
+    // Entries 4l .. 4l+3 of block l: a·cos, a·sin, b·cos, b·sin. A 4×4 transpose of floats
+    // within each 128-bit lane, then one of the 128-bit lanes across the registers.
+    const __m512 p = _mm512_mul_ps(a, c0), q = _mm512_mul_ps(a, s0);
+    const __m512 r = _mm512_mul_ps(b, c1), t = _mm512_mul_ps(b, s1);
+    const __m512 pq_lo = _mm512_unpacklo_ps(p, q), pq_hi = _mm512_unpackhi_ps(p, q);
+    const __m512 rt_lo = _mm512_unpacklo_ps(r, t), rt_hi = _mm512_unpackhi_ps(r, t);
+    const __m512 u0 = _mm512_castpd_ps(
+        _mm512_unpacklo_pd(_mm512_castps_pd(pq_lo), _mm512_castps_pd(rt_lo)));  // blocks 0,4,8,12
+    const __m512 u1 = _mm512_castpd_ps(
+        _mm512_unpackhi_pd(_mm512_castps_pd(pq_lo), _mm512_castps_pd(rt_lo)));  // 1,5,9,13
+    const __m512 u2 = _mm512_castpd_ps(
+        _mm512_unpacklo_pd(_mm512_castps_pd(pq_hi), _mm512_castps_pd(rt_hi)));  // 2,6,10,14
+    const __m512 u3 = _mm512_castpd_ps(
+        _mm512_unpackhi_pd(_mm512_castps_pd(pq_hi), _mm512_castps_pd(rt_hi)));  // 3,7,11,15
+    const __m512 v01_lo = _mm512_shuffle_f32x4(u0, u1, 0x44);
+    const __m512 v01_hi = _mm512_shuffle_f32x4(u0, u1, 0xEE);
+    const __m512 v23_lo = _mm512_shuffle_f32x4(u2, u3, 0x44);
+    const __m512 v23_hi = _mm512_shuffle_f32x4(u2, u3, 0xEE);
+    const __m512 o[4] = {
+        _mm512_shuffle_f32x4(v01_lo, v23_lo, 0x88), _mm512_shuffle_f32x4(v01_lo, v23_lo, 0xDD),
+        _mm512_shuffle_f32x4(v01_hi, v23_hi, 0x88), _mm512_shuffle_f32x4(v01_hi, v23_hi, 0xDD)};
+    float* dst = out + 64 * v;
+    for (int i = 0; i < 4; ++i) {
+      const __m512 value = add ? _mm512_add_ps(_mm512_loadu_ps(dst + 16 * i), o[i]) : o[i];
+      _mm512_storeu_ps(dst + 16 * i, value);
+    }
+  }
+}
+
+__attribute__((target("arch=x86-64-v4"))) void float_fill_v4(float* out, int64_t count,
+                                                             uint64_t first, uint64_t key,
+                                                             uint64_t stream, float scale,
+                                                             bool add) {
+  uint64_t j = first;
+  const uint64_t end = first + static_cast<uint64_t>(count);
+  alignas(64) float z[kWideEntries];
+  while (j < end) {
+    const uint64_t group = j / kWideEntries;
+    const auto offset = static_cast<int64_t>(j - group * kWideEntries);
+    const auto n = static_cast<int64_t>(
+        std::min<uint64_t>(static_cast<uint64_t>(kWideEntries - offset), end - j));
+    float* dst = out + (j - first);
+    if (n == kWideEntries) {
+      float_group_wide(group, key, stream, scale, add, dst);
+    } else {  // a group cut by the range: through a buffer
+      float_group_wide(group, key, stream, scale, false, z);
+      for (int64_t i = 0; i < n; ++i) dst[i] = add ? dst[i] + z[offset + i] : z[offset + i];
+    }
+    j += static_cast<uint64_t>(n);
+  }
+}
+#endif
+
 template <int kBytes>
 DPTORCH_INLINE void float_fill(float* out, int64_t count, uint64_t first, uint64_t key,
                                uint64_t stream, float scale, bool add) {
@@ -274,6 +412,7 @@ __attribute__((target("arch=x86-64-v3"))) void float_fill_v3(float* out, int64_t
 }
 
 using dptorch::detail::has_x86_64_v3;
+using dptorch::detail::has_x86_64_v4;
 #endif
 
 void float_fill_baseline(float* out, int64_t count, uint64_t first, uint64_t key, uint64_t stream,
@@ -291,12 +430,41 @@ std::array<uint32_t, 4> philox4x32_10(std::array<uint32_t, 4> counter,
   return {c0[0], c1[0], c2[0], c3[0]};
 }
 
+bool has_fill_path(FillPath path) {
+  switch (path) {
+    case FillPath::kBaseline: return true;
+#if defined(__x86_64__) && defined(__GNUC__)
+    case FillPath::kAvx2: return has_x86_64_v3();
+    case FillPath::kAvx512: return has_x86_64_v4();
+#endif
+    default: return false;
+  }
+}
+
+FillPath best_fill_path() {
+  if (has_fill_path(FillPath::kAvx512)) return FillPath::kAvx512;
+  if (has_fill_path(FillPath::kAvx2)) return FillPath::kAvx2;
+  return FillPath::kBaseline;
+}
+
 void normal_fill(float* out, int64_t count, uint64_t first, uint64_t key, uint64_t stream,
                  float scale, bool add) {
+  static const FillPath best = best_fill_path();
+  normal_fill(best, out, count, first, key, stream, scale, add);
+}
+
+void normal_fill(FillPath path, float* out, int64_t count, uint64_t first, uint64_t key,
+                 uint64_t stream, float scale, bool add) {
+  if (!has_fill_path(path)) {
+    throw std::invalid_argument("normal_fill: this processor cannot run the requested path");
+  }
+  switch (path) {
 #if defined(__x86_64__) && defined(__GNUC__)
-  if (has_x86_64_v3()) return float_fill_v3(out, count, first, key, stream, scale, add);
+    case FillPath::kAvx512: return float_fill_v4(out, count, first, key, stream, scale, add);
+    case FillPath::kAvx2: return float_fill_v3(out, count, first, key, stream, scale, add);
 #endif
-  float_fill_baseline(out, count, first, key, stream, scale, add);
+    default: return float_fill_baseline(out, count, first, key, stream, scale, add);
+  }
 }
 
 void normal_fill(double* out, int64_t count, uint64_t first, uint64_t key, uint64_t stream,

@@ -262,6 +262,68 @@ TEST(PhiloxTest, MatchesTheRandom123KnownAnswers) {
       (std::array<uint32_t, 4>{0xd16cfe09, 0x94fdcceb, 0x5001e420, 0x24126ea1}));
 }
 
+// Every float code path this processor runs (baseline, AVX2, AVX-512) against a scalar
+// reference of the stream's definition: Philox4x32-10 of (block, stream) under the key, then
+// Box–Muller on the words with the float path's own log and sin/cos. Ranges start and end
+// inside a group, cross the 2^32-block boundary of the counter's low word, and are written and
+// added. A wrong Philox word would move an entry by O(1); the paths may differ only by the
+// rounding of fused multiply-adds and the float products: within 1e-6·(1 + |z|) (all paths are
+// within 1.4e-7 here).
+TEST(PhiloxTest, EveryVectorPathComputesTheDefinedStream) {
+  const uint64_t key = 0x0123456789abcdefULL;
+  const uint64_t stream = 0x00000005fedcba98ULL;
+  const float scale = 1.5f;
+  auto reference = [&](uint64_t j) {
+    const uint64_t block = j / 4;
+    const auto w =
+        detail::philox4x32_10({static_cast<uint32_t>(block), static_cast<uint32_t>(block >> 32),
+                               static_cast<uint32_t>(stream), static_cast<uint32_t>(stream >> 32)},
+                              {static_cast<uint32_t>(key), static_cast<uint32_t>(key >> 32)});
+    const int pair = static_cast<int>(j % 4) / 2;
+    const uint32_t radius_word = w[2 * pair], angle_word = w[2 * pair + 1];
+    const float u1 =
+        static_cast<float>(static_cast<int32_t>(radius_word >> 1)) * 0x1p-31f + 0x1p-32f;
+    const float u2 = static_cast<float>(static_cast<int32_t>(angle_word >> 8)) * 0x1p-24f;
+    const float radius = std::sqrt(-2.0f * detail::log_poly(u1));
+    float s = 0, c = 0;
+    detail::sincos_turns(u2, &s, &c);
+    return static_cast<double>(scale * radius) * (j % 2 == 0 ? c : s);
+  };
+  struct Range {
+    uint64_t first;
+    int64_t count;
+  };
+  const Range ranges[] = {{0, 1},
+                          {13, 1000},
+                          {250, 2 * 256 + 77},
+                          {(uint64_t{1} << 34) - 4 * 70 + 3, 4 * 140}};  // blocks 2^32 - 70 ...
+  const detail::FillPath paths[] = {detail::FillPath::kBaseline, detail::FillPath::kAvx2,
+                                    detail::FillPath::kAvx512};
+  int paths_run = 0;
+  for (const auto path : paths) {
+    if (!detail::has_fill_path(path)) continue;
+    ++paths_run;
+    for (const auto& range : ranges) {
+      std::vector<float> written(static_cast<size_t>(range.count));
+      std::vector<float> added(static_cast<size_t>(range.count));
+      for (size_t i = 0; i < added.size(); ++i) added[i] = static_cast<float>(i % 7) - 3.0f;
+      detail::normal_fill(path, written.data(), range.count, range.first, key, stream, scale,
+                          false);
+      detail::normal_fill(path, added.data(), range.count, range.first, key, stream, scale, true);
+      double worst = 0;
+      for (size_t i = 0; i < written.size(); ++i) {
+        const double z = reference(range.first + i);
+        worst = std::max(worst, std::fabs(written[i] - z) / (1 + std::fabs(z)));
+        const double base = static_cast<double>(i % 7) - 3.0;
+        worst = std::max(worst, std::fabs(added[i] - (base + z)) / (1 + std::fabs(base + z)));
+      }
+      EXPECT_LE(worst, 1e-6) << "path " << static_cast<int>(path) << ", first " << range.first;
+    }
+  }
+  EXPECT_GE(paths_run, 1);
+  EXPECT_EQ(detail::has_fill_path(detail::best_fill_path()), true);
+}
+
 // The float path's log over [2^-32, 1] (the radius' arguments) in 2^20 geometric steps, and its
 // sin/cos over [0, 1) turns in 2^20 steps, against the C library in double. Bounds: log within
 // 2 ulp of the float result; sin and cos within 2e-7 absolute (the reduction's product with

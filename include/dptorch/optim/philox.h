@@ -18,9 +18,24 @@ namespace dptorch::optim::detail {
 /// standard Gaussian stream of (key, stream): Philox block b (counter = b, stream) gives entries
 /// 4b..4b+3 in float by Box–Muller on two pairs of 32-bit words (a radius from 32 random bits,
 /// so |z| reaches about 6.66; an angle from 24). Vectorised, with an AVX2 + FMA path where the
-/// processor has one (the same values to within the rounding of a fused multiply-add).
+/// processor has one, and an AVX-512 one (see FillPath).
 void normal_fill(float* out, int64_t count, uint64_t first, uint64_t key, uint64_t stream,
                  float scale, bool add);
+
+/// The code paths of the float normal_fill: portable vectors (SSE2 or NEON), AVX2 + FMA, and
+/// AVX-512 (x86-64-v4). They give the same values to within the rounding of fused multiply-adds.
+enum class FillPath { kBaseline, kAvx2, kAvx512 };
+
+/// Whether this processor (and build) can run `path`.
+[[nodiscard]] bool has_fill_path(FillPath path);
+
+/// The fastest path this processor can run: the one normal_fill(float*, ...) takes.
+[[nodiscard]] FillPath best_fill_path();
+
+/// normal_fill on the given path (for tests and benchmarks); std::invalid_argument if
+/// !has_fill_path(path).
+void normal_fill(FillPath path, float* out, int64_t count, uint64_t first, uint64_t key,
+                 uint64_t stream, float scale, bool add);
 
 /// As above in double: block b gives entries 2b, 2b+1 from two 53-bit uniforms (Box–Muller with
 /// the C library's log, sin and cos).
