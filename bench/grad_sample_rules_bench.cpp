@@ -125,6 +125,17 @@ void embedding_cases() {
     table.zero_();
     rule.add_weighted_sum_to({w}, {table});
   });
+  // What DPOptimizer's accumulation does to the table: noise written first, the sum added on it.
+  dptorch::optim::PhiloxNoise filler(3);
+  measure("library: PhiloxNoise::fill_gaussian_ + add_weighted_sum_to", [&] {
+    filler.fill_gaussian_(table, 1.0);
+    rule.add_weighted_sum_to({w}, {table});
+  });
+  // Rows expanded over T, as the gradient of a sum over positions arrives (one row per sample).
+  auto g_expanded = (torch::randn({B, 1, D}) / T).expand({B, T, D});
+  gs::EmbeddingGrads expanded_rule(index, sample, g_expanded, B, V);
+  measure("library: embedding norms of rows expanded over T",
+          [&] { (void)expanded_rule.norm_sq(); });
   auto idx2 = index.view({B, T});
   measure("  non-private: embedding_dense_backward", [&] {
     (void)at::embedding_dense_backward(g.view({B, T, D}), idx2, V, -1, false);

@@ -55,8 +55,14 @@ void PerSampleGradientClipper::clip_and_accumulate() {
   auto pick = [](const auto& v, size_t k) { return v[std::min(k, v.size() - 1)]; };
   std::vector<torch::Tensor> w(n);
   for (size_t k = 0; k < n; ++k) w[k] = pick(factors, k);
-  if (iterations_ == 0) start_accumulation();
-  gsm.add_clipped_sum_to(w, summed_);
+  if (!accumulating_) start_accumulation({});
+  if (scale_ == 1) {
+    gsm.add_clipped_sum_to(w, summed_);
+  } else {
+    std::vector<torch::Tensor> scaled(n);
+    for (size_t k = 0; k < n; ++k) scaled[k] = w[k] * scale_;
+    gsm.add_clipped_sum_to(scaled, summed_);
+  }
   for (size_t k = 0; k < n; ++k) max_norms_[k] = std::max(max_norms_[k], pick(thresholds, k));
   batch_size_ += gsm.batch_size();
   ++iterations_;
@@ -78,7 +84,8 @@ void PerSampleGradientClipper::clip_and_accumulate() {
   gsm.clear();
 }
 
-void PerSampleGradientClipper::start_accumulation() {
+void PerSampleGradientClipper::start_accumulation(const AccumulationStart& start) {
+  TORCH_CHECK(!accumulating_, "an accumulation is already under way");
   const auto params = gsm_->parameters();
   summed_.resize(params.size());
   for (size_t k = 0; k < params.size(); ++k) {
@@ -87,13 +94,18 @@ void PerSampleGradientClipper::start_accumulation() {
     const bool reusable = acc.defined() && acc.sizes() == p.sizes() &&
                           acc.scalar_type() == p.scalar_type() && acc.device() == p.device() &&
                           !(p.grad().defined() && p.grad().is_alias_of(acc));
-    if (reusable) {
-      acc.zero_();
-    } else {
-      acc = torch::zeros(p.sizes(), p.options().requires_grad(false));
-    }
+    if (!reusable) acc = torch::empty(p.sizes(), p.options().requires_grad(false));
+  }
+  if (start.fill) {
+    start.fill(summed_);
+  } else {
+    for (auto& acc : summed_) acc.zero_();
   }
   max_norms_.assign(params.size(), 0.0);
+  filled_ = static_cast<bool>(start.fill);
+  scale_ = start.scale;
+  accumulating_ = true;
+  ++accumulation_id_;
 }
 
 std::vector<torch::Tensor> PerSampleGradientClipper::accumulated() const {
@@ -104,6 +116,9 @@ ClipStats PerSampleGradientClipper::pre_step() {
   TORCH_CHECK(iterations_ > 0,
               "pre_step() found no accumulated gradients; call clip_and_accumulate() after each "
               "backward before pre_step()");
+  TORCH_CHECK(!filled_ && scale_ == 1,
+              "pre_step() found an accumulation begun by a DPOptimizer (noise and the 1/batch "
+              "scale are already in the sums); finish it with that optimizer's step()");
   const auto params = gsm_->parameters();
   const bool mean = gsm_->options().loss_reduction() == LossReduction::kMean;
   for (size_t k = 0; k < params.size(); ++k) {
@@ -117,6 +132,9 @@ ClipStats PerSampleGradientClipper::pre_step() {
 }
 
 void PerSampleGradientClipper::reset_accumulation() {
+  accumulating_ = false;
+  filled_ = false;
+  scale_ = 1;
   max_norms_.clear();
   batch_size_ = 0;
   iterations_ = 0;

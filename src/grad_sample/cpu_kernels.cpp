@@ -219,6 +219,37 @@ void check_lookups(const int64_t* index, const int64_t* sample, int64_t n, int64
   }
 }
 
+// The offset of each lookup's gradient row in g.data, stepping through the groups in order
+// (Rows::row() divides, once per call).
+template <typename T>
+std::vector<int64_t> row_offsets(const Rows<T>& g) {
+  std::vector<int64_t> offset(static_cast<size_t>(g.count));
+  int64_t r = 0;
+  for (int64_t group = 0; r < g.count; ++group) {
+    for (int64_t j = 0; j < g.per_group && r < g.count; ++j, ++r) {
+      offset[static_cast<size_t>(r)] = group * g.group_stride + j * g.row_stride;
+    }
+  }
+  return offset;
+}
+
+// Σ x_d² of a gradient row: squares summed in kLanes float (or double) partial sums, which the
+// compiler keeps in vector registers, and the partial sums added in double. Terms are
+// non-negative, so the float partial sums of a 64-wide row lose only a few ulp.
+template <typename T>
+double row_sum_of_squares(const T* x, int64_t size) {
+  constexpr int64_t kLanes = 16;
+  T lanes[kLanes] = {};
+  int64_t d = 0;
+  for (; d + kLanes <= size; d += kLanes) {
+    for (int64_t j = 0; j < kLanes; ++j) lanes[j] += x[d + j] * x[d + j];
+  }
+  double s = 0.0;
+  for (; d < size; ++d) s += static_cast<double>(x[d]) * static_cast<double>(x[d]);
+  for (const T lane : lanes) s += static_cast<double>(lane);
+  return s;
+}
+
 // Σ x_d² in double. Eight independent partial sums: the compiler vectorises them without
 // reordering any one sum (a single running sum would be one long dependency chain).
 template <typename T>
@@ -303,48 +334,67 @@ void embedding_norm_sq(const int64_t* index, const int64_t* sample, const Rows<T
     std::vector<int64_t> next(start.begin(), start.end() - 1);
     for (int64_t r = 0; r < n; ++r) order[static_cast<size_t>(next[sample[r]]++)] = r;
   }
+  const std::vector<int64_t> offset = row_offsets(g);
+  const auto words = static_cast<size_t>(ceil_div(num_embeddings, 64));
   at::parallel_for(0, batch_size, 16, [&](int64_t begin, int64_t end) {
-    // Open-addressing table from a sample's rows of the embedding to its first lookup of the row
-    // and, once the row repeats, to the sum of its lookups' gradients in `sums`.
-    std::vector<int64_t> keys, first, summed, used;
+    // Bit sets over the table's rows: rows a sample looks up, and rows it looks up more than
+    // once. Each sample clears the bits it set, so they are zero again for the next one.
+    std::vector<uint64_t> seen(words, 0), repeated(words, 0);
+    auto test = [](const std::vector<uint64_t>& bits, int64_t v) {
+      return ((bits[static_cast<size_t>(v >> 6)] >> (v & 63)) & 1) != 0;
+    };
+    auto set = [](std::vector<uint64_t>& bits, int64_t v) {
+      bits[static_cast<size_t>(v >> 6)] |= uint64_t{1} << (v & 63);
+    };
+    // The summed gradients of a sample's repeated rows (rare), in double: (row, offset in sums).
+    std::vector<std::pair<int64_t, size_t>> groups;
     std::vector<double> sums;
     for (int64_t i = begin; i < end; ++i) {
-      const int64_t rows = start[i + 1] - start[i];
-      int bits = 4;
-      while ((int64_t{1} << bits) < 2 * rows) ++bits;
-      const int64_t mask = (int64_t{1} << bits) - 1;
-      keys.assign(static_cast<size_t>(mask + 1), -1);
-      first.resize(keys.size());
-      summed.resize(keys.size());
-      used.clear();
+      bool repeats = false;
+      for (int64_t k = start[i]; k < start[i + 1]; ++k) {
+        const int64_t v = index[order[k]];
+        if (test(seen, v)) {
+          set(repeated, v);
+          repeats = true;
+        } else {
+          set(seen, v);
+        }
+      }
+      // Rows looked up once contribute their own squared norm; a mean's or a sum's expanded
+      // gradient has one row for all of a sample's lookups, whose norm is computed once.
+      double total = 0.0;
+      const T* last_row = nullptr;
+      double last_sq = 0.0;
+      groups.clear();
       sums.clear();
       for (int64_t k = start[i]; k < start[i + 1]; ++k) {
         const int64_t r = order[k], v = index[r];
-        auto h =
-            static_cast<int64_t>((static_cast<uint64_t>(v) * 0x9E3779B97F4A7C15ULL) >> (64 - bits));
-        while (keys[h] != -1 && keys[h] != v) h = (h + 1) & mask;
-        if (keys[h] == -1) {
-          keys[h] = v;
-          first[h] = r;
-          summed[h] = -1;
-          used.push_back(h);
+        const T* row = g.data + offset[r];
+        if (repeats && test(repeated, v)) {
+          auto group = std::find_if(groups.begin(), groups.end(),
+                                    [v](const auto& entry) { return entry.first == v; });
+          if (group == groups.end()) {
+            groups.emplace_back(v, sums.size());
+            sums.resize(sums.size() + static_cast<size_t>(dim), 0.0);
+            group = groups.end() - 1;
+          }
+          double* acc = sums.data() + group->second;
+          for (int64_t d = 0; d < dim; ++d) acc[d] += static_cast<double>(row[d]);
           continue;
         }
-        if (summed[h] == -1) {
-          summed[h] = static_cast<int64_t>(sums.size());
-          const T* row = g.row(first[h]);
-          sums.insert(sums.end(), row, row + dim);
+        if (row != last_row) {
+          last_row = row;
+          last_sq = row_sum_of_squares(row, dim);
         }
-        double* acc = sums.data() + summed[h];
-        const T* row = g.row(r);
-        for (int64_t d = 0; d < dim; ++d) acc[d] += static_cast<double>(row[d]);
+        total += last_sq;
       }
-      double total = 0.0;
-      for (const int64_t h : used) {
-        total += summed[h] == -1 ? sum_of_squares(g.row(first[h]), dim)
-                                 : sum_of_squares(sums.data() + summed[h], dim);
-      }
+      for (const auto& group : groups) total += sum_of_squares(sums.data() + group.second, dim);
       norm_sq[i] = static_cast<T>(total);
+      for (int64_t k = start[i]; k < start[i + 1]; ++k) {
+        const int64_t v = index[order[k]];
+        seen[static_cast<size_t>(v >> 6)] = 0;
+        repeated[static_cast<size_t>(v >> 6)] = 0;
+      }
     }
   });
 }
@@ -356,12 +406,13 @@ void embedding_add_weighted(const int64_t* index, const int64_t* sample, const R
   check_lookups(index, sample, n, batch_size, num_embeddings);
   const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
   const int64_t grain = std::max<int64_t>(1, ceil_div(num_embeddings, threads));
+  const std::vector<int64_t> offset = row_offsets(g);
   at::parallel_for(0, num_embeddings, grain, [&](int64_t begin, int64_t end) {
     for (int64_t r = 0; r < n; ++r) {
       const int64_t v = index[r];
       if (v < begin || v >= end) continue;
       const T factor = w[sample[r]];
-      const T* row = g.row(r);
+      const T* row = g.data + offset[r];
       T* dst = out + v * dim;
       for (int64_t d = 0; d < dim; ++d) dst[d] += factor * row[d];
     }

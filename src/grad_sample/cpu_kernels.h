@@ -55,8 +55,8 @@ struct Rows {
 
 /// ‖Σ_{n: sample[n]=i, index[n]=v} g_n‖² summed over v, into norm_sq[i] for i < batch_size.
 /// Every index must lie in [0, num_embeddings), every sample in [0, batch_size) (checked).
-/// Parallel over samples; each sample's repeated rows are found with a small hash table, so time
-/// and memory are O(N·dim) whatever the table size.
+/// Parallel over samples; each sample's repeated rows are found with bit sets over the table's
+/// rows (2 bits per row and thread), so time is O(N·dim + num_embeddings / 64).
 template <typename T>
 void embedding_norm_sq(const int64_t* index, const int64_t* sample, const Rows<T>& g,
                        int64_t batch_size, int64_t num_embeddings, T* norm_sq);

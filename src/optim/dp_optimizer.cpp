@@ -51,25 +51,59 @@ DPOptimizer::DPOptimizer(std::shared_ptr<torch::optim::Optimizer> inner,
 }
 
 void DPOptimizer::accumulate() {
-  if (clipper_->grad_sample_module().has_pass()) clipper_->clip_and_accumulate();
+  auto& clipper = *clipper_;
+  if (!clipper.grad_sample_module().has_pass()) return;
+  if (!clipper.accumulating_) {
+    // Noise first: the accumulators start as N(0, σ²C²)/E[B] (÷ E[B] for "mean") and the clipped
+    // sums are added with the same factor, so step() has nothing left to do to the gradients.
+    const double scale = mean_loss() ? 1.0 / options_.expected_batch_size() : 1.0;
+    const double stddev = noise_stddev() * scale;
+    PerSampleGradientClipper::AccumulationStart start;
+    start.fill = [this, stddev](const std::vector<torch::Tensor>& accumulators) {
+      for (const auto& acc : accumulators) noise_->fill_gaussian_(acc, stddev);
+    };
+    start.scale = scale;
+    clipper.start_accumulation(start);
+    noised_accumulation_ = clipper.accumulation_id_;
+  }
+  clipper.clip_and_accumulate();
+}
+
+bool DPOptimizer::mean_loss() const {
+  return clipper_->grad_sample_module().options().loss_reduction() == LossReduction::kMean;
+}
+
+double DPOptimizer::noise_stddev() const {
+  return gradient_sigma_ * clipper_->norm_clipper()->noise_scale_norm();
 }
 
 void DPOptimizer::step() {
   accumulate();
-  const auto params = clipper_->grad_sample_module().parameters();
-  const auto& sums = clipper_->accumulated();
-  const double C = clipper_->norm_clipper()->noise_scale_norm();
-  const double stddev = gradient_sigma_ * C;
-  const bool mean =
-      clipper_->grad_sample_module().options().loss_reduction() == LossReduction::kMean;
-  for (size_t k = 0; k < params.size(); ++k) {
-    const auto& p = params[k];
-    // The clipper's accumulator becomes the gradient without a copy; the noise goes into it.
-    auto grad = sums.empty() ? torch::zeros_like(p) : sums[k];
-    noise_->add_gaussian_(grad, stddev);
-    if (mean) grad.div_(options_.expected_batch_size());
-    p.mutable_grad() = grad.detach();
+  auto& clipper = *clipper_;
+  const auto params = clipper.grad_sample_module().parameters();
+  if (clipper.accumulating_ && clipper.accumulation_id_ == noised_accumulation_) {
+    // Begun by accumulate(): the accumulators already are the noisy, divided sums.
+    for (size_t k = 0; k < params.size(); ++k) {
+      params[k].mutable_grad() = clipper.summed_[k].detach();
+    }
+  } else {
+    // Nothing accumulated (an empty batch), or an accumulation begun by the clipper itself
+    // (clip_and_accumulate() called directly): noise and division now.
+    TORCH_CHECK(!clipper.accumulating_ || (clipper.scale_ == 1 && !clipper.filled_),
+                "DPOptimizer::step() found an accumulation begun by another optimizer; step "
+                "with the optimizer that accumulated it");
+    const auto sums = clipper.accumulated();
+    const double stddev = noise_stddev();
+    for (size_t k = 0; k < params.size(); ++k) {
+      const auto& p = params[k];
+      // The clipper's accumulator becomes the gradient without a copy; the noise goes into it.
+      auto grad = sums.empty() ? torch::zeros_like(p) : sums[k];
+      noise_->add_gaussian_(grad, stddev);
+      if (mean_loss()) grad.div_(options_.expected_batch_size());
+      p.mutable_grad() = grad.detach();
+    }
   }
+  noised_accumulation_ = 0;
   if (adaptive_) {
     const double count_noise = noise_
                                    ->gaussian({1}, adaptive_->options().unclipped_num_std(),

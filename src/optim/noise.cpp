@@ -129,6 +129,11 @@ void NoiseSource::add_gaussian_(const torch::Tensor& target, double stddev) {
   target.add_(gaussian(target.sizes(), stddev, target.options()));
 }
 
+void NoiseSource::fill_gaussian_(const torch::Tensor& target, double stddev) {
+  check_noise_arguments(stddev, target.options());
+  target.copy_(gaussian(target.sizes(), stddev, target.options()));
+}
+
 void TorchNoise::add_gaussian_(const torch::Tensor& target, double stddev) {
   check_noise_arguments(stddev, target.options());
   if (stddev == 0.0) return;
@@ -284,17 +289,33 @@ torch::Tensor PhiloxNoise::gaussian(at::IntArrayRef shape, double stddev,
 }
 
 void PhiloxNoise::add_gaussian_(const torch::Tensor& target, double stddev) {
+  draw_into(target, stddev, /*add=*/true);
+}
+
+void PhiloxNoise::fill_gaussian_(const torch::Tensor& target, double stddev) {
+  draw_into(target, stddev, /*add=*/false);
+}
+
+void PhiloxNoise::draw_into(const torch::Tensor& target, double stddev, bool add) {
   check_noise_arguments(stddev, target.options());
   const bool direct =
       target.device().is_cpu() && target.is_contiguous() &&
       (target.scalar_type() == torch::kFloat || target.scalar_type() == torch::kDouble);
   if (!direct) {
-    target.add_(gaussian(target.sizes(), stddev, target.options()));
+    auto draw = gaussian(target.sizes(), stddev, target.options());
+    if (add) {
+      target.add_(draw);
+    } else {
+      target.copy_(draw);
+    }
     return;
   }
   const uint64_t stream = next_stream();
-  if (stddev == 0.0) return;
-  fill(target, stddev, stream, /*add=*/true);
+  if (stddev == 0.0) {
+    if (!add) target.zero_();
+    return;
+  }
+  fill(target, stddev, stream, add);
 }
 
 std::string PhiloxNoise::state() const {

@@ -57,6 +57,67 @@ TEST(DPOptimizer, NoiseStdIsSigmaTimesCOverExpectedBatch) {
   EXPECT_NEAR(all.std().item<double>(), sigma * C / E, 0.015 * sigma * C / E);
 }
 
+// The gradient a step hands to the inner optimiser, against its definition built from plain
+// autograd on batches of one: (Σ_i clip_C(∇l_i) + N(0, σ²C²)) / E[B], the noise drawn by a twin
+// PhiloxNoise of the same seed, one draw per parameter in order. Checked for a step after one
+// backward, for two virtual steps (accumulate(), then step()) with one draw of noise, and for
+// an accumulation the clipper began itself (clip_and_accumulate() called directly), which
+// step() must still noise and divide. Flat C = 0.4 clips most samples. Tolerance 1e-5: the
+// optimiser scales noise and sums by 1/E[B] before adding, the reference after.
+TEST(DPOptimizer, StepGradientIsTheNoisyClippedSumOverExpectedBatch) {
+  const double sigma = 0.8, C = 0.4, E = 12;
+  const uint64_t seed = 99;
+  torch::manual_seed(21);
+  tnn::Sequential m(nn::Linear(5, 4), tnn::Tanh(), nn::Linear(4, 2));
+  const auto x = torch::randn({10, 5});
+  auto loss_of = [&](const torch::Tensor& input) {
+    return m->forward(input).square().sum(1).mean();
+  };
+  auto clipped_sum = [&](const std::vector<torch::Tensor>& batches) {
+    std::vector<torch::Tensor> sum;
+    for (const auto& p : m->parameters()) sum.push_back(torch::zeros_like(p));
+    for (const auto& batch : batches) {
+      for (int64_t i = 0; i < batch.size(0); ++i) {
+        const auto grads = torch::autograd::grad({loss_of(batch.narrow(0, i, 1))}, m->parameters());
+        double norm_sq = 0;
+        for (const auto& g : grads) norm_sq += g.square().sum().item<double>();
+        const double factor = std::min(1.0, C / std::sqrt(norm_sq));
+        for (size_t k = 0; k < grads.size(); ++k) sum[k] += factor * grads[k];
+      }
+    }
+    optim::PhiloxNoise twin(seed);
+    for (auto& s : sum) s = (s + twin.gaussian(s.sizes(), sigma * C, s.options())) / E;
+    return sum;
+  };
+  enum class Mode { kOneBackward, kVirtualSteps, kClipperBegins };
+  for (const auto mode : {Mode::kOneBackward, Mode::kVirtualSteps, Mode::kClipperBegins}) {
+    auto clipper =
+        std::make_shared<PerSampleGradientClipper>(m, std::make_shared<ConstantFlatClipper>(C));
+    optim::DPOptimizer opt(sgd(m, 0.0), clipper, optim::DPOptimizerOptions(sigma, E),
+                           std::make_shared<optim::PhiloxNoise>(seed));
+    std::vector<torch::Tensor> batches = {x};
+    if (mode == Mode::kVirtualSteps) {
+      batches = {x.narrow(0, 0, 6), x.narrow(0, 6, 4)};
+      loss_of(batches[0]).backward();
+      opt.accumulate();
+      EXPECT_THAT([&] { (void)clipper->pre_step(); },
+                  ThrowsMessage<c10::Error>(HasSubstr("that optimizer's step()")));
+    }
+    loss_of(batches.back()).backward();
+    if (mode == Mode::kClipperBegins) clipper->clip_and_accumulate();
+    opt.step();
+    std::vector<torch::Tensor> stepped;
+    for (const auto& p : m->parameters()) stepped.push_back(p.grad().clone());
+    opt.zero_grad();
+    clipper->close();  // the reference runs on the plain module
+    const auto expected = clipped_sum(batches);
+    for (size_t k = 0; k < stepped.size(); ++k) {
+      EXPECT_TRUE(tensors_close(stepped[k], expected[k], 1e-5))
+          << "mode " << static_cast<int>(mode) << ", parameter " << k;
+    }
+  }
+}
+
 // A step allocates no parameter-sized tensors: with zero_grad between steps, every step's
 // gradient lives in the same accumulator storage.
 TEST(DPOptimizer, StepsReuseTheGradientStorage) {

@@ -5,6 +5,9 @@
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
 
+#include <string>
+#include <tuple>
+
 #include "support/tensor_assert.h"
 
 namespace dptorch {
@@ -57,9 +60,11 @@ struct Lookups {
   int64_t batch = 6, vocab = 50, dim = 7;
 };
 
-Lookups make_lookups(torch::ScalarType dtype) {
+Lookups make_lookups(torch::ScalarType dtype, int64_t vocab = 50, int64_t dim = 7) {
   torch::manual_seed(3);
   Lookups l;
+  l.vocab = vocab;
+  l.dim = dim;
   const int64_t n = 300;
   l.index = torch::randint(l.vocab, {n}, torch::kLong);
   l.sample = torch::randint(l.batch - 1, {n}, torch::kLong);  // sample 5 has no lookups
@@ -68,10 +73,15 @@ Lookups make_lookups(torch::ScalarType dtype) {
   return l;
 }
 
+// Small rows within one word of the loop's bit sets, and longer rows (two vectors of partial
+// sums and a tail) over a table of several words.
 TEST(EmbeddingNormSq, CpuLoopEqualsTheGenericOperators) {
-  for (auto dtype : {torch::kFloat, torch::kDouble}) {
-    SCOPED_TRACE(c10::toString(dtype));
-    const auto l = make_lookups(dtype);
+  for (auto [dtype, vocab, dim] : {std::tuple{torch::kFloat, 50, 7},
+                                   {torch::kDouble, 50, 7},
+                                   {torch::kFloat, 1000, 37},
+                                   {torch::kDouble, 1000, 37}}) {
+    SCOPED_TRACE(std::string(c10::toString(dtype)) + ", vocab " + std::to_string(vocab));
+    const auto l = make_lookups(dtype, vocab, dim);
     auto fast = gs::embedding_norm_sq(l.index, l.sample, l.g, l.batch, l.vocab);
     auto generic = gs::detail::embedding_norm_sq_generic(l.index, l.sample, l.g, l.batch, l.vocab);
     EXPECT_TRUE(tensors_close(fast, generic, dtype == torch::kDouble ? 1e-13 : 1e-6));

@@ -10,6 +10,10 @@
 
 namespace dptorch {
 
+namespace optim {
+class DPOptimizer;
+}  // namespace optim
+
 /// What the on-batch-clip callback sees: once per trainable parameter after each
 /// clip_and_accumulate(), then once with an empty `name` to mark the end of the batch.
 struct ClipEvent {
@@ -87,9 +91,10 @@ class PerSampleGradientClipper {
 
   /// Accumulated Σ clipped per-sample gradients per trainable parameter, in the order of
   /// grad_sample_module().parameter_names(); empty when nothing was accumulated since the last
-  /// reset. The accumulators are kept from step to step (zeroed, not reallocated, when a new
-  /// accumulation starts), so a step allocates no parameter-sized tensors; pre_step() and
-  /// DPOptimizer::step() hand them to `.grad` without a copy.
+  /// reset. The accumulators are kept from step to step (overwritten, not reallocated, when a
+  /// new accumulation starts, unless a `.grad` still holds them), so a step allocates no
+  /// parameter-sized tensors; pre_step() and DPOptimizer::step() hand them to `.grad` without a
+  /// copy. In an accumulation begun by a DPOptimizer they hold the noise and the scaled sums.
   [[nodiscard]] std::vector<torch::Tensor> accumulated() const;
   /// Samples accumulated since the last reset.
   [[nodiscard]] int64_t accumulated_batch_size() const { return batch_size_; }
@@ -106,12 +111,31 @@ class PerSampleGradientClipper {
   [[nodiscard]] const std::shared_ptr<NormClipper>& norm_clipper() const { return norm_clipper_; }
 
  private:
+  // DPOptimizer begins its accumulations itself: the accumulators start as the noise, and the
+  // 1/E[B] of a mean loss is folded into the clip weights, which spares a zeroing pass and a
+  // division pass over every gradient per step (DESIGN.md §4).
+  friend class optim::DPOptimizer;
+
+  // How an accumulation begins.
+  struct AccumulationStart {
+    // Writes the accumulators' first values (they arrive uninitialised); empty: zeros.
+    std::function<void(const std::vector<torch::Tensor>&)> fill;
+    // Multiplies every clipped sum added during the accumulation.
+    double scale = 1;
+  };
+
+  // Begins an accumulation (one must not be under way): the accumulators are reused where
+  // possible (not while a `.grad` holds them) and given their first values.
+  void start_accumulation(const AccumulationStart& start);
+
   std::unique_ptr<GradSampleModule> gsm_;
   std::shared_ptr<NormClipper> norm_clipper_;
-  /// Zeroes the accumulators (or makes them, where missing or now held by a `.grad`).
-  void start_accumulation();
 
-  std::vector<torch::Tensor> summed_;  // kept across resets; valid while iterations_ > 0
+  std::vector<torch::Tensor> summed_;  // kept across resets; valid while accumulating_
+  bool accumulating_ = false;          // begun and not reset
+  bool filled_ = false;                // begun with an AccumulationStart::fill
+  double scale_ = 1;                   // the accumulation's AccumulationStart::scale
+  uint64_t accumulation_id_ = 0;       // counts the accumulations begun, to tell them apart
   std::vector<double> max_norms_;
   int64_t batch_size_ = 0;
   int64_t iterations_ = 0;

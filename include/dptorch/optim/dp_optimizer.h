@@ -28,7 +28,9 @@ struct DPOptimizerOptions {
 /// DP-SGD around any torch::optim optimiser (DESIGN.md §4): step() clips and accumulates the
 /// last backward if that was not done yet, adds N(0, σ²C²) to each parameter's clipped sum,
 /// divides by the expected batch size ("mean"), runs the inner step, and tells the accountant
-/// (σ, q). A step with nothing accumulated (an empty Poisson batch) adds noise only.
+/// (σ, q). A step with nothing accumulated (an empty Poisson batch) adds noise only. The noise
+/// is drawn when the accumulation begins and the clipped sums are added onto it, already
+/// divided: the same sum, without a zeroing pass and a division pass over the gradients.
 ///
 /// Example:
 ///   auto clipper = std::make_shared<dptorch::PerSampleGradientClipper>(
@@ -74,6 +76,11 @@ class DPOptimizer {
   void set_steps(int64_t steps) { steps_ = steps; }
 
  private:
+  // Whether the loss is a mean over the batch (the sums are then divided by E[B]).
+  [[nodiscard]] bool mean_loss() const;
+  // σ·C: the std of the noise on each clipped sum.
+  [[nodiscard]] double noise_stddev() const;
+
   std::shared_ptr<torch::optim::Optimizer> inner_;
   std::shared_ptr<PerSampleGradientClipper> clipper_;
   DPOptimizerOptions options_;
@@ -82,6 +89,8 @@ class DPOptimizer {
   std::shared_ptr<AdaptiveClipper> adaptive_;
   double gradient_sigma_;
   int64_t steps_ = 0;
+  // The clipper's accumulation this optimiser began with the noise in it (0: none).
+  uint64_t noised_accumulation_ = 0;
 };
 
 }  // namespace dptorch::optim

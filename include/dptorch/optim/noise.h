@@ -29,6 +29,11 @@ class NoiseSource {
   /// chunks, without a temporary the size of the target.
   virtual void add_gaussian_(const torch::Tensor& target, double stddev);
 
+  /// Overwrites `target` with i.i.d. N(0, stddev²) entries (its device and dtype): the values
+  /// gaussian() of the target's shape would return. The default copies gaussian(); a source may
+  /// override it to write in place.
+  virtual void fill_gaussian_(const torch::Tensor& target, double stddev);
+
   /// Whether the noise comes from a cryptographically secure generator, hardened against
   /// floating-point attacks: what a deployed privacy guarantee needs.
   [[nodiscard]] virtual bool is_secure() const noexcept = 0;
@@ -119,6 +124,10 @@ class PhiloxNoise final : public NoiseSource {
   /// state, bit for bit on the CPU.
   void add_gaussian_(const torch::Tensor& target, double stddev) override;
 
+  /// Writes the next draw in place, without a temporary on the CPU for float and double: the
+  /// result equals gaussian(target.sizes(), stddev, target.options()) from the same state.
+  void fill_gaussian_(const torch::Tensor& target, double stddev) override;
+
   /// false: the stream is predictable from the seed.
   [[nodiscard]] bool is_secure() const noexcept override { return false; }
 
@@ -141,6 +150,8 @@ class PhiloxNoise final : public NoiseSource {
   // Writes (or, with `add`, adds) stddev × draw `stream` into the contiguous CPU float or double
   // tensor `out`, in parallel blocks.
   void fill(const torch::Tensor& out, double stddev, uint64_t stream, bool add) const;
+  // Draws into `target` (adds with `add`): in place where fill() can, else through gaussian().
+  void draw_into(const torch::Tensor& target, double stddev, bool add);
   uint64_t next_stream();
 
   uint64_t seed_;
