@@ -137,6 +137,30 @@ TEST_P(NoiseSourceTest, AddGaussianAddsTheRequestedGaussianInPlace) {
               ThrowsMessage<c10::Error>(HasSubstr("noise dtype must be floating point")));
 }
 
+// fill_gaussian_ overwrites whatever the target held (NaN here) with the requested Gaussian, in
+// the target's own storage; with stddev 0 it writes zeros. Same moment bounds as above.
+TEST_P(NoiseSourceTest, FillGaussianOverwritesWithTheRequestedGaussian) {
+  constexpr double kStd = 2.5;
+  for (const auto dtype : {torch::kFloat32, torch::kFloat64}) {
+    for (const bool contiguous : {true, false}) {
+      auto base = torch::full({1000, 1000}, NAN, torch::TensorOptions().dtype(dtype));
+      auto target = contiguous ? base : base.t();
+      const void* data = target.data_ptr();
+      source_->fill_gaussian_(target, kStd);
+      ASSERT_EQ(target.data_ptr(), data);
+      const torch::Tensor z = base.to(torch::kFloat64) / kStd;
+      ASSERT_TRUE(z.isfinite().all().item<bool>()) << dtype << " contiguous " << contiguous;
+      EXPECT_NEAR(z.mean().item<double>(), 0.0, 0.006) << dtype << " contiguous " << contiguous;
+      EXPECT_NEAR(z.std().item<double>(), 1.0, 0.005) << dtype << " contiguous " << contiguous;
+    }
+  }
+  auto zeroed = torch::full({5}, NAN);
+  source_->fill_gaussian_(zeroed, 0.0);
+  EXPECT_TRUE(torch::equal(zeroed, torch::zeros({5})));
+  EXPECT_THAT([&] { source_->fill_gaussian_(zeroed, -1.0); },
+              ThrowsMessage<c10::Error>(HasSubstr("stddev must be finite and >= 0, but is -1")));
+}
+
 INSTANTIATE_TEST_SUITE_P(Sources, NoiseSourceTest, ::testing::ValuesIn(kSources),
                          [](const ::testing::TestParamInfo<SourceCase>& info) {
                            return std::string(info.param.name);
@@ -412,6 +436,26 @@ TEST(PhiloxTest, AddGaussianAddsWhatGaussianWouldDraw) {
     auto strided = before.t().contiguous().t();
     noise.add_gaussian_(strided, 0.7);
     EXPECT_TRUE(torch::allclose(strided, target, 1e-6, 1e-6)) << dtype;
+  }
+}
+
+// fill_gaussian_ writes exactly the draw gaussian() would return from the same state, and
+// advances the stream by one draw; a non-contiguous target gets the same values.
+TEST(PhiloxTest, FillGaussianWritesWhatGaussianWouldDraw) {
+  for (const auto dtype : {torch::kFloat32, torch::kFloat64}) {
+    const auto options = torch::TensorOptions().dtype(dtype);
+    PhiloxNoise noise(kSeed);
+    (void)noise.gaussian({5}, 1.0, options);
+    const std::string state = noise.state();
+    auto target = torch::randn({1000, 37}, options);
+    noise.fill_gaussian_(target, 0.7);
+    EXPECT_EQ(noise.draws(), 2u);
+    noise.set_state(state);
+    EXPECT_TRUE(torch::equal(target, noise.gaussian({1000, 37}, 0.7, options))) << dtype;
+    noise.set_state(state);
+    auto strided = torch::randn({37, 1000}, options).t();
+    noise.fill_gaussian_(strided, 0.7);
+    EXPECT_TRUE(torch::equal(strided, target)) << dtype;
   }
 }
 
