@@ -5,7 +5,12 @@
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
 
+#include <ATen/Parallel.h>
+
+#include <mutex>
+#include <set>
 #include <string>
+#include <thread>
 #include <tuple>
 
 #include "support/tensor_assert.h"
@@ -147,6 +152,22 @@ TEST(EmbeddingGrads, ExpandedRowsEqualCopiedRows) {
     EXPECT_TRUE(tensors_close(gs::detail::embedding_norm_sq_generic(index, sample, copied, B, V),
                               a.norm_sq().at(0), tol));
   }
+}
+
+// The CPU loops split their work with at::parallel_for, whose OpenMP pragma is compiled where it
+// is called: with the flags dptorch passes on (-fopenmp), a loop of two chunks runs on two
+// threads. Without them every loop of dptorch would silently run on one.
+TEST(ParallelLoops, RunOnTheThreadsTorchIsGiven) {
+  const int threads = torch::get_num_threads();
+  torch::set_num_threads(2);
+  std::mutex mutex;
+  std::set<std::thread::id> ids;
+  at::parallel_for(0, 2, 1, [&](int64_t, int64_t) {
+    std::lock_guard<std::mutex> lock(mutex);
+    ids.insert(std::this_thread::get_id());
+  });
+  torch::set_num_threads(threads);
+  EXPECT_EQ(ids.size(), 2u);
 }
 
 TEST(EmbeddingGrads, WeightedSumDoesNotDependOnTheThreadCount) {
