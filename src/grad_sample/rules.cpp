@@ -2,6 +2,8 @@
 
 #include <torch/torch.h>
 
+#include <ATen/Parallel.h>
+
 #include "cpu_kernels.h"
 
 namespace dptorch::grad_sample {
@@ -26,6 +28,23 @@ torch::Tensor broadcast_weights(const torch::Tensor& w, const torch::Tensor& lik
   return w.to(like.scalar_type()).view(shape);
 }
 
+// bmm of [N, n, k] by [N, k, m]. On the CPU with several threads, the batch is split over the
+// threads and each part multiplied by one thread: torch's own bmm runs its small products one
+// after another, each split over the threads by the BLAS, which for the [T, T] and [p, d]
+// products of the norms costs more in synchronisation than it gains.
+torch::Tensor batched_matmul(const torch::Tensor& x, const torch::Tensor& y) {
+  const int64_t n = x.size(0);
+  if (!x.device().is_cpu() || at::get_num_threads() == 1 || n < 2 || at::in_parallel_region()) {
+    return torch::bmm(x, y);
+  }
+  auto out = torch::empty({n, x.size(1), y.size(2)}, x.options());
+  at::parallel_for(0, n, 1, [&](int64_t begin, int64_t end) {
+    auto part = out.narrow(0, begin, end - begin);
+    at::bmm_out(part, x.narrow(0, begin, end - begin), y.narrow(0, begin, end - begin));
+  });
+  return out;
+}
+
 }  // namespace
 
 torch::Tensor ghost_norm_sq(const torch::Tensor& a, const torch::Tensor& g, int64_t groups) {
@@ -37,15 +56,15 @@ torch::Tensor ghost_norm_sq(const torch::Tensor& a, const torch::Tensor& g, int6
     return aa.mul_(gg).square_().sum(1);
   }
   auto ag = by_group(a, groups), gg = by_group(g, groups);
-  auto gram_a = torch::bmm(ag, ag.transpose(1, 2));  // [B·G, T, T]
-  auto gram_g = torch::bmm(gg, gg.transpose(1, 2));
+  auto gram_a = batched_matmul(ag, ag.transpose(1, 2));  // [B·G, T, T]
+  auto gram_g = batched_matmul(gg, gg.transpose(1, 2));
   return gram_a.mul_(gram_g).view({B, groups * T * T}).sum(1);
 }
 
 torch::Tensor materialize(const torch::Tensor& a, const torch::Tensor& g, int64_t groups) {
   const int64_t B = a.size(0);
   auto ag = by_group(a, groups), gg = by_group(g, groups);
-  auto samples = torch::bmm(gg.transpose(1, 2), ag);  // [B·G, p, d]
+  auto samples = batched_matmul(gg.transpose(1, 2), ag);  // [B·G, p, d]
   return samples.view({B, groups * samples.size(1), samples.size(2)});
 }
 
