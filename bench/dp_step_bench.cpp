@@ -27,6 +27,7 @@
 #include "measure.h"
 
 #include <dlfcn.h>
+#include <malloc.h>
 #include <sched.h>
 #include <sys/resource.h>
 #include <unistd.h>
@@ -564,6 +565,10 @@ int child_mem(const Options& o) {
   // Keep only the variant measured: drop the other model before the baseline.
   Model model = dp ? std::move(models.second) : std::move(models.first);
   models = {};
+  // Return the dropped model's pages to the kernel (glibc keeps them with --malloc-no-mmap):
+  // otherwise the step reuses them without showing in the growth, by an amount that depends on
+  // where the allocator happened to put them.
+  malloc_trim(0);
   auto stepper = make_stepper(o, row, dp, std::move(model));
   const long base_anon = status_kb("RssAnon");
   const long file_before = status_kb("RssFile");
