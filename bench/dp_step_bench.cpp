@@ -20,6 +20,8 @@
 #include <dptorch/dptorch.h>
 
 #include <ATen/Version.h>
+#include <c10/core/Allocator.h>
+#include <c10/util/ThreadLocalDebugInfo.h>
 #include <torch/torch.h>
 #include <torch/version.h>
 #include <CLI/CLI.hpp>
@@ -558,6 +560,27 @@ long status_kb(const std::string& key) {
 // the warm-up) is compared with the anonymous RSS before the first step. The growth counts what
 // a step holds and what it adds at its peak: activations, the autograd graph, gradients,
 // optimiser state, per-sample tensors, noise, and allocator slack.
+// Peak bytes of live CPU tensors, from the reports torch's CPU allocator sends to a memory
+// profiler installed on this thread (the mechanism of torch's own profiler): only tensors
+// allocated while it is installed count, so the model, the data and everything made before are
+// left out. With several threads, tensors made and freed inside a parallel loop's worker are not
+// seen; this benchmark reads it with one thread's worth of allocations in mind.
+class PeakTensorBytes final : public c10::MemoryReportingInfoBase {
+ public:
+  void reportMemoryUsage(void* /*ptr*/, int64_t /*alloc_size*/, int64_t total_allocated,
+                         int64_t /*total_reserved*/, c10::Device device) override {
+    if (!device.is_cpu()) return;
+    current_ = total_allocated;
+    peak_ = std::max(peak_, total_allocated);
+  }
+  bool memoryProfilingEnabled() const override { return true; }
+  void reset_peak() { peak_ = current_; }
+  [[nodiscard]] int64_t peak() const { return peak_; }
+
+ private:
+  int64_t current_ = 0, peak_ = 0;
+};
+
 int child_mem(const Options& o) {
   const Row& row = find_row(o.row);
   const bool dp = o.variant == "dp";
@@ -572,7 +595,10 @@ int child_mem(const Options& o) {
   auto stepper = make_stepper(o, row, dp, std::move(model));
   const long base_anon = status_kb("RssAnon");
   const long file_before = status_kb("RssFile");
+  auto tensors = std::make_shared<PeakTensorBytes>();
+  c10::DebugInfoGuard tensor_guard(c10::DebugInfoKind::PROFILER_STATE, tensors);
   stepper->step();
+  tensors->reset_peak();  // what the warm-up step keeps (gradients, accumulators) stays counted
   const long file_warm = status_kb("RssFile");
   bool reset = false;
   {
@@ -586,6 +612,7 @@ int child_mem(const Options& o) {
   const long file_after = status_kb("RssFile");
   const long shmem = status_kb("RssShmem");
   report("growth_kb", static_cast<double>(hwm - file_after - shmem - base_anon));
+  report("tensor_peak_kb", static_cast<double>(tensors->peak()) / 1024.0);
   report("base_anon_kb", static_cast<double>(base_anon));
   report("hwm_kb", static_cast<double>(hwm));
   report("code_pages_kb", static_cast<double>(file_warm - file_before));
@@ -731,28 +758,34 @@ int parent(const Options& o) {
   bool reset_ok = true;
   std::printf(
       "| row | batch | steps | non-private ms | DP ms | time ratio | CPU-time ratio | "
-      "page faults/step NP, DP | non-private peak MB | DP peak MB | memory ratio |\n");
-  std::printf("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n");
+      "page faults/step NP, DP | non-private peak MB | DP peak MB | memory ratio | "
+      "tensor peak MB NP, DP | tensor ratio |\n");
+  std::printf("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n");
   for (const auto& r : results) {
     const double np = r.time.at("np_ms"), dp = r.time.at("dp_ms");
     const double mnp = r.mem_np.at("growth_kb") / 1024.0;
     const double mdp = r.mem_dp.at("growth_kb") / 1024.0;
+    const double tnp = r.mem_np.at("tensor_peak_kb") / 1024.0;
+    const double tdp = r.mem_dp.at("tensor_peak_kb") / 1024.0;
     reset_ok = reset_ok && r.mem_np.at("hwm_reset") > 0 && r.mem_dp.at("hwm_reset") > 0;
     std::printf(
         "| %s | %lld | %d | %.2f (%.2f-%.2f) | %.2f (%.2f-%.2f) | %.2f | %.2f | %.0f, %.0f "
-        "| %.1f | %.1f | %.2f |\n",
+        "| %.1f | %.1f | %.2f | %.1f, %.1f | %.2f |\n",
         r.row.name.c_str(), static_cast<long long>(r.row.batch),
         static_cast<int>(r.time.at("steps")), np, r.time.at("np_q25"), r.time.at("np_q75"), dp,
         r.time.at("dp_q25"), r.time.at("dp_q75"), dp / np,
         r.time.at("dp_cpu_ms") / r.time.at("np_cpu_ms"), r.time.at("np_faults"),
-        r.time.at("dp_faults"), mnp, mdp, mdp / mnp);
+        r.time.at("dp_faults"), mnp, mdp, mdp / mnp, tnp, tdp, tdp / tnp);
   }
   std::printf(
       "\ntimes: median wall time per step (25th-75th percentile); time ratio = DP median "
       "/ non-private median; CPU-time ratio = the same with the process's CPU time (all "
       "threads), which time given to other processes does not inflate; page faults = median minor "
       "faults per "
-      "step (fresh pages touched)%s\n",
+      "step (fresh pages touched); peak MB = growth of the resident anonymous memory over a "
+      "step after a warm-up step, in a fresh process per variant; tensor peak MB = the most "
+      "bytes of CPU tensors alive at once during those steps, counting only tensors made from "
+      "the warm-up step on (torch's allocator reports to a memory profiler)%s\n",
       reset_ok ? "" : "; WARNING: the peak-RSS reset failed, peaks include set-up");
   const auto dp_names = dp_stage_names();
   struct Measure {

@@ -315,7 +315,8 @@ const torch::Tensor& LinearLikeGrads::weight_samples() {
 }
 
 const torch::Tensor& LinearLikeGrads::bias_samples() {
-  if (!bias_samples_.defined()) bias_samples_ = g_.sum(1);
+  // One position (a plain Linear): the rows of g themselves, not a copy.
+  if (!bias_samples_.defined()) bias_samples_ = g_.size(1) == 1 ? g_.select(1, 0) : g_.sum(1);
   return bias_samples_;
 }
 
@@ -355,11 +356,18 @@ void LinearLikeGrads::add_weighted_sum_to(const std::vector<torch::Tensor>& w,
     if (weight_samples_.defined()) {
       o.view({-1}).addmv_(weight_samples_.flatten(1).t(), wk);
     } else if (groups_ == 1) {
-      // The non-private weight gradient's matmul, with the rows of g scaled per sample.
-      const int64_t rows = a_.size(0) * a_.size(1);
-      auto gw = g_ * broadcast_weights(wk, g_);
-      o.view({g_.size(2), a_.size(2)})
-          .addmm_(gw.reshape({rows, g_.size(2)}).t(), a_.reshape({rows, a_.size(2)}));
+      // The non-private weight gradient's matmul, with the rows of g scaled per sample, a few
+      // samples at a time: the scaled copy of g stays near kSumChunkBytes.
+      const int64_t B = a_.size(0), T = a_.size(1), d = a_.size(2), p = g_.size(2);
+      const int64_t sample_bytes = std::max<int64_t>(1, T * p * g_.element_size());
+      const int64_t chunk = std::max<int64_t>(1, kSumChunkBytes / sample_bytes);
+      auto o2 = o.view({p, d});
+      for (int64_t b = 0; b < B; b += chunk) {
+        const int64_t n = std::min(chunk, B - b);
+        const auto gc = g_.narrow(0, b, n);
+        auto gw = gc * broadcast_weights(wk.narrow(0, b, n), gc);
+        o2.addmm_(gw.reshape({n * T, p}).t(), a_.narrow(0, b, n).reshape({n * T, d}));
+      }
     } else {
       o.add_(grad_sample::weighted_sum(a_, g_, wk, groups_).view(o.sizes()));
     }

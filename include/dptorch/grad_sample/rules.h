@@ -111,6 +111,8 @@ class LinearLikeGrads final : public PerSampleGrads {
   std::vector<torch::Tensor> materialize() override;
   /// Whether the weight's norms are computed by materialising (after the cost model).
   [[nodiscard]] bool materializes() const { return materialize_; }
+  /// add_weighted_sum_to() scales the output gradient of this many bytes of samples at a time.
+  static constexpr int64_t kSumChunkBytes = int64_t{1} << 20;
 
  private:
   const torch::Tensor& weight_samples();
