@@ -233,39 +233,23 @@ std::vector<int64_t> row_offsets(const Rows<T>& g) {
   return offset;
 }
 
-// Σ x_d² of a gradient row: squares summed in kLanes float (or double) partial sums, which the
-// compiler keeps in vector registers, and the partial sums added in double. Terms are
-// non-negative, so the float partial sums of a 64-wide row lose only a few ulp.
-template <typename T>
-double row_sum_of_squares(const T* x, int64_t size) {
-  constexpr int64_t kLanes = 16;
-  T lanes[kLanes] = {};
-  int64_t d = 0;
-  for (; d + kLanes <= size; d += kLanes) {
-    for (int64_t j = 0; j < kLanes; ++j) lanes[j] += x[d + j] * x[d + j];
-  }
-  double s = 0.0;
-  for (; d < size; ++d) s += static_cast<double>(x[d]) * static_cast<double>(x[d]);
-  for (const T lane : lanes) s += static_cast<double>(lane);
-  return s;
-}
-
-// Σ x_d² in double. Eight independent partial sums: the compiler vectorises them without
-// reordering any one sum (a single running sum would be one long dependency chain).
-template <typename T>
+// Σ x_d²: kLanes independent partial sums of type Acc, which the compiler keeps in vector
+// registers without reordering any one of them (a single running sum would be one long
+// dependency chain), added up in double. Float partial sums of non-negative terms over a row of
+// tens of elements lose only a few ulp; double ones serve the sums of repeated rows.
+template <typename Acc, int64_t kLanes, typename T>
 double sum_of_squares(const T* x, int64_t size) {
-  constexpr int64_t kLanes = 8;
-  double lanes[kLanes] = {};
+  Acc lanes[kLanes] = {};
   int64_t d = 0;
   for (; d + kLanes <= size; d += kLanes) {
     for (int64_t j = 0; j < kLanes; ++j) {
-      const auto v = static_cast<double>(x[d + j]);
+      const auto v = static_cast<Acc>(x[d + j]);
       lanes[j] += v * v;
     }
   }
   double s = 0.0;
   for (; d < size; ++d) s += static_cast<double>(x[d]) * static_cast<double>(x[d]);
-  for (const double lane : lanes) s += lane;
+  for (const Acc lane : lanes) s += static_cast<double>(lane);
   return s;
 }
 
@@ -384,11 +368,12 @@ void embedding_norm_sq(const int64_t* index, const int64_t* sample, const Rows<T
         }
         if (row != last_row) {
           last_row = row;
-          last_sq = row_sum_of_squares(row, dim);
+          last_sq = sum_of_squares<T, 16>(row, dim);
         }
         total += last_sq;
       }
-      for (const auto& group : groups) total += sum_of_squares(sums.data() + group.second, dim);
+      for (const auto& group : groups)
+        total += sum_of_squares<double, 8>(sums.data() + group.second, dim);
       norm_sq[i] = static_cast<T>(total);
       for (int64_t k = start[i]; k < start[i + 1]; ++k) {
         const int64_t v = index[order[k]];
