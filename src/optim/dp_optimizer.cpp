@@ -51,22 +51,23 @@ DPOptimizer::DPOptimizer(std::shared_ptr<torch::optim::Optimizer> inner,
 }
 
 void DPOptimizer::accumulate() {
-  auto& clipper = *clipper_;
-  if (!clipper.grad_sample_module().has_pass()) return;
-  if (!clipper.accumulating_) {
-    // Noise first: the accumulators start as N(0, σ²C²)/E[B] (÷ E[B] for "mean") and the clipped
-    // sums are added with the same factor, so step() has nothing left to do to the gradients.
-    const double scale = mean_loss() ? 1.0 / options_.expected_batch_size() : 1.0;
-    const double stddev = noise_stddev() * scale;
-    PerSampleGradientClipper::AccumulationStart start;
-    start.fill = [this, stddev](const std::vector<torch::Tensor>& accumulators) {
-      for (const auto& acc : accumulators) noise_->fill_gaussian_(acc, stddev);
-    };
-    start.scale = scale;
-    clipper.start_accumulation(start);
-    noised_accumulation_ = clipper.accumulation_id_;
-  }
-  clipper.clip_and_accumulate();
+  if (!clipper_->grad_sample_module().has_pass()) return;
+  if (!clipper_->accumulating_) begin_noised_accumulation();
+  clipper_->clip_and_accumulate();
+}
+
+void DPOptimizer::begin_noised_accumulation() {
+  // Noise first: the accumulators start as N(0, σ²C²)/E[B] (÷ E[B] for "mean") and the clipped
+  // sums are added with the same factor, so step() has nothing left to do to the gradients.
+  const double scale = mean_loss() ? 1.0 / options_.expected_batch_size() : 1.0;
+  const double stddev = noise_stddev() * scale;
+  PerSampleGradientClipper::AccumulationStart start;
+  start.fill = [this, stddev](const std::vector<torch::Tensor>& accumulators) {
+    for (const auto& acc : accumulators) noise_->fill_gaussian_(acc, stddev);
+  };
+  start.scale = scale;
+  clipper_->start_accumulation(start);
+  noised_accumulation_ = clipper_->accumulation_id_;
 }
 
 bool DPOptimizer::mean_loss() const {
@@ -80,28 +81,23 @@ double DPOptimizer::noise_stddev() const {
 void DPOptimizer::step() {
   accumulate();
   auto& clipper = *clipper_;
+  // Nothing accumulated (an empty batch): the step is the noise alone.
+  if (!clipper.accumulating_) begin_noised_accumulation();
   const auto params = clipper.grad_sample_module().parameters();
-  if (clipper.accumulating_ && clipper.accumulation_id_ == noised_accumulation_) {
-    // Begun by accumulate(): the accumulators already are the noisy, divided sums.
-    for (size_t k = 0; k < params.size(); ++k) {
-      params[k].mutable_grad() = clipper.summed_[k].detach();
-    }
-  } else {
-    // Nothing accumulated (an empty batch), or an accumulation begun by the clipper itself
-    // (clip_and_accumulate() called directly): noise and division now.
-    TORCH_CHECK(!clipper.accumulating_ || (clipper.scale_ == 1 && !clipper.filled_),
-                "DPOptimizer::step() found an accumulation begun by another optimizer; step "
-                "with the optimizer that accumulated it");
-    const auto sums = clipper.accumulated();
-    const double stddev = noise_stddev();
-    for (size_t k = 0; k < params.size(); ++k) {
-      const auto& p = params[k];
-      // The clipper's accumulator becomes the gradient without a copy; the noise goes into it.
-      auto grad = sums.empty() ? torch::zeros_like(p) : sums[k];
-      noise_->add_gaussian_(grad, stddev);
+  const bool noised = clipper.accumulation_id_ == noised_accumulation_;
+  // An accumulation the clipper began itself (clip_and_accumulate() called directly) gets its
+  // noise and division now.
+  TORCH_CHECK(noised || (clipper.scale_ == 1 && !clipper.filled_),
+              "DPOptimizer::step() found an accumulation begun by another optimizer; step "
+              "with the optimizer that accumulated it");
+  for (size_t k = 0; k < params.size(); ++k) {
+    // The clipper's accumulator becomes the gradient without a copy.
+    const auto& grad = clipper.summed_[k];
+    if (!noised) {
+      noise_->add_gaussian_(grad, noise_stddev());
       if (mean_loss()) grad.div_(options_.expected_batch_size());
-      p.mutable_grad() = grad.detach();
     }
+    params[k].mutable_grad() = grad.detach();
   }
   noised_accumulation_ = 0;
   if (adaptive_) {

@@ -76,6 +76,9 @@ class DPOptimizer {
   void set_steps(int64_t steps) { steps_ = steps; }
 
  private:
+  // Begins the clipper's accumulation with the noise in the accumulators and the clip weights
+  // scaled by 1/E[B] ("mean").
+  void begin_noised_accumulation();
   // Whether the loss is a mean over the batch (the sums are then divided by E[B]).
   [[nodiscard]] bool mean_loss() const;
   // σ·C: the std of the noise on each clipped sum.
