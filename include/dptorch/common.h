@@ -3,6 +3,7 @@
 #include <c10/util/Exception.h>
 
 #include <cmath>
+#include <cstdint>
 #include <string>
 
 /// Shared vocabulary and argument checks of dptorch.
@@ -36,6 +37,31 @@ enum class NormMethod {
 };
 
 namespace detail {
+
+// One phrasing for every option check: "<name> must be <condition>, but is <value>".
+
+/// Which ends of a range belong to it.
+enum class Bounds { kOpen, kClosed, kClosedOpen, kOpenClosed };
+
+/// Checks that `value` is finite: "<name> must be finite, but is <value>".
+inline void check_finite(const char* name, double value) {
+  TORCH_CHECK_VALUE(std::isfinite(value), name, " must be finite, but is ", value);
+}
+
+/// Checks that a count is at least `lo`: "steps must be >= 1, but is 0".
+inline void check_at_least(const char* name, int64_t value, int64_t lo) {
+  TORCH_CHECK_VALUE(value >= lo, name, " must be >= ", lo, ", but is ", value);
+}
+
+/// Checks that `value` lies in the range from `lo` to `hi` with the given ends:
+/// "delta must be in (0, 1), but is 2".
+inline void check_in_range(const char* name, double value, double lo, double hi, Bounds bounds) {
+  const bool lo_in = bounds == Bounds::kClosed || bounds == Bounds::kClosedOpen;
+  const bool hi_in = bounds == Bounds::kClosed || bounds == Bounds::kOpenClosed;
+  const bool ok = (lo_in ? value >= lo : value > lo) && (hi_in ? value <= hi : value < hi);
+  TORCH_CHECK_VALUE(ok, name, " must be in ", lo_in ? "[" : "(", lo, ", ", hi, hi_in ? "]" : ")",
+                    ", but is ", value);
+}
 
 /// Checks that `value` is finite and > 0: "<name> must be finite and > 0, but is <value>".
 inline void check_positive(const char* name, double value) {

@@ -1,4 +1,5 @@
 #include <dptorch/accounting/accountant.h>
+#include <dptorch/common.h>
 
 #include <dptorch/accounting/gdp.h>
 #include <dptorch/accounting/prv.h>
@@ -161,26 +162,23 @@ std::unique_ptr<Accountant> load_accountant(const std::string& state) {
 namespace detail {
 
 void check_noise_multiplier(double noise_multiplier) {
-  TORCH_CHECK_VALUE(std::isfinite(noise_multiplier) && noise_multiplier >= 0,
-                    "noise_multiplier must be finite and >= 0, but is ", noise_multiplier);
+  dptorch::detail::check_non_negative("noise_multiplier", noise_multiplier);
 }
 
 void check_sample_rate(double sample_rate) {
-  TORCH_CHECK_VALUE(sample_rate >= 0 && sample_rate <= 1, "sample_rate must be in [0, 1], but is ",
-                    sample_rate);
+  dptorch::detail::check_in_range("sample_rate", sample_rate, 0, 1,
+                                  dptorch::detail::Bounds::kClosed);
 }
 
 void check_positive_sample_rate(double sample_rate) {
-  TORCH_CHECK_VALUE(sample_rate > 0 && sample_rate <= 1, "sample_rate must be in (0, 1], but is ",
-                    sample_rate);
+  dptorch::detail::check_in_range("sample_rate", sample_rate, 0, 1,
+                                  dptorch::detail::Bounds::kOpenClosed);
 }
 
-void check_steps(int64_t steps) {
-  TORCH_CHECK_VALUE(steps >= 0, "steps must be >= 0, but is ", steps);
-}
+void check_steps(int64_t steps) { dptorch::detail::check_at_least("steps", steps, 0); }
 
 void check_delta(double delta) {
-  TORCH_CHECK_VALUE(delta > 0 && delta < 1, "delta must be in (0, 1), but is ", delta);
+  dptorch::detail::check_in_range("delta", delta, 0, 1, dptorch::detail::Bounds::kOpen);
 }
 
 void check_entry(const HistoryEntry& entry) {

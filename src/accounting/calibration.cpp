@@ -1,4 +1,5 @@
 #include <dptorch/accounting/calibration.h>
+#include <dptorch/common.h>
 
 #include <dptorch/accounting/accountant.h>
 #include <dptorch/accounting/prv.h>
@@ -57,8 +58,7 @@ T required(const std::optional<T>& value, const char* name) {
 // --- CalibrationOptions -------------------------------------------------------------------
 
 CalibrationOptions& CalibrationOptions::target_epsilon(double value) {
-  TORCH_CHECK_VALUE(std::isfinite(value) && value > 0,
-                    "target_epsilon must be finite and > 0, but is ", value);
+  dptorch::detail::check_positive("target_epsilon", value);
   target_epsilon_ = value;
   return *this;
 }
@@ -76,15 +76,13 @@ CalibrationOptions& CalibrationOptions::sample_rate(double value) {
 }
 
 CalibrationOptions& CalibrationOptions::steps(int64_t value) {
-  TORCH_CHECK_VALUE(value >= 1, "steps must be >= 1 to calibrate a noise multiplier, but is ",
-                    value);
+  dptorch::detail::check_at_least("steps", value, 1);
   steps_ = value;
   return *this;
 }
 
 CalibrationOptions& CalibrationOptions::epochs(double value) {
-  TORCH_CHECK_VALUE(std::isfinite(value) && value > 0, "epochs must be finite and > 0, but is ",
-                    value);
+  dptorch::detail::check_positive("epochs", value);
   epochs_ = value;
   return *this;
 }
@@ -96,8 +94,7 @@ CalibrationOptions& CalibrationOptions::accountant(std::string value) {
 }
 
 CalibrationOptions& CalibrationOptions::epsilon_tolerance(double value) {
-  TORCH_CHECK_VALUE(std::isfinite(value) && value > 0,
-                    "epsilon_tolerance must be finite and > 0, but is ", value);
+  dptorch::detail::check_positive("epsilon_tolerance", value);
   epsilon_tolerance_ = value;
   return *this;
 }
@@ -190,8 +187,7 @@ EpsilonOptions& EpsilonOptions::steps(int64_t value) {
 }
 
 EpsilonOptions& EpsilonOptions::epochs(double value) {
-  TORCH_CHECK_VALUE(std::isfinite(value) && value >= 0, "epochs must be finite and >= 0, but is ",
-                    value);
+  dptorch::detail::check_non_negative("epochs", value);
   epochs_ = value;
   return *this;
 }

@@ -1,4 +1,5 @@
 #include <dptorch/accounting/prv.h>
+#include <dptorch/common.h>
 
 #include <dptorch/accounting/fft.h>
 #include <dptorch/accounting/rdp.h>
@@ -156,14 +157,13 @@ double rdp_epsilon(const std::vector<double>& rdp, double delta) {
 // --- PrvOptions ---------------------------------------------------------------------------
 
 PrvOptions& PrvOptions::eps_error(double value) {
-  TORCH_CHECK_VALUE(std::isfinite(value) && value > 0, "eps_error must be finite and > 0, but is ",
-                    value);
+  dptorch::detail::check_positive("eps_error", value);
   eps_error_ = value;
   return *this;
 }
 
 PrvOptions& PrvOptions::delta_error(double value) {
-  TORCH_CHECK_VALUE(value > 0 && value < 1, "delta_error must be in (0, 1), but is ", value);
+  dptorch::detail::check_in_range("delta_error", value, 0, 1, dptorch::detail::Bounds::kOpen);
   delta_error_ = value;
   return *this;
 }

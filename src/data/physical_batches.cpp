@@ -1,4 +1,5 @@
 #include "dptorch/data/physical_batches.h"
+#include <dptorch/common.h>
 
 #include <algorithm>
 
@@ -6,8 +7,7 @@ namespace dptorch::data {
 
 std::vector<PhysicalBatch> physical_batches(const torch::data::Example<>& logical,
                                             int64_t max_physical_batch_size) {
-  TORCH_CHECK_VALUE(max_physical_batch_size >= 1, "max_physical_batch_size must be >= 1, but is ",
-                    max_physical_batch_size);
+  dptorch::detail::check_at_least("max_physical_batch_size", max_physical_batch_size, 1);
   TORCH_CHECK_VALUE(logical.data.defined() && logical.target.defined(),
                     "the logical batch needs defined data and target tensors");
   TORCH_CHECK_VALUE(logical.data.dim() >= 1 && logical.target.dim() >= 1,

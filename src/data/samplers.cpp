@@ -1,4 +1,5 @@
 #include "dptorch/data/samplers.h"
+#include <dptorch/common.h>
 
 #include <c10/util/Exception.h>
 
@@ -39,11 +40,11 @@ uint64_t uniform_below(std::mt19937_64& engine, uint64_t bound) {
 }
 
 void check_dataset_size(int64_t dataset_size) {
-  TORCH_CHECK_VALUE(dataset_size >= 1, "dataset_size must be >= 1, but is ", dataset_size);
+  dptorch::detail::check_at_least("dataset_size", dataset_size, 1);
 }
 
 void check_step(const char* name, int64_t value) {
-  TORCH_CHECK_VALUE(value >= 0, name, " must be >= 0, but is ", value);
+  dptorch::detail::check_at_least(name, value, 0);
 }
 
 }  // namespace
@@ -51,8 +52,8 @@ void check_step(const char* name, int64_t value) {
 PoissonSampler::PoissonSampler(int64_t dataset_size, double sample_rate, uint64_t seed)
     : dataset_size_(dataset_size), sample_rate_(sample_rate), seed_(seed) {
   check_dataset_size(dataset_size);
-  TORCH_CHECK_VALUE(std::isfinite(sample_rate) && sample_rate > 0.0 && sample_rate <= 1.0,
-                    "sample_rate must be in (0, 1], but is ", sample_rate);
+  dptorch::detail::check_in_range("sample_rate", sample_rate, 0, 1,
+                                  dptorch::detail::Bounds::kOpenClosed);
 }
 
 std::vector<int64_t> PoissonSampler::indices(int64_t step) const {

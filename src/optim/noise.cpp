@@ -1,4 +1,5 @@
 #include "dptorch/optim/noise.h"
+#include <dptorch/common.h>
 
 #include "dptorch/optim/philox.h"
 
@@ -25,8 +26,7 @@ constexpr char kPhiloxMagic[] = "dptorch.PhiloxNoise.v1";
 constexpr double kTwoPi = 6.283185307179586476925286766559;
 
 void check_noise_arguments(double stddev, const torch::TensorOptions& options) {
-  TORCH_CHECK_VALUE(std::isfinite(stddev) && stddev >= 0.0,
-                    "stddev must be finite and >= 0, but is ", stddev);
+  dptorch::detail::check_non_negative("stddev", stddev);
   const auto dtype = c10::typeMetaToScalarType(options.dtype());
   TORCH_CHECK_VALUE(at::isFloatingType(dtype), "noise dtype must be floating point, but is ", dtype,
                     "; pass the options of the parameter the noise is for");
