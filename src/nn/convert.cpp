@@ -4,6 +4,7 @@
 
 #include <torch/torch.h>
 
+#include <functional>
 #include <optional>
 
 namespace dptorch::nn {
@@ -27,57 +28,218 @@ torch::nn::ConvOptions<D> rebuild_options(const torch::nn::detail::ConvNdOptions
       .padding_mode(o.padding_mode());
 }
 
-// The twin of `any` as an AnyModule, parameters and buffers copied; nullopt if not a `Torch`.
+// Copies parameters and buffers of the same names, and the training mode.
+void copy_state(const torch::nn::Module& from, torch::nn::Module& to) {
+  torch::NoGradGuard no_grad;
+  auto params = to.named_parameters(/*recurse=*/false);
+  for (const auto& p : from.named_parameters(/*recurse=*/false)) {
+    if (params.contains(p.key())) params[p.key()].copy_(p.value());
+  }
+  auto buffers = to.named_buffers(/*recurse=*/false);
+  for (const auto& b : from.named_buffers(/*recurse=*/false)) {
+    if (buffers.contains(b.key())) buffers[b.key()].copy_(b.value());
+  }
+  to.train(from.is_training());
+}
+
+// The twin of `module` as an AnyModule, state copied; nullopt if it is not a `Torch`.
 template <typename Twin, typename Torch>
-std::optional<torch::nn::AnyModule> convert_as(const torch::nn::AnyModule& any) {
-  const auto* from = dynamic_cast<const typename Torch::ContainedType*>(any.ptr().get());
+std::optional<torch::nn::AnyModule> twin_of(const torch::nn::Module& module) {
+  const auto* from = dynamic_cast<const typename Torch::ContainedType*>(&module);
   if (from == nullptr) return std::nullopt;
   Twin to(rebuild_options(from->options));
-  torch::NoGradGuard no_grad;
-  auto params = to->named_parameters(/*recurse=*/false);
-  for (const auto& p : from->named_parameters(/*recurse=*/false)) params[p.key()].copy_(p.value());
-  auto buffers = to->named_buffers(/*recurse=*/false);
-  for (const auto& b : from->named_buffers(/*recurse=*/false)) buffers[b.key()].copy_(b.value());
-  to->train(from->is_training());
+  copy_state(*from, *to);
   return torch::nn::AnyModule(to);
 }
 
-torch::nn::AnyModule convert_module(const torch::nn::AnyModule& any, const std::string& path) {
-  const auto& m = any.ptr();
-  if (dynamic_cast<PerSampleLayer*>(m.get()) != nullptr) return any.clone();
-  for (auto convert :
-       {&convert_as<Linear, torch::nn::Linear>, &convert_as<Conv1d, torch::nn::Conv1d>,
-        &convert_as<Conv2d, torch::nn::Conv2d>, &convert_as<Conv3d, torch::nn::Conv3d>,
-        &convert_as<Embedding, torch::nn::Embedding>,
-        &convert_as<EmbeddingBag, torch::nn::EmbeddingBag>,
-        &convert_as<LayerNorm, torch::nn::LayerNorm>, &convert_as<GroupNorm, torch::nn::GroupNorm>,
-        &convert_as<InstanceNorm1d, torch::nn::InstanceNorm1d>,
-        &convert_as<InstanceNorm2d, torch::nn::InstanceNorm2d>,
-        &convert_as<InstanceNorm3d, torch::nn::InstanceNorm3d>}) {
-    if (auto converted = convert(any)) return *converted;
+// The largest divisor of `channels` that is at most 32: GroupNorm's groups must divide them.
+int64_t group_count(int64_t channels) {
+  for (int64_t g = std::min<int64_t>(32, channels); g > 1; --g) {
+    if (channels % g == 0) return g;
   }
-  const bool is_batch_norm = m->as<torch::nn::BatchNorm1d>() || m->as<torch::nn::BatchNorm2d>() ||
-                             m->as<torch::nn::BatchNorm3d>();
-  TORCH_CHECK_VALUE(!is_batch_norm, path, " (", m->name(),
-                    ") mixes samples across the batch and has no private twin; replace it with "
-                    "dptorch::nn::GroupNorm");
-  TORCH_CHECK_VALUE(m->parameters(/*recurse=*/true).empty(), path, " (", m->name(),
-                    ") has parameters but no dptorch::nn twin; replace it with dptorch::nn layers "
-                    "or derive it from dptorch::nn::PerSampleLayer");
-  return any.clone();
+  return 1;
+}
+
+template <typename BatchNorm>
+std::optional<torch::nn::AnyModule> group_norm_for(const torch::nn::Module& module,
+                                                   const std::string& path,
+                                                   std::vector<Replacement>& replaced) {
+  const auto* bn = dynamic_cast<const typename BatchNorm::ContainedType*>(&module);
+  if (bn == nullptr) return std::nullopt;
+  const auto& o = bn->options;
+  const int64_t channels = o.num_features();
+  const int64_t groups = group_count(channels);
+  GroupNorm to(torch::nn::GroupNormOptions(groups, channels).eps(o.eps()).affine(o.affine()));
+  copy_state(*bn, *to);  // weight and bias; GroupNorm has no running statistics
+  std::ostringstream from_name, to_name;
+  bn->pretty_print(from_name);
+  to_name << "dptorch::nn::GroupNorm(" << groups << " groups, " << channels << " channels)";
+  replaced.push_back({path, from_name.str(), to_name.str()});
+  return torch::nn::AnyModule(to);
+}
+
+bool is_container(const torch::nn::Module& m) {
+  return dynamic_cast<const torch::nn::SequentialImpl*>(&m) != nullptr ||
+         dynamic_cast<const torch::nn::ModuleListImpl*>(&m) != nullptr ||
+         dynamic_cast<const torch::nn::ModuleDictImpl*>(&m) != nullptr;
+}
+
+std::string join(const std::string& prefix, const std::string& name) {
+  return prefix.empty() ? name : prefix + "." + name;
+}
+
+// The replacement of a torch layer: its twin, or a GroupNorm for a BatchNorm when asked;
+// nullopt for anything else. A BatchNorm without the fix is refused.
+std::optional<torch::nn::AnyModule> replacement_of(const torch::nn::Module& m,
+                                                   const std::string& path,
+                                                   const ConvertOptions& options,
+                                                   std::vector<Replacement>& replaced) {
+  for (auto convert :
+       {&twin_of<Linear, torch::nn::Linear>, &twin_of<Conv1d, torch::nn::Conv1d>,
+        &twin_of<Conv2d, torch::nn::Conv2d>, &twin_of<Conv3d, torch::nn::Conv3d>,
+        &twin_of<Embedding, torch::nn::Embedding>, &twin_of<EmbeddingBag, torch::nn::EmbeddingBag>,
+        &twin_of<LayerNorm, torch::nn::LayerNorm>, &twin_of<GroupNorm, torch::nn::GroupNorm>,
+        &twin_of<InstanceNorm1d, torch::nn::InstanceNorm1d>,
+        &twin_of<InstanceNorm2d, torch::nn::InstanceNorm2d>,
+        &twin_of<InstanceNorm3d, torch::nn::InstanceNorm3d>}) {
+    if (auto converted = convert(m)) return converted;
+  }
+  const bool is_batch_norm = dynamic_cast<const torch::nn::BatchNorm1dImpl*>(&m) ||
+                             dynamic_cast<const torch::nn::BatchNorm2dImpl*>(&m) ||
+                             dynamic_cast<const torch::nn::BatchNorm3dImpl*>(&m);
+  if (!is_batch_norm) return std::nullopt;
+  TORCH_CHECK_VALUE(
+      options.fix_batch_norm(), path, " (", m.name(),
+      ") mixes samples across the batch and has no private twin; replace it with "
+      "dptorch::nn::GroupNorm, or convert with ConvertOptions().fix_batch_norm(true)");
+  for (auto fix : {&group_norm_for<torch::nn::BatchNorm1d>, &group_norm_for<torch::nn::BatchNorm2d>,
+                   &group_norm_for<torch::nn::BatchNorm3d>}) {
+    if (auto converted = fix(m, path, replaced)) return converted;
+  }
+  return std::nullopt;
+}
+
+// A change to apply once every module of the tree has been checked.
+using Edit = std::function<void()>;
+
+void plan(torch::nn::Module& m, const std::string& path, const ConvertOptions& options,
+          std::vector<Replacement>& replaced, std::vector<Edit>& edits);
+
+// Plans what becomes of one element of a container: nothing (a dp layer), a recursive
+// conversion (a container or a module of the user's own), or a replacement made by `replace`.
+void plan_element(torch::nn::Module& element, const std::string& path,
+                  const ConvertOptions& options, std::vector<Replacement>& replaced,
+                  std::vector<Edit>& edits,
+                  const std::function<Edit(torch::nn::AnyModule)>& replace) {
+  if (dynamic_cast<PerSampleLayer*>(&element) != nullptr) return;
+  if (!is_container(element)) {
+    if (auto twin = replacement_of(element, path, options, replaced)) {
+      edits.push_back(replace(std::move(*twin)));
+      return;
+    }
+  }
+  plan(element, path, options, replaced, edits);
+}
+
+// Plans the in-place conversion of `m`'s tree into `edits`, refusing what cannot be converted.
+void plan(torch::nn::Module& m, const std::string& path, const ConvertOptions& options,
+          std::vector<Replacement>& replaced, std::vector<Edit>& edits) {
+  const std::string where = path.empty() ? "(root module)" : path;
+  if (auto* seq = dynamic_cast<torch::nn::SequentialImpl*>(&m)) {
+    const auto names = seq->named_children().keys();
+    for (size_t k = 0; k < seq->size(); ++k) {
+      const auto at = static_cast<std::ptrdiff_t>(k);
+      plan_element(*(seq->begin() + at)->ptr(), join(path, names[k]), options, replaced, edits,
+                   [seq, at, name = names[k]](torch::nn::AnyModule twin) -> Edit {
+                     return [seq, at, name, twin]() {
+                       seq->replace_module(name, twin.ptr());
+                       *(seq->begin() + at) = twin;
+                     };
+                   });
+    }
+  } else if (auto* list = dynamic_cast<torch::nn::ModuleListImpl*>(&m)) {
+    for (size_t k = 0; k < list->size(); ++k) {
+      const auto at = static_cast<std::ptrdiff_t>(k);
+      const auto name = std::to_string(k);
+      plan_element(**(list->begin() + at), join(path, name), options, replaced, edits,
+                   [list, at, name](torch::nn::AnyModule twin) -> Edit {
+                     return [list, at, name, ptr = twin.ptr()] {
+                       list->replace_module(name, ptr);
+                       *(list->begin() + at) = ptr;
+                     };
+                   });
+    }
+  } else if (auto* dict = dynamic_cast<torch::nn::ModuleDictImpl*>(&m)) {
+    for (const auto& key : dict->keys()) {
+      plan_element(*(*dict)[key], join(path, key), options, replaced, edits,
+                   [dict, key](torch::nn::AnyModule twin) -> Edit {
+                     return [dict, key, ptr = twin.ptr()] { dict->update({{key, ptr}}); };
+                   });
+    }
+  } else {
+    // A module of the user's own: its containers are converted, but a torch layer held as a
+    // member cannot be swapped from outside (the member would still point at the old one).
+    if (dynamic_cast<PerSampleLayer*>(&m) != nullptr) return;
+    TORCH_CHECK_VALUE(m.parameters(/*recurse=*/false).empty(), where, " (", m.name(),
+                      ") has parameters but no dptorch::nn twin; replace it with dptorch::nn "
+                      "layers or derive it from dptorch::nn::PerSampleLayer");
+    for (const auto& child : m.named_children()) {
+      auto& c = *child.value();
+      const auto child_path = join(path, child.key());
+      if (dynamic_cast<PerSampleLayer*>(&c) == nullptr && !is_container(c)) {
+        std::vector<Replacement> ignored;
+        TORCH_CHECK_VALUE(!replacement_of(c, child_path, options, ignored), child_path, " (",
+                          c.name(), ") is a member of ", where, " (", m.name(),
+                          "), which convert cannot swap from outside; declare it as its "
+                          "dptorch::nn twin, or hold it in a Sequential, ModuleList or ModuleDict");
+      }
+      plan(c, child_path, options, replaced, edits);
+    }
+  }
+}
+
+void report(const std::vector<Replacement>& found, std::vector<Replacement>* replaced) {
+  for (const auto& r : found) {
+    TORCH_WARN("dptorch::nn::convert replaced ", r.path, " ", r.from, " by ", r.to,
+               "; the model computes something else now, so train it anew");
+  }
+  if (replaced != nullptr) replaced->insert(replaced->end(), found.begin(), found.end());
+}
+
+template <typename Holder>
+Holder convert_copy(const Holder& model, const ConvertOptions& options,
+                    std::vector<Replacement>* replaced) {
+  auto copy = std::dynamic_pointer_cast<typename Holder::ContainedType>(model->clone());
+  TORCH_CHECK(copy != nullptr, "could not copy ", model->name(), " to convert it");
+  convert_(*copy, options, replaced);
+  return Holder(copy);
 }
 
 }  // namespace
 
-torch::nn::Sequential convert(const torch::nn::Sequential& model) {
-  torch::nn::Sequential out;
-  const auto names = model->named_children().keys();
-  size_t k = 0;
-  for (const auto& any : *model) {
-    out->push_back(names[k], convert_module(any, names[k]));
-    ++k;
-  }
-  return out;
+void convert_(torch::nn::Module& module, const ConvertOptions& options,
+              std::vector<Replacement>* replaced) {
+  // Everything is checked before anything changes: a refusal leaves the module as it was.
+  std::vector<Replacement> found;
+  std::vector<Edit> edits;
+  plan(module, "", options, found, edits);
+  for (auto& edit : edits) edit();
+  report(found, replaced);
+}
+
+torch::nn::Sequential convert(const torch::nn::Sequential& model, const ConvertOptions& options,
+                              std::vector<Replacement>* replaced) {
+  return convert_copy(model, options, replaced);
+}
+
+torch::nn::ModuleList convert(const torch::nn::ModuleList& model, const ConvertOptions& options,
+                              std::vector<Replacement>* replaced) {
+  return convert_copy(model, options, replaced);
+}
+
+torch::nn::ModuleDict convert(const torch::nn::ModuleDict& model, const ConvertOptions& options,
+                              std::vector<Replacement>* replaced) {
+  return convert_copy(model, options, replaced);
 }
 
 }  // namespace dptorch::nn

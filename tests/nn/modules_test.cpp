@@ -105,6 +105,102 @@ TEST(Convert, NamesWhatItCannotConvert) {
               ThrowsMessage<c10::Error>(HasSubstr("0 (torch::nn::BilinearImpl) has parameters")));
 }
 
+// LibTorch nests containers in ModuleList and ModuleDict (a Sequential holds only modules with a
+// plain forward): convert reaches into every level, and the copy shares nothing.
+TEST(Convert, ConvertsNestedModuleListsAndDicts) {
+  torch::manual_seed(2);
+  tnn::ModuleList list(
+      tnn::Linear(3, 3),
+      tnn::Sequential(tnn::Linear(3, 2), tnn::ReLU(), tnn::LayerNorm(tnn::LayerNormOptions({2}))),
+      tnn::ModuleList(tnn::Conv1d(1, 2, 3)));
+  tnn::ModuleDict dict(std::vector<std::pair<std::string, std::shared_ptr<tnn::Module>>>{
+      {"body", list.ptr()}, {"head", tnn::Linear(2, 1).ptr()}});
+  auto converted = nn::convert(dict);
+  auto body = converted["body"]->as<tnn::ModuleList>();
+  ASSERT_NE(body, nullptr);
+  EXPECT_NE(body->ptr<nn::LinearImpl>(0), nullptr);
+  auto seq = body->ptr<tnn::SequentialImpl>(1);
+  ASSERT_NE(seq, nullptr);
+  EXPECT_NE(seq->ptr<nn::LinearImpl>(0), nullptr);
+  EXPECT_NE(seq->ptr<nn::LayerNormImpl>(2), nullptr);
+  EXPECT_NE(body->ptr<tnn::ModuleListImpl>(2)->ptr<nn::Conv1dImpl>(0), nullptr);
+  EXPECT_NE(converted["head"]->as<nn::Linear>(), nullptr);
+  // Same names, same values, and a forward through the converted Sequential is the same.
+  const auto before = dict->named_parameters();
+  const auto after = converted->named_parameters();
+  ASSERT_EQ(after.keys(), before.keys());
+  for (const auto& p : before) EXPECT_TRUE(torch::equal(after[p.key()], p.value())) << p.key();
+  const auto x = torch::randn({4, 3});
+  EXPECT_TRUE(torch::equal(seq->forward(x), list->ptr<tnn::SequentialImpl>(1)->forward(x)));
+  torch::NoGradGuard no_grad;
+  after["head.weight"].zero_();
+  EXPECT_GT(before["head.weight"].abs().sum().item<double>(), 0);
+  // The converted model trains privately: every trainable parameter has a rule.
+  EXPECT_NO_THROW(validate(*converted));
+}
+
+struct BlockImpl : tnn::SequentialImpl {
+  using SequentialImpl::SequentialImpl;
+  torch::Tensor forward(torch::Tensor x) { return SequentialImpl::forward(x); }
+};
+TORCH_MODULE(Block);
+
+// A Sequential subclass inside a Sequential cannot be copied as its own type, so it is converted
+// in place; it keeps its type and runs its converted elements.
+TEST(Convert, ConvertsASequentialSubclassInPlace) {
+  torch::manual_seed(3);
+  tnn::Sequential model(Block(tnn::Linear(4, 4), tnn::Tanh()), tnn::Linear(4, 2));
+  auto block = model->ptr<BlockImpl>(0);
+  const auto x = torch::randn({5, 4});
+  const auto expected = model->forward(x);
+  nn::convert_(*model);
+  EXPECT_EQ(model->ptr<BlockImpl>(0), block);
+  EXPECT_NE(block->ptr<nn::LinearImpl>(0), nullptr);
+  EXPECT_NE(model->ptr<nn::LinearImpl>(1), nullptr);
+  EXPECT_EQ(model->named_parameters()["0.0.weight"].data_ptr(),
+            block->ptr<nn::LinearImpl>(0)->weight.data_ptr());
+  EXPECT_TRUE(torch::equal(model->forward(x), expected));
+  EXPECT_NO_THROW(validate(*model));
+}
+
+struct HoldsALinearImpl : tnn::Module {
+  HoldsALinearImpl() { fc = register_module("fc", tnn::Linear(2, 2)); }
+  tnn::Linear fc{nullptr};
+};
+
+TEST(Convert, RefusesWhatItCannotSwapAndChangesNothing) {
+  HoldsALinearImpl user;
+  EXPECT_THAT([&] { nn::convert_(user); },
+              ThrowsMessage<c10::Error>(HasSubstr("fc (torch::nn::LinearImpl) is a member of")));
+  tnn::Sequential half(tnn::Linear(2, 2), tnn::Bilinear(2, 2, 2));
+  EXPECT_THROW(nn::convert_(*half), c10::Error);
+  EXPECT_NE(half->ptr<tnn::LinearImpl>(0), nullptr);  // the first element was not replaced
+}
+
+// BatchNorm is replaced only when asked, by GroupNorm over the same channels with the largest
+// group count ≤ 32 that divides them; eps and the affine parameters are kept, and the
+// replacement is reported.
+TEST(Convert, FixesBatchNormWhenAsked) {
+  torch::manual_seed(4);
+  tnn::Sequential model(tnn::Conv2d(3, 48, 3),
+                        tnn::BatchNorm2d(tnn::BatchNorm2dOptions(48).eps(1e-3)), tnn::ReLU(),
+                        tnn::Conv2d(48, 64, 1), tnn::BatchNorm2d(64));
+  model[1]->as<tnn::BatchNorm2d>()->weight.data().uniform_();
+  EXPECT_THROW((void)nn::convert(model), c10::Error);
+  std::vector<nn::Replacement> replaced;
+  auto fixed = nn::convert(model, nn::ConvertOptions().fix_batch_norm(true), &replaced);
+  ASSERT_EQ(replaced.size(), 2u);
+  EXPECT_EQ(replaced[0].path, "1");
+  EXPECT_EQ(replaced[0].to, "dptorch::nn::GroupNorm(24 groups, 48 channels)");
+  EXPECT_EQ(replaced[1].to, "dptorch::nn::GroupNorm(32 groups, 64 channels)");
+  auto gn = fixed->ptr<nn::GroupNormImpl>(1);
+  ASSERT_NE(gn, nullptr);
+  EXPECT_EQ(gn->options.num_groups(), 24);
+  EXPECT_EQ(gn->options.eps(), 1e-3);
+  EXPECT_TRUE(torch::equal(gn->weight, model[1]->as<tnn::BatchNorm2d>()->weight));
+  EXPECT_NO_THROW(validate(*fixed));
+}
+
 TEST(DpLayers, RefuseOptionsThatMixSamples) {
   EXPECT_THAT([] { nn::Embedding(tnn::EmbeddingOptions(5, 2).scale_grad_by_freq(true)); },
               ThrowsMessage<c10::Error>(HasSubstr("scale_grad_by_freq")));
