@@ -245,6 +245,7 @@ int run(const Config& config, const fs::path& out, bool resume, int threads) {
   if (!config.secure_rng) options.seed(config.seed);
   if (config.clipping == "per-layer") options.clipping(dptorch::ClippingMode::kPerLayer);
   if (config.clipping == "adaptive") options.clipping(dptorch::ClippingMode::kAdaptive);
+  if (config.clipping == "automatic") options.clipping(dptorch::ClippingMode::kAutomatic);
   if (config.noise_multiplier) {
     options.noise_multiplier(*config.noise_multiplier);
   } else {
@@ -465,9 +466,11 @@ int main(int argc, char** argv) {
   app.add_option("--accountant", config.accountant, "privacy accountant")
       ->capture_default_str()
       ->check(CLI::IsMember({"prv", "rdp", "gdp"}));
-  app.add_option("--clipping", clipping, "per-sample clipping")
+  app.add_option("--clipping", clipping,
+                 "per-sample clipping: flat (at C), per-layer (C/sqrt(L) per parameter), adaptive "
+                 "(C follows a private quantile), automatic (every gradient normalised to C)")
       ->capture_default_str()
-      ->check(CLI::IsMember({"flat", "per-layer", "adaptive"}));
+      ->check(CLI::IsMember({"flat", "per-layer", "adaptive", "automatic"}));
   auto* seed_opt = app.add_option("--seed", config.seed, "seed of the model, sampler and noise")
                        ->capture_default_str();
   app.add_option("--threads", threads, "CPU threads")

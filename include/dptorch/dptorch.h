@@ -1,7 +1,7 @@
 #pragma once
 
 /// dptorch: differentially private deep learning for LibTorch. This umbrella header brings in
-/// every public part; each area also has its own headers (see DESIGN.md for the data flow).
+/// every public part; each area also has its own headers (see docs/design.md for the data flow).
 #include <torch/torch.h>
 
 #include <dptorch/accounting/accountant.h>

@@ -35,12 +35,46 @@ PerSampleGradientClipper::PerSampleGradientClipper(std::shared_ptr<torch::nn::Mo
 
 void PerSampleGradientClipper::set_on_batch_clip_func(std::function<void(const ClipEvent&)> func,
                                                       bool with_grad_sample) {
+  set_on_batch_clip_func(std::move(func), ClipCallbackOptions().grad_sample(with_grad_sample));
+}
+
+void PerSampleGradientClipper::set_on_batch_clip_func(std::function<void(const ClipEvent&)> func,
+                                                      const ClipCallbackOptions& options) {
   on_batch_clip_ = std::move(func);
-  with_grad_sample_ = with_grad_sample;
+  callback_options_ = options;
+}
+
+std::vector<double> PerSampleGradientClipper::parameter_thresholds(
+    const std::vector<double>& t) const {
+  const size_t n = gsm_->parameter_names().size();
+  if (norm_clipper_->is_per_layer() && t.size() == 1) return std::vector<double>(n, t.front());
+  return t;
+}
+
+double PerSampleGradientClipper::noise_bound() const {
+  if (accumulation_.iterations() > 0) return accumulation_.noise_bound();
+  return l2_norm(parameter_thresholds(norm_clipper_->thresholds()));
+}
+
+std::vector<double> PerSampleGradientClipper::accumulated_thresholds() const {
+  const auto& t = accumulation_.max_thresholds();
+  if (t.empty()) return {};
+  std::vector<double> out(gsm_->parameter_names().size());
+  for (size_t k = 0; k < out.size(); ++k) out[k] = t[std::min(k, t.size() - 1)];
+  return out;
+}
+
+void PerSampleGradientClipper::check_nothing_unrecorded() const {
+  const auto layer = gsm_->unrecorded_layer();
+  TORCH_CHECK(layer.empty(), "nothing was recorded for ", layer,
+              ": it ran a forward pass in eval mode, and dp layers record per-sample gradients "
+              "in training mode only; call model->train() before the training forward pass (and "
+              "evaluate under torch::NoGradGuard)");
 }
 
 void PerSampleGradientClipper::clip_and_accumulate() {
   auto& gsm = *gsm_;
+  if (!gsm.has_pass()) check_nothing_unrecorded();
   const auto names = gsm.parameter_names();
   const size_t n = names.size();
   // Norms -> clip factors -> one weighted sum per parameter.
@@ -51,32 +85,42 @@ void PerSampleGradientClipper::clip_and_accumulate() {
     norms.push_back(gsm.flat_norm());
   }
   const auto factors = norm_clipper_->clipping_factors(norms);
-  const auto thresholds = norm_clipper_->thresholds();
+  const auto thresholds = parameter_thresholds(norm_clipper_->thresholds());
   auto pick = [](const auto& v, size_t k) { return v[std::min(k, v.size() - 1)]; };
   std::vector<torch::Tensor> w(n);
   for (size_t k = 0; k < n; ++k) w[k] = pick(factors, k);
-  if (!accumulating_) start_accumulation({});
-  if (scale_ == 1) {
-    gsm.add_clipped_sum_to(w, summed_);
-  } else {
-    std::vector<torch::Tensor> scaled(n);
-    for (size_t k = 0; k < n; ++k) scaled[k] = w[k] * scale_;
-    gsm.add_clipped_sum_to(scaled, summed_);
-  }
-  for (size_t k = 0; k < n; ++k) max_norms_[k] = std::max(max_norms_[k], pick(thresholds, k));
-  batch_size_ += gsm.batch_size();
-  ++iterations_;
+  if (!accumulation_.active()) accumulation_.begin(gsm.parameters(), {});
 
-  if (on_batch_clip_) {
-    torch::OrderedDict<std::string, torch::Tensor> samples;
-    if (with_grad_sample_) samples = gsm.grad_samples();
+  const bool callback = static_cast<bool>(on_batch_clip_);
+  const auto& opts = callback_options_;
+  const int64_t batch = gsm.batch_size();
+  // The seed's scaling of a call's gradient: ÷ the call's batch size for a mean loss.
+  const double call_scale =
+      gsm.options().loss_reduction() == LossReduction::kMean && batch > 0 ? 1.0 / batch : 1.0;
+  std::vector<torch::Tensor> after;
+  if (callback && opts.grad_after_clip()) {
+    // This call's sums are needed on their own: form them once and add them.
+    for (const auto& item : gsm.clipped_sum(w)) after.push_back(item.value());
+    accumulation_.add_sums(after, thresholds, batch);
+  } else {
+    accumulation_.add(gsm, w, thresholds);
+  }
+
+  if (callback) {
+    torch::OrderedDict<std::string, torch::Tensor> samples, before;
+    if (opts.grad_sample()) samples = gsm.grad_samples();
+    if (opts.grad_before_clip()) {
+      before = gsm.clipped_sum(torch::ones({batch}, gsm.parameters().front().options()));
+    }
     for (size_t k = 0; k < n; ++k) {
       ClipEvent event;
       event.name = names[k];
       event.clip_factor = w[k];
       event.threshold = pick(thresholds, k);
       event.per_sample_norm = pick(norms, k);
-      if (with_grad_sample_) event.grad_sample = samples[names[k]];
+      if (opts.grad_sample()) event.grad_sample = samples[names[k]];
+      if (opts.grad_after_clip()) event.grad_after_clip = after[k] * call_scale;
+      if (opts.grad_before_clip()) event.grad_before_clip = before[names[k]] * call_scale;
       on_batch_clip_(event);
     }
     on_batch_clip_(ClipEvent{});
@@ -84,64 +128,27 @@ void PerSampleGradientClipper::clip_and_accumulate() {
   gsm.clear();
 }
 
-void PerSampleGradientClipper::start_accumulation(const AccumulationStart& start) {
-  TORCH_CHECK(!accumulating_, "an accumulation is already under way");
-  const auto params = gsm_->parameters();
-  summed_.resize(params.size());
-  for (size_t k = 0; k < params.size(); ++k) {
-    const auto& p = params[k];
-    auto& acc = summed_[k];
-    const bool reusable = acc.defined() && acc.sizes() == p.sizes() &&
-                          acc.scalar_type() == p.scalar_type() && acc.device() == p.device() &&
-                          !(p.grad().defined() && p.grad().is_alias_of(acc));
-    if (!reusable) acc = torch::empty(p.sizes(), p.options().requires_grad(false));
-  }
-  if (start.fill) {
-    start.fill(summed_);
-  } else {
-    for (auto& acc : summed_) acc.zero_();
-  }
-  max_norms_.assign(params.size(), 0.0);
-  filled_ = static_cast<bool>(start.fill);
-  scale_ = start.scale;
-  accumulating_ = true;
-  ++accumulation_id_;
-}
-
-std::vector<torch::Tensor> PerSampleGradientClipper::accumulated() const {
-  return iterations_ > 0 ? summed_ : std::vector<torch::Tensor>{};
-}
-
 ClipStats PerSampleGradientClipper::pre_step() {
-  TORCH_CHECK(iterations_ > 0,
+  TORCH_CHECK(accumulation_.iterations() > 0,
               "pre_step() found no accumulated gradients; call clip_and_accumulate() after each "
               "backward before pre_step()");
-  TORCH_CHECK(!filled_ && scale_ == 1,
+  TORCH_CHECK(accumulation_.owner() == nullptr,
               "pre_step() found an accumulation begun by a DPOptimizer (noise and the 1/batch "
               "scale are already in the sums); finish it with that optimizer's step()");
-  const auto params = gsm_->parameters();
-  const bool mean = gsm_->options().loss_reduction() == LossReduction::kMean;
-  for (size_t k = 0; k < params.size(); ++k) {
-    auto& grad = summed_[k];
-    if (mean && batch_size_ > 0) grad.div_(static_cast<double>(batch_size_));
-    params[k].mutable_grad() = grad.detach();
+  const int64_t batch_size = accumulation_.batch_size();
+  if (gsm_->options().loss_reduction() == LossReduction::kMean && batch_size > 0) {
+    for (const auto& sum : accumulation_.sums()) sum.div_(static_cast<double>(batch_size));
   }
-  ClipStats stats{max_norms_, batch_size_};
-  reset_accumulation();
+  ClipStats stats;
+  stats.thresholds = accumulated_thresholds();
+  stats.max_norm.assign(stats.thresholds.size(), accumulation_.noise_bound());
+  stats.batch_size = batch_size;
+  accumulation_.finish(gsm_->parameters());
   return stats;
 }
 
-void PerSampleGradientClipper::reset_accumulation() {
-  accumulating_ = false;
-  filled_ = false;
-  scale_ = 1;
-  max_norms_.clear();
-  batch_size_ = 0;
-  iterations_ = 0;
-}
-
 void PerSampleGradientClipper::zero_grad() {
-  reset_accumulation();
+  accumulation_.reset();
   gsm_->clear();
   for (auto& p : gsm_->parameters()) {
     if (p.grad().defined()) p.mutable_grad() = torch::Tensor();
@@ -149,9 +156,15 @@ void PerSampleGradientClipper::zero_grad() {
 }
 
 void PerSampleGradientClipper::close() {
-  reset_accumulation();
-  summed_.clear();
+  accumulation_.release();
   gsm_->close();
+}
+
+std::ostream& operator<<(std::ostream& stream, const PerSampleGradientClipper& clipper) {
+  auto& gsm = const_cast<PerSampleGradientClipper&>(clipper).grad_sample_module();
+  stream << "PerSampleGradientClipper" << (gsm.closed() ? " (closed)" : "") << " on "
+         << *gsm.module();
+  return stream;
 }
 
 }  // namespace dptorch

@@ -34,8 +34,7 @@ std::string first_line(const char* what) {
 
 PrivacySettings resolve(const PrivacyOptions& options, int64_t dataset_size) {
   TORCH_CHECK_VALUE(dataset_size > 0, "the dataset is empty; private training needs examples");
-  TORCH_CHECK_VALUE(options.delta() > 0 && options.delta() < 1, "delta must be in (0, 1), but is ",
-                    options.delta());
+  detail::check_in_range("delta", options.delta(), 0, 1, detail::Bounds::kOpen);
   detail::check_positive("max_grad_norm", options.max_grad_norm());
   detail::check_positive("epochs", options.epochs());
   detail::check_positive("expected_batch_size", options.expected_batch_size());
@@ -53,16 +52,25 @@ PrivacySettings resolve(const PrivacyOptions& options, int64_t dataset_size) {
                     "secure_mode refuses a seed (its randomness must be unpredictable); unset "
                     "seed or turn secure_mode off");
   if (options.clipping() == ClippingMode::kAdaptive) {
-    const double gamma = options.target_unclipped_quantile();
-    TORCH_CHECK_VALUE(gamma > 0 && gamma < 1,
-                      "target_unclipped_quantile must be in (0, 1), but is ", gamma);
+    detail::check_in_range("target_unclipped_quantile", options.target_unclipped_quantile(), 0, 1,
+                           detail::Bounds::kOpen);
   }
+  if (options.clipping() == ClippingMode::kAutomatic) {
+    detail::check_positive("automatic_stability", options.automatic_stability());
+  }
+  TORCH_CHECK_VALUE(
+      options.max_grad_norms().empty() || options.clipping() == ClippingMode::kPerLayer,
+      "max_grad_norms gives per-layer thresholds, but clipping is not per-layer; "
+      "set clipping(ClippingMode::kPerLayer) or give max_grad_norm alone");
+  for (double c : options.max_grad_norms()) detail::check_positive("max_grad_norms[i]", c);
 
   PrivacySettings s;
   s.dataset_size = dataset_size;
   s.expected_batch_size = options.expected_batch_size();
   s.sample_rate = options.expected_batch_size() / static_cast<double>(dataset_size);
   s.max_grad_norm = options.max_grad_norm();
+  s.max_grad_norms = options.max_grad_norms();
+  if (!s.max_grad_norms.empty()) s.max_grad_norm = l2_norm(s.max_grad_norms);
   s.delta = options.delta();
   s.accountant = options.accountant();
   s.clipping = options.clipping();
@@ -100,8 +108,15 @@ std::shared_ptr<optim::DPOptimizer> PrivacyEngine::make_optimizer(
       size_t n = 0;
       for (const auto& p : model->parameters()) n += p.requires_grad() ? 1 : 0;
       TORCH_CHECK_VALUE(n > 0, "the model has no trainable parameters");
+      TORCH_CHECK_VALUE(settings.max_grad_norms.empty() || settings.max_grad_norms.size() == n,
+                        "max_grad_norms has ", settings.max_grad_norms.size(),
+                        " thresholds but the model has ", n,
+                        " trainable parameters; give one per parameter, in the order of "
+                        "named_parameters()");
       norm_clipper = std::make_shared<ConstantPerLayerClipper>(
-          std::vector<double>(n, settings.max_grad_norm / std::sqrt(static_cast<double>(n))));
+          settings.max_grad_norms.empty()
+              ? std::vector<double>(n, settings.max_grad_norm / std::sqrt(static_cast<double>(n)))
+              : settings.max_grad_norms);
       break;
     }
     case ClippingMode::kAdaptive:
@@ -111,9 +126,17 @@ std::shared_ptr<optim::DPOptimizer> PrivacyEngine::make_optimizer(
               .unclipped_num_std(
                   options.unclipped_num_std().value_or(settings.expected_batch_size / 20.0)));
       break;
+    case ClippingMode::kAutomatic:
+      norm_clipper =
+          std::make_shared<AutomaticClipper>(settings.max_grad_norm, options.automatic_stability());
+      break;
   }
   auto clipper = std::make_shared<PerSampleGradientClipper>(
-      std::move(model), std::move(norm_clipper), options.batch_first(), options.loss_reduction());
+      std::move(model), std::move(norm_clipper),
+      GradSampleOptions()
+          .batch_first(options.batch_first())
+          .loss_reduction(parse_loss_reduction(options.loss_reduction()))
+          .norm_method(options.norm_method()));
   std::shared_ptr<optim::NoiseSource> noise = optim::make_noise_source(
       optim::NoiseOptions()
           .secure_mode(options.secure_mode())

@@ -103,6 +103,15 @@ std::vector<torch::Tensor> GradSampleModule::parameters() const {
 
 bool GradSampleModule::has_pass() const { return pass_ != nullptr || tape_->filed.load() > 0; }
 
+std::string GradSampleModule::unrecorded_layer() const {
+  for (const auto& [path, layer] : layers_) {
+    if (layer->unrecorded_calls() > 0) {
+      return path + " (" + layer->as_module().name() + ")";
+    }
+  }
+  return {};
+}
+
 void GradSampleModule::clear() {
   pass_.reset();
   for (auto& [path, layer] : layers_) layer->clear_records();

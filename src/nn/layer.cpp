@@ -66,6 +66,7 @@ void PerSampleLayer::detach() {
 void PerSampleLayer::clear_records() {
   std::lock_guard<std::mutex> lock(sink_->mutex);
   sink_->records.clear();
+  unrecorded_calls_ = 0;
 }
 
 std::unique_ptr<grad_sample::PerSampleGrads> PerSampleLayer::take_grads(int64_t* batch_size) {
@@ -87,10 +88,16 @@ std::unique_ptr<grad_sample::PerSampleGrads> PerSampleLayer::take_grads(int64_t*
 
 bool PerSampleLayer::recording(std::initializer_list<const torch::Tensor*> params) const {
   if (!tape_ || !torch::GradMode::is_enabled()) return false;
-  for (const auto* p : params) {
-    if (p->defined() && p->requires_grad()) return true;
+  bool trainable = false;
+  for (const auto* p : params) trainable = trainable || (p->defined() && p->requires_grad());
+  if (!trainable) return false;
+  // As the seed's hooks: nothing is recorded outside training mode; the call is counted so that
+  // a step after it can say why its batch is missing.
+  if (!const_cast<PerSampleLayer*>(this)->as_module().is_training()) {
+    ++unrecorded_calls_;
+    return false;
   }
-  return false;
+  return true;
 }
 
 int64_t PerSampleLayer::batch_dim(int64_t leading_dims) const {

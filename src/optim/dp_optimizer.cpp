@@ -20,8 +20,8 @@ DPOptimizer::DPOptimizer(std::shared_ptr<torch::optim::Optimizer> inner,
   TORCH_CHECK_VALUE(noise_ != nullptr, "DPOptimizer needs a noise source");
   dptorch::detail::check_non_negative("noise_multiplier", options_.noise_multiplier());
   dptorch::detail::check_positive("expected_batch_size", options_.expected_batch_size());
-  const double q = options_.sample_rate();
-  TORCH_CHECK_VALUE(q >= 0 && q <= 1, "sample_rate must be in [0, 1], but is ", q);
+  dptorch::detail::check_in_range("sample_rate", options_.sample_rate(), 0, 1,
+                                  dptorch::detail::Bounds::kClosed);
   gradient_sigma_ = options_.noise_multiplier();
   adaptive_ = std::dynamic_pointer_cast<AdaptiveClipper>(clipper_->norm_clipper());
   if (adaptive_) {
@@ -52,54 +52,59 @@ DPOptimizer::DPOptimizer(std::shared_ptr<torch::optim::Optimizer> inner,
 
 void DPOptimizer::accumulate() {
   if (!clipper_->grad_sample_module().has_pass()) return;
-  if (!clipper_->accumulating_) begin_noised_accumulation();
+  if (!clipper_->accumulation().active()) begin_accumulation();
   clipper_->clip_and_accumulate();
 }
 
-void DPOptimizer::begin_noised_accumulation() {
-  // Noise first: the accumulators start as N(0, σ²C²)/E[B] (÷ E[B] for "mean") and the clipped
-  // sums are added with the same factor, so step() has nothing left to do to the gradients.
-  const double scale = mean_loss() ? 1.0 / options_.expected_batch_size() : 1.0;
-  const double stddev = noise_stddev() * scale;
-  PerSampleGradientClipper::AccumulationStart start;
-  start.fill = [this, stddev](const std::vector<torch::Tensor>& accumulators) {
-    for (const auto& acc : accumulators) noise_->fill_gaussian_(acc, stddev);
-  };
-  start.scale = scale;
-  clipper_->start_accumulation(start);
-  noised_accumulation_ = clipper_->accumulation_id_;
+double DPOptimizer::gradient_scale() const {
+  const bool mean =
+      clipper_->grad_sample_module().options().loss_reduction() == LossReduction::kMean;
+  return mean ? 1.0 / options_.expected_batch_size() : 1.0;
 }
 
-bool DPOptimizer::mean_loss() const {
-  return clipper_->grad_sample_module().options().loss_reduction() == LossReduction::kMean;
-}
-
-double DPOptimizer::noise_stddev() const {
-  return gradient_sigma_ * clipper_->norm_clipper()->noise_scale_norm();
+void DPOptimizer::begin_accumulation() {
+  AccumulationStart start;
+  start.scale = gradient_scale();
+  start.owner = this;
+  if (clipper_->norm_clipper()->thresholds_fixed()) {
+    // Noise first: the accumulators start as N(0, σ²C²)·scale and the clipped sums are added with
+    // the same factor, so step() has nothing left to do to the gradients.
+    start.noise_bound = clipper_->noise_bound();
+    const double stddev = gradient_sigma_ * start.noise_bound * start.scale;
+    start.fill = [this, stddev](const std::vector<torch::Tensor>& accumulators) {
+      for (const auto& acc : accumulators) noise_->fill_gaussian_(acc, stddev);
+    };
+  }
+  clipper_->accumulation().begin(clipper_->grad_sample_module().parameters(), std::move(start));
 }
 
 void DPOptimizer::step() {
   accumulate();
-  auto& clipper = *clipper_;
-  // Nothing accumulated (an empty batch): the step is the noise alone.
-  if (!clipper.accumulating_) begin_noised_accumulation();
-  const auto params = clipper.grad_sample_module().parameters();
-  const bool noised = clipper.accumulation_id_ == noised_accumulation_;
-  // An accumulation the clipper began itself (clip_and_accumulate() called directly) gets its
-  // noise and division now.
-  TORCH_CHECK(noised || (clipper.scale_ == 1 && !clipper.filled_),
+  auto& acc = clipper_->accumulation();
+  if (!acc.active()) {
+    // Nothing accumulated (an empty batch): the step is the noise alone.
+    if (!clipper_->grad_sample_module().has_pass()) clipper_->check_nothing_unrecorded();
+    begin_accumulation();
+  }
+  TORCH_CHECK(acc.owner() == this || acc.owner() == nullptr,
               "DPOptimizer::step() found an accumulation begun by another optimizer; step "
               "with the optimizer that accumulated it");
-  for (size_t k = 0; k < params.size(); ++k) {
-    // The clipper's accumulator becomes the gradient without a copy.
-    const auto& grad = clipper.summed_[k];
-    if (!noised) {
-      noise_->add_gaussian_(grad, noise_stddev());
-      if (mean_loss()) grad.div_(options_.expected_batch_size());
-    }
-    params[k].mutable_grad() = grad.detach();
+  // One path for every way the accumulation began: bring the sums to the gradient's scale, and
+  // add the noise they do not hold yet. The noise must be scaled with the thresholds this step
+  // clipped at, C = ‖aggregated thresholds‖₂; Gaussian variances add, so noise drawn for C₀
+  // needs N(0, σ²(C² − C₀²)) more (none when the thresholds were fixed, as they then are).
+  const double scale = gradient_scale();
+  const double rescale = scale / acc.scale();
+  const double bound = clipper_->noise_bound();
+  const double drawn = acc.initial_noise_bound();
+  const double missing =
+      bound > drawn ? gradient_sigma_ * std::sqrt(bound * bound - drawn * drawn) * scale : 0.0;
+  for (const auto& sum : acc.sums()) {
+    if (rescale != 1) sum.mul_(rescale);
+    if (missing > 0) noise_->add_gaussian_(sum, missing);
   }
-  noised_accumulation_ = 0;
+  // The accumulators become the gradients without a copy.
+  acc.finish(clipper_->grad_sample_module().parameters());
   if (adaptive_) {
     const double count_noise = noise_
                                    ->gaussian({1}, adaptive_->options().unclipped_num_std(),
@@ -107,7 +112,6 @@ void DPOptimizer::step() {
                                    .item<double>();
     adaptive_->update(count_noise, options_.expected_batch_size());
   }
-  clipper_->reset_accumulation();
   inner_->step();
   ++steps_;
   if (accountant_ && options_.sample_rate() > 0) {

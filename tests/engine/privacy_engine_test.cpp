@@ -228,6 +228,24 @@ TEST(AdaptiveClipping, ThresholdFollowsTheQuantile) {
   EXPECT_NEAR(clipper.max_norm(), 1.0, 0.25);
 }
 
+// The count that adaptive clipping releases is centred, so that one sample added or removed
+// moves it by ½, the sensitivity the σ split of Andrew et al. 2021 (Thm 1) assumes.
+TEST(AdaptiveClipping, ReleasedCountHasSensitivityOneHalf) {
+  const auto norms = torch::tensor({0.1, 0.5, 2.0, 3.0, 0.2});
+  for (double extra : {0.05, 9.0}) {  // the added sample unclipped, then clipped
+    AdaptiveClipper without(AdaptiveClipperOptions(1.0));
+    AdaptiveClipper with(AdaptiveClipperOptions(1.0));
+    (void)without.clipping_factors({norms});
+    (void)with.clipping_factors({torch::cat({norms, torch::tensor({extra})})});
+    EXPECT_DOUBLE_EQ(std::abs(with.pending_count() - without.pending_count()), 0.5) << extra;
+  }
+  // Three of five unclipped, no noise, E[B] = 5: b̃ = (3 − 2.5)/5 + ½ = 0.6.
+  AdaptiveClipper clipper(AdaptiveClipperOptions(1.0).learning_rate(0.2));
+  (void)clipper.clipping_factors({norms});
+  clipper.update(0.0, 5);
+  EXPECT_NEAR(clipper.max_norm(), std::exp(-0.2 * (0.6 - 0.5)), 1e-15);
+}
+
 TEST(AdaptiveClipping, EngineSplitsSigmaBetweenGradientAndCount) {
   auto m = mlp();
   PrivacyEngine engine;
@@ -366,6 +384,57 @@ TEST(PrivacyEngine, CheckpointFromAnotherNoiseSourceIsRefusedWithNothingChanged)
               ThrowsMessage<c10::Error>(HasSubstr("TorchNoise state does not start with")));
   EXPECT_TRUE(torch::equal(u->parameters()[0], weights));
   EXPECT_EQ(opt.noise().state(), noise);
+}
+
+// What the user asks of the clipper reaches it: the norm method, per-layer thresholds of their
+// own, automatic clipping.
+TEST(PrivacyEngine, BuildsTheClipperTheOptionsDescribe) {
+  auto base = PrivacyOptions().noise_multiplier(1.0).expected_batch_size(20).seed(2);
+  for (auto method : {NormMethod::kGhost, NormMethod::kMaterialize}) {
+    auto m = mlp();
+    PrivacyEngine engine;
+    auto run = engine.make_private(m, sgd(m), toy_data(), PrivacyOptions(base).norm_method(method));
+    EXPECT_EQ(run.optimizer->clipper().grad_sample_module().options().norm_method(), method);
+  }
+  {
+    auto m = mlp();
+    PrivacyEngine engine;
+    const std::vector<double> C{0.1, 0.2, 0.3, 0.4};
+    auto run = engine.make_private(
+        m, sgd(m), toy_data(),
+        PrivacyOptions(base).clipping(ClippingMode::kPerLayer).max_grad_norms(C));
+    EXPECT_EQ(run.optimizer->clipper().norm_clipper()->thresholds(), C);
+    EXPECT_NEAR(run.optimizer->clipper().noise_bound(), std::sqrt(0.3), 1e-15);
+    EXPECT_NEAR(run.settings.max_grad_norm, std::sqrt(0.3), 1e-15);
+  }
+  {
+    auto m = mlp();
+    PrivacyEngine engine;
+    auto run = engine.make_private(
+        m, sgd(m), toy_data(),
+        PrivacyOptions(base).clipping(ClippingMode::kAutomatic).max_grad_norm(2.0));
+    auto automatic =
+        std::dynamic_pointer_cast<AutomaticClipper>(run.optimizer->clipper().norm_clipper());
+    ASSERT_NE(automatic, nullptr);
+    EXPECT_EQ(automatic->thresholds(), std::vector<double>{2.0});
+    EXPECT_EQ(automatic->stability(), 0.01);
+  }
+  auto m = mlp();
+  auto make = [&](const PrivacyOptions& o) {
+    PrivacyEngine engine;
+    (void)engine.make_private(m, sgd(m), toy_data(), o);
+  };
+  EXPECT_THAT(
+      [&] {
+        make(PrivacyOptions(base).clipping(ClippingMode::kPerLayer).max_grad_norms({1, 2}));
+      },
+      ThrowsMessage<c10::Error>(HasSubstr("max_grad_norms has 2 thresholds but the model has 4")));
+  EXPECT_THAT(
+      [&] {
+        make(PrivacyOptions(base).max_grad_norms({1, 2, 3, 4}));
+      },
+      ThrowsMessage<c10::Error>(HasSubstr("clipping is not per-layer")));
+  EXPECT_FALSE(m[0]->as<nn::Linear>()->attached());
 }
 
 TEST(PrivacyEngine, RefusesBadSettingsWithTheFix) {

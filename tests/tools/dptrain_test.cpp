@@ -89,6 +89,13 @@ TEST_F(DptrainTest, ShortRunWritesEveryOutput) {
   EXPECT_THAT(text, HasSubstr("<polyline"));
 }
 
+TEST_F(DptrainTest, AutomaticClippingTrains) {
+  auto r = run_tool("dptrain", kQuick + " --clipping automatic --epsilon 50 --out " + out("auto"));
+  ASSERT_EQ(r.status, 0) << r.err;
+  EXPECT_EQ(read_json(dir_ / "auto" / "config.json")["clipping"], "automatic");
+  EXPECT_GT(read_json(dir_ / "auto" / "report.json")["test_accuracy"].get<double>(), 0.3);
+}
+
 TEST_F(DptrainTest, InterruptedRunResumesToTheSameResult) {
   auto whole = run_tool("dptrain", kQuick + " --epsilon 50 --out " + out("whole"));
   ASSERT_EQ(whole.status, 0) << whole.err;

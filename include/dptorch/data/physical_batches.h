@@ -22,9 +22,8 @@ struct PhysicalBatch {
 
 /// Splits a logical batch (rows along dimension 0 of data and target) into physical batches of
 /// at most `max_physical_batch_size` rows, in order, without copying: the virtual steps of
-/// DESIGN.md §4, what Opacus's BatchMemoryManager does. An empty logical batch yields exactly one
-/// empty chunk, so that the optimiser still steps (and adds its noise).
-/// Example:
+/// docs/design.md §4, what Opacus's BatchMemoryManager does. An empty logical batch yields exactly
+/// one empty chunk, so that the optimiser still steps (and adds its noise). Example:
 ///   for (const auto& chunk : dptorch::data::physical_batches(loader.next(), 128)) {
 ///     loss_fn(model->forward(chunk.data), chunk.target).backward();
 ///     clipper.clip_and_accumulate();

@@ -8,7 +8,7 @@ namespace dptorch::data {
 
 /// How a sampler draws logical batches; the privacy accountant analyses the two differently.
 enum class Sampling {
-  /// Each example joins each batch independently with probability q (DESIGN.md §4).
+  /// Each example joins each batch independently with probability q (docs/design.md §4).
   kPoisson,
   /// Fixed-size batches drawn without replacement from a per-epoch shuffle.
   kShuffled,
@@ -30,7 +30,7 @@ class BatchSampler {
   [[nodiscard]] virtual double sample_rate() const = 0;
 
   /// Expected size of a logical batch; divide the noisy gradient sum by it, never by the actual
-  /// size, which is private (DESIGN.md §4).
+  /// size, which is private (docs/design.md §4).
   [[nodiscard]] virtual double expected_batch_size() const = 0;
 
   /// Number of examples sampled from.

@@ -14,6 +14,7 @@
 #include <memory>
 #include <optional>
 #include <string>
+#include <vector>
 
 namespace dptorch {
 
@@ -21,13 +22,16 @@ namespace dptorch {
 enum class ClippingMode {
   /// One threshold C for the whole gradient of a sample.
   kFlat,
-  /// One threshold per trainable parameter, C/√L each (their norm is C).
+  /// One threshold per trainable parameter: PrivacyOptions::max_grad_norms, or C/√L each (their
+  /// norm is C) when those are not given.
   kPerLayer,
   /// A threshold that follows a private quantile estimate (Andrew et al. 2021).
   kAdaptive,
+  /// Every gradient normalised: factor_i = C / (‖G_i‖ + γ) (Bu et al. 2022, AUTO-S).
+  kAutomatic,
 };
 
-/// What a user asks of make_private (the builder of DESIGN.md §6). Exactly one of
+/// What a user asks of make_private (the builder of docs/design.md §6). Exactly one of
 /// noise_multiplier and target_epsilon must be set; resolve() settles it into PrivacySettings.
 ///
 /// Example: `PrivacyOptions().target_epsilon(3).delta(1e-5).epochs(20).expected_batch_size(512)`
@@ -38,6 +42,10 @@ struct PrivacyOptions {
   TORCH_ARG(std::optional<double>, target_epsilon) = std::nullopt;
   /// C: the per-sample gradient norm bound (initial value for adaptive clipping).
   TORCH_ARG(double, max_grad_norm) = 1.0;
+  /// Per-layer clipping: one threshold C_l per trainable parameter, in the order of
+  /// named_parameters(); the noise is scaled with ‖(C_l)‖₂, and max_grad_norm is not used.
+  /// Empty (the default): C/√L each.
+  TORCH_ARG(std::vector<double>, max_grad_norms) = {};
   /// δ of the (ε, δ) guarantee.
   TORCH_ARG(double, delta) = 1e-5;
   /// Epochs of training: epochs × round(1/q) optimiser steps.
@@ -52,6 +60,8 @@ struct PrivacyOptions {
   TORCH_ARG(double, target_unclipped_quantile) = 0.5;
   /// Adaptive clipping: σ_b of the unclipped count (default E[B]/20, Andrew et al. 2021).
   TORCH_ARG(std::optional<double>, unclipped_num_std) = std::nullopt;
+  /// Automatic clipping: the stability constant γ of factor_i = C / (‖G_i‖ + γ).
+  TORCH_ARG(double, automatic_stability) = 0.01;
   /// Noise from the OS's CSPRNG, hardened against floating-point attacks; refuses a seed.
   TORCH_ARG(bool, secure_mode) = false;
   /// Seed of the sampler and the noise (reproducible runs); drawn from the OS if unset.
@@ -69,7 +79,8 @@ struct PrivacySettings {
   double noise_multiplier = 0;
   double sample_rate = 0;
   double expected_batch_size = 0;
-  double max_grad_norm = 0;
+  double max_grad_norm = 0;            // the noise's norm bound: C, or ‖(C_l)‖₂ for given C_l
+  std::vector<double> max_grad_norms;  // per-layer thresholds, when given
   double delta = 0;
   int64_t steps = 0;  // planned optimiser steps
   int64_t steps_per_epoch = 0;
@@ -99,9 +110,9 @@ struct CheckpointInfo {
   uint64_t sampler_seed = 0;
 };
 
-/// Entry point of private training (DESIGN.md §6): validates the model, attaches the per-sample
-/// machinery, wraps the optimiser, builds the Poisson loader, owns the accountant, and saves and
-/// loads checkpoints.
+/// Entry point of private training (docs/design.md §6): validates the model, attaches the
+/// per-sample machinery, wraps the optimiser, builds the Poisson loader, owns the accountant, and
+/// saves and loads checkpoints.
 ///
 /// Example:
 ///   dptorch::PrivacyEngine engine;

@@ -33,8 +33,8 @@ struct GradSampleOptions {
 void validate(torch::nn::Module& module);
 
 /// Attaches a tape to every dp layer of a module, so that after one `loss.backward()` the
-/// per-sample gradients of all trainable parameters are known (DESIGN.md §2): their squared norms,
-/// their weighted sum for any per-sample weights, and, on request, the per-sample gradients
+/// per-sample gradients of all trainable parameters are known (docs/design.md §2): their squared
+/// norms, their weighted sum for any per-sample weights, and, on request, the per-sample gradients
 /// themselves. Results are keyed by the names of `module->named_parameters()`. Detaches on
 /// destruction or close().
 ///
@@ -71,6 +71,11 @@ class GradSampleModule {
 
   /// Whether a backward pass has filed per-sample gradients not yet cleared.
   [[nodiscard]] bool has_pass() const;
+  /// The path of a dp layer that ran forward in eval mode with grad mode on since the last
+  /// clear() (it recorded nothing: layers record in training mode only); empty if none.
+  [[nodiscard]] std::string unrecorded_layer() const;
+  /// Whether close() was called.
+  [[nodiscard]] bool closed() const { return closed_; }
   /// Samples in the last backward pass.
   [[nodiscard]] int64_t batch_size();
   /// Squared per-sample norm [B] of each trainable parameter.

@@ -10,7 +10,7 @@
 #include <string>
 #include <vector>
 
-/// The per-sample gradient rules of DESIGN.md §2: from what a layer recorded in forward and
+/// The per-sample gradient rules of docs/design.md §2: from what a layer recorded in forward and
 /// backward, the per-sample squared norms, the weighted (clipped) sum, and on request the
 /// materialised per-sample gradients. Stateless math is in free functions; the classes hold one
 /// layer's tensors for one backward pass.
@@ -77,8 +77,8 @@ namespace detail {
 // ---------------------------------------------------------------------------------------------
 
 /// Per-sample gradients of one layer's trainable parameters for one backward pass: the rule's
-/// three answers (DESIGN.md §2). Results are in the order of `names()`, for the gradient of the
-/// loss as recorded (the caller rescales for the loss reduction).
+/// three answers (docs/design.md §2). Results are in the order of `names()`, for the gradient of
+/// the loss as recorded (the caller rescales for the loss reduction).
 class PerSampleGrads {
  public:
   virtual ~PerSampleGrads() = default;

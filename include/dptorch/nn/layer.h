@@ -17,7 +17,7 @@ namespace dptorch::nn {
 
 /// One call of a dp layer while attached to a tape: what the layer saw in forward and, once
 /// backward has run, the gradient of its output. The pair defines every per-sample gradient of
-/// the layer's parameters (DESIGN.md §2).
+/// the layer's parameters (docs/design.md §2).
 struct Record {
   /// The layer's input as it saw it (detached; for norm layers the normalised input).
   torch::Tensor input;
@@ -58,7 +58,7 @@ class PerSampleLayer {
  public:
   PerSampleLayer() = default;
   /// A copy (Cloneable::clone) starts detached, with no records of its own.
-  PerSampleLayer(const PerSampleLayer&) {}
+  PerSampleLayer(const PerSampleLayer&) {}  // NOLINT: nothing of the original is copied
   PerSampleLayer& operator=(const PerSampleLayer&) { return *this; }
   virtual ~PerSampleLayer() = default;
 
@@ -73,8 +73,12 @@ class PerSampleLayer {
   /// nullptr if nothing was filed. `batch_size` receives the samples per record; records of one
   /// pass that disagree on it are refused.
   [[nodiscard]] std::unique_ptr<grad_sample::PerSampleGrads> take_grads(int64_t* batch_size);
-  /// Drops filed records without using them.
+  /// Drops filed records without using them (and forgets unrecorded calls).
   void clear_records();
+  /// Forward calls since the last clear_records() that would have been recorded but for eval
+  /// mode (attached, grad mode on, a parameter trainable): dp layers record in training mode
+  /// only, as the seed's hooks did.
+  [[nodiscard]] int64_t unrecorded_calls() const { return unrecorded_calls_; }
 
   /// The module this layer is (for its parameters and its type name).
   [[nodiscard]] virtual torch::nn::Module& as_module() = 0;
@@ -85,8 +89,8 @@ class PerSampleLayer {
   [[nodiscard]] virtual std::unique_ptr<grad_sample::PerSampleGrads> make_grads(
       std::vector<Record> records) = 0;
 
-  /// Whether a forward call now should be recorded: attached, grad mode on, and a parameter of
-  /// the layer trainable.
+  /// Whether a forward call now should be recorded: attached, in training mode, grad mode on,
+  /// and a parameter of the layer trainable. (A call refused only for eval mode is counted.)
   [[nodiscard]] bool recording(std::initializer_list<const torch::Tensor*> params) const;
   /// The batch dimension of an input with `leading_dims` dimensions before the features.
   [[nodiscard]] int64_t batch_dim(int64_t leading_dims) const;
@@ -104,6 +108,7 @@ class PerSampleLayer {
  private:
   std::shared_ptr<detail::Tape> tape_;
   std::shared_ptr<detail::RecordSink> sink_ = std::make_shared<detail::RecordSink>();
+  mutable std::atomic<int64_t> unrecorded_calls_{0};
 };
 
 }  // namespace dptorch::nn

@@ -25,12 +25,14 @@ struct DPOptimizerOptions {
   TORCH_ARG(double, sample_rate) = 0;
 };
 
-/// DP-SGD around any torch::optim optimiser (DESIGN.md §4): step() clips and accumulates the
-/// last backward if that was not done yet, adds N(0, σ²C²) to each parameter's clipped sum,
-/// divides by the expected batch size ("mean"), runs the inner step, and tells the accountant
-/// (σ, q). A step with nothing accumulated (an empty Poisson batch) adds noise only. The noise
-/// is drawn when the accumulation begins and the clipped sums are added onto it, already
-/// divided: the same sum, without a zeroing pass and a division pass over the gradients.
+/// DP-SGD around any torch::optim optimiser (docs/design.md): step() clips and accumulates the
+/// last backward if that was not done yet, adds N(0, σ²C²) to each parameter's clipped sum
+/// (C: the norm of the thresholds the step clipped at), divides by the expected batch size
+/// ("mean"), runs the inner step, and tells the accountant (σ, q). A step with nothing
+/// accumulated (an empty Poisson batch) adds noise only. When the clipper's thresholds are fixed
+/// for the step, the noise is drawn when the accumulation begins and the clipped sums are added
+/// onto it, already divided: the same sum without a zeroing pass and a division pass over the
+/// gradients. Otherwise (dynamic clipping, a user's clipper) the noise is added at the step.
 ///
 /// Example:
 ///   auto clipper = std::make_shared<dptorch::PerSampleGradientClipper>(
@@ -76,13 +78,11 @@ class DPOptimizer {
   void set_steps(int64_t steps) { steps_ = steps; }
 
  private:
-  // Begins the clipper's accumulation with the noise in the accumulators and the clip weights
-  // scaled by 1/E[B] ("mean").
-  void begin_noised_accumulation();
-  // Whether the loss is a mean over the batch (the sums are then divided by E[B]).
-  [[nodiscard]] bool mean_loss() const;
-  // σ·C: the std of the noise on each clipped sum.
-  [[nodiscard]] double noise_stddev() const;
+  // Begins the clipper's accumulation with the clip weights scaled by 1/E[B] ("mean") and, when
+  // the thresholds are fixed for the step, the noise already in the accumulators.
+  void begin_accumulation();
+  // The factor between a clipped sum and the gradient: 1/E[B] for a mean loss, else 1.
+  [[nodiscard]] double gradient_scale() const;
 
   std::shared_ptr<torch::optim::Optimizer> inner_;
   std::shared_ptr<PerSampleGradientClipper> clipper_;
@@ -92,8 +92,6 @@ class DPOptimizer {
   std::shared_ptr<AdaptiveClipper> adaptive_;
   double gradient_sigma_;
   int64_t steps_ = 0;
-  // The clipper's accumulation this optimiser began with the noise in it (0: none).
-  uint64_t noised_accumulation_ = 0;
 };
 
 }  // namespace dptorch::optim

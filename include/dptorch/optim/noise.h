@@ -14,7 +14,7 @@
 namespace dptorch::optim {
 
 /// Source of the Gaussian noise N(0, σ²C²) that DP-SGD adds to the clipped gradient sum
-/// (DESIGN.md §4); an interface so that tests can replace it.
+/// (docs/design.md §4); an interface so that tests can replace it.
 class NoiseSource {
  public:
   virtual ~NoiseSource() = default;
