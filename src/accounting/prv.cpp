@@ -1,6 +1,5 @@
 #include <dptorch/accounting/prv.h>
 
-#include <dptorch/accounting/fft.h>
 #include <dptorch/accounting/rdp.h>
 
 #include <c10/util/Exception.h>
@@ -11,6 +10,10 @@
 #include <limits>
 #include <queue>
 #include <utility>
+
+#include "accounting/accountant_internal.h"
+#include "accounting/fft.h"
+#include "accounting/prv_internal.h"
 
 namespace dptorch::accounting {
 

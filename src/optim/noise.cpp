@@ -1,6 +1,6 @@
 #include "dptorch/optim/noise.h"
 
-#include "dptorch/optim/philox.h"
+#include "optim/philox.h"
 
 #include <ATen/Context.h>
 #include <ATen/Parallel.h>
