@@ -10,12 +10,13 @@
 // median number of minor page faults per call.
 
 #include <dptorch/dptorch.h>
-#include <dptorch/optim/philox.h>
 
 #include <torch/torch.h>
 #include <CLI/CLI.hpp>
 
+#include "grad_sample/rules_internal.h"
 #include "measure.h"
+#include "optim/philox.h"
 
 #include <algorithm>
 #include <cstdio>

@@ -19,6 +19,18 @@ quietly() {
   rm -f "$log"
 }
 quietly cmake --install "$build_dir" --prefix "$prefix"
+# The export names imported targets (torch, OpenMP::OpenMP_CXX, ...) that dptorchConfig.cmake finds
+# again on the user's machine, never a library path of this one.
+targets=$(find "$prefix" -name dptorchTargets.cmake)
+if grep -E 'INTERFACE_LINK_LIBRARIES "(.*;)?/' "$targets"; then
+  echo "install_test: the exported dptorch::dptorch links absolute paths (above)" >&2
+  exit 1
+fi
+# Only public headers are installed, and none includes an internal one.
+if [ -n "$(find "$prefix/include/dptorch" -name '*_internal.h' -o -name fft.h -o -name numerics.h -o -name philox.h)" ]; then
+  echo "install_test: internal headers were installed" >&2
+  exit 1
+fi
 quietly cmake -S tests/install_consumer -B "$prefix/consumer-build" -G Ninja \
   -DCMAKE_BUILD_TYPE=Release -DCMAKE_PREFIX_PATH="$prefix"
 quietly cmake --build "$prefix/consumer-build"

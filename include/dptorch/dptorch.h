@@ -13,6 +13,7 @@
 #include <dptorch/clipping/per_sample_gradient_clipper.h>
 #include <dptorch/common.h>
 #include <dptorch/data/fashion_mnist.h>
+#include <dptorch/data/idx.h>
 #include <dptorch/data/physical_batches.h>
 #include <dptorch/data/poisson_data_loader.h>
 #include <dptorch/data/samplers.h>

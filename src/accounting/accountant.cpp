@@ -13,6 +13,8 @@
 #include <ostream>
 #include <utility>
 
+#include "accounting/accountant_internal.h"
+
 namespace dptorch::accounting {
 
 namespace {

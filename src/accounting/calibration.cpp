@@ -11,6 +11,9 @@
 #include <memory>
 #include <utility>
 
+#include "accounting/accountant_internal.h"
+#include "accounting/prv_internal.h"
+
 namespace dptorch::accounting {
 
 namespace {

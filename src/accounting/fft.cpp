@@ -1,4 +1,4 @@
-#include <dptorch/accounting/fft.h>
+#include "accounting/fft.h"
 
 #include <c10/util/Exception.h>
 

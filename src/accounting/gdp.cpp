@@ -1,11 +1,12 @@
 #include <dptorch/accounting/gdp.h>
 
-#include <dptorch/accounting/numerics.h>
-
 #include <c10/util/Exception.h>
 
 #include <cmath>
 #include <limits>
+
+#include "accounting/accountant_internal.h"
+#include "accounting/numerics.h"
 
 namespace dptorch::accounting {
 

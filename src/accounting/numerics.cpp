@@ -1,4 +1,4 @@
-#include <dptorch/accounting/numerics.h>
+#include "accounting/numerics.h"
 
 #include <c10/util/Exception.h>
 

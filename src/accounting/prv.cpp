@@ -1,7 +1,6 @@
 #include <dptorch/accounting/prv.h>
 #include <dptorch/common.h>
 
-#include <dptorch/accounting/fft.h>
 #include <dptorch/accounting/rdp.h>
 
 #include <c10/util/Exception.h>
@@ -12,6 +11,10 @@
 #include <limits>
 #include <queue>
 #include <utility>
+
+#include "accounting/accountant_internal.h"
+#include "accounting/fft.h"
+#include "accounting/prv_internal.h"
 
 namespace dptorch::accounting {
 

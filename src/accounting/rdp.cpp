@@ -1,12 +1,13 @@
 #include <dptorch/accounting/rdp.h>
 
-#include <dptorch/accounting/numerics.h>
-
 #include <c10/util/Exception.h>
 
 #include <algorithm>
 #include <cmath>
 #include <limits>
+
+#include "accounting/accountant_internal.h"
+#include "accounting/numerics.h"
 
 namespace dptorch::accounting {
 

@@ -5,6 +5,7 @@
 #include <ATen/Parallel.h>
 
 #include "cpu_kernels.h"
+#include "grad_sample/rules_internal.h"
 
 namespace dptorch::grad_sample {
 namespace {

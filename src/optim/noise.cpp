@@ -1,7 +1,7 @@
 #include "dptorch/optim/noise.h"
 #include <dptorch/common.h>
 
-#include "dptorch/optim/philox.h"
+#include "optim/philox.h"
 
 #include <ATen/Context.h>
 #include <ATen/Parallel.h>

@@ -1,7 +1,7 @@
 // The Gaussian stream of PhiloxNoise. Compiled without torch headers and with -fno-math-errno
 // (CMakeLists.txt), so that the float square roots vectorise.
 
-#include "dptorch/optim/philox.h"
+#include "optim/philox.h"
 #include "../cpu_features.h"
 
 #include <algorithm>

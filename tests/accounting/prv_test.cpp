@@ -1,7 +1,6 @@
 #include <dptorch/accounting/prv.h>
 
 #include <dptorch/accounting/gdp.h>
-#include <dptorch/accounting/numerics.h>
 
 #include <c10/util/Exception.h>
 #include <gmock/gmock.h>
@@ -12,6 +11,9 @@
 #include <ostream>
 #include <string>
 #include <utility>
+
+#include "accounting/numerics.h"
+#include "accounting/prv_internal.h"
 
 namespace dptorch::accounting {
 namespace {

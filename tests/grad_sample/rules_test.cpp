@@ -13,6 +13,7 @@
 #include <thread>
 #include <tuple>
 
+#include "grad_sample/rules_internal.h"
 #include "support/tensor_assert.h"
 
 namespace dptorch {

@@ -1,6 +1,6 @@
 #include "dptorch/optim/noise.h"
 
-#include "dptorch/optim/philox.h"
+#include "optim/philox.h"
 
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>

@@ -45,7 +45,7 @@ namespace dptorch::grad_sample {
 /// output positions, columns in the order of the weight's [C, k1..kD] layout. Works for any D.
 /// The result is a transposed view of a contiguous [B, C·k..., T] tensor (output positions
 /// innermost). On the CPU, 1-D and 2-D float and double inputs take one gather loop; everything
-/// else takes detail::unfold_patches_generic.
+/// else takes the device-generic torch operators.
 [[nodiscard]] torch::Tensor unfold_patches(const torch::Tensor& input, at::IntArrayRef kernel,
                                            at::IntArrayRef stride, at::IntArrayRef padding,
                                            at::IntArrayRef dilation);
@@ -59,20 +59,6 @@ namespace dptorch::grad_sample {
 [[nodiscard]] torch::Tensor embedding_norm_sq(const torch::Tensor& index,
                                               const torch::Tensor& sample, const torch::Tensor& g,
                                               int64_t batch_size, int64_t num_embeddings);
-
-namespace detail {
-/// The device-generic implementations (torch operators only) behind unfold_patches and
-/// embedding_norm_sq, which take them wherever their CPU loops do not apply; exposed so that
-/// tests can hold the two paths to the same results.
-[[nodiscard]] torch::Tensor unfold_patches_generic(const torch::Tensor& input,
-                                                   at::IntArrayRef kernel, at::IntArrayRef stride,
-                                                   at::IntArrayRef padding,
-                                                   at::IntArrayRef dilation);
-[[nodiscard]] torch::Tensor embedding_norm_sq_generic(const torch::Tensor& index,
-                                                      const torch::Tensor& sample,
-                                                      const torch::Tensor& g, int64_t batch_size,
-                                                      int64_t num_embeddings);
-}  // namespace detail
 
 // ---------------------------------------------------------------------------------------------
 

@@ -103,7 +103,7 @@ class TorchNoise final : public NoiseSource {
 /// Philox4x32-10 (Salmon et al. 2011) keyed by the seed, at counter (j / 4, k), turned into
 /// Gaussians by Box–Muller — so draws are computed in parallel blocks, the same for any number
 /// of threads, and state() is two numbers. Float noise comes from a vectorised kernel
-/// (detail::normal_fill in philox.h: |z| up to about 6.66), double noise from 53-bit uniforms and
+/// (src/optim/philox.h: |z| up to about 6.66), double noise from 53-bit uniforms and
 /// the C library's log, sin and cos; other floating dtypes are drawn in float and converted, and
 /// other devices get the CPU's values copied over, so a seed gives the same noise everywhere.
 /// NOT secure (the stream is predictable from the seed).
