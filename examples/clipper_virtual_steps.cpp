@@ -51,8 +51,10 @@ int main() {
     }
     // .grad = Σ clipped gradients / batch size (a mean loss), over the whole logical batch.
     auto stats = clipper.pre_step();
-    // N(0, σ²C²) on the sum is N(0, (σC / B)²) on the mean. (B is public here: fixed batches.)
-    const double stddev = kNoiseMultiplier * kMaxGradNorm / static_cast<double>(stats.batch_size);
+    // N(0, σ²C²) on the sum is N(0, (σC / B)²) on the mean, with C the noise bound pre_step()
+    // returns for each parameter (here kMaxGradNorm). (B is public here: fixed batches.)
+    const double stddev =
+        kNoiseMultiplier * stats.max_norm[0] / static_cast<double>(stats.batch_size);
     {
       torch::NoGradGuard no_grad;
       for (auto& p : model->parameters()) p.mutable_grad().add_(torch::randn_like(p) * stddev);

@@ -49,7 +49,8 @@ void Accumulation::merge_thresholds(const std::vector<double>& thresholds) {
     max_thresholds_.assign(thresholds.size(), max_thresholds_.front());
   }
   for (size_t k = 0; k < max_thresholds_.size(); ++k) {
-    max_thresholds_[k] = std::max(max_thresholds_[k], thresholds[std::min(k, thresholds.size() - 1)]);
+    max_thresholds_[k] =
+        std::max(max_thresholds_[k], thresholds[std::min(k, thresholds.size() - 1)]);
   }
 }
 
@@ -71,8 +72,8 @@ void Accumulation::add(GradSampleModule& gsm, const std::vector<torch::Tensor>& 
 void Accumulation::add_sums(const std::vector<torch::Tensor>& sums,
                             const std::vector<double>& thresholds, int64_t batch_size) {
   TORCH_CHECK(active_, "Accumulation::add_sums before begin()");
-  TORCH_CHECK(sums.size() == sums_.size(), "Accumulation::add_sums got ", sums.size(),
-              " sums for ", sums_.size(), " parameters");
+  TORCH_CHECK(sums.size() == sums_.size(), "Accumulation::add_sums got ", sums.size(), " sums for ",
+              sums_.size(), " parameters");
   for (size_t k = 0; k < sums.size(); ++k) sums_[k].add_(sums[k], start_.scale);
   merge_thresholds(thresholds);
   batch_size_ += batch_size;

@@ -23,8 +23,8 @@ struct AccumulationStart {
   const void* owner = nullptr;
 };
 
-/// The clipped sums of one logical batch while they are gathered (docs/design.md §3: one owner of an
-/// accumulation): per trainable parameter the running Σ_i w_i G_i (times `scale`), the largest
+/// The clipped sums of one logical batch while they are gathered (docs/design.md §3: one owner of
+/// an accumulation): per trainable parameter the running Σ_i w_i G_i (times `scale`), the largest
 /// clipping thresholds seen, the samples and the calls so far, and what the sums began with.
 /// PerSampleGradientClipper adds to it after each backward; pre_step() or a DPOptimizer finish
 /// it. The accumulator tensors are kept from one accumulation to the next, so a step allocates
