@@ -5,7 +5,7 @@
 # let it SURVIVE (they pass), or it did not build (BUILD-FAILED). A substring that does not occur
 # exactly once in its file is an ERROR (the list needs re-targeting), never a pass.
 #
-# Usage: scripts/mutate.sh [-f GTEST_FILTER] [-t SECONDS] [-l LIST] [NAME...]
+# Usage: scripts/mutate.sh [-f GTEST_FILTER] [-t SECONDS] [-l LIST] [-n] [-d] [NAME...]
 #   NAME...     run only the mutations with these names (default: all)
 #   -f FILTER   --gtest_filter for the test run (default: $MUTATE_FILTER, else all tests, ~2 min
 #               here); the privacy pins alone take a second: -f '*AccountantPins*:*CalibrationPins*:

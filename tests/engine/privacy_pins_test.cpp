@@ -242,6 +242,47 @@ TEST(AdaptivePins, AccountantIsToldSigmaAndTheGradientNoiseUsesSigmaDelta) {
   EXPECT_DOUBLE_EQ(engine.epsilon(kDelta), independent_epsilon("prv", kSigma, kSampleRate, kSteps));
 }
 
+// KNOWN BUG, disabled until fixed: the split σ⁻² = σ_Δ⁻² + (2σ_b)⁻² (Andrew et al. 2021, Thm 1)
+// holds for a count of sensitivity 1/2, which the reference implementation gets by summing
+// b_i − 1/2 (TF Privacy's QuantileEstimatorQuery); AdaptiveClipper sums the indicators b_i
+// themselves, whose sum moves by 1 when a sample is added (Poisson sampling, add/remove), so the
+// count is a Gaussian mechanism of multiplier σ_b, not 2σ_b, and the accountant is told a σ larger
+// than the run's: at E[B] = 20 (σ_b = 1), σ = 1.2 is accounted where the run is worth
+// (1.5⁻² + 1⁻²)^(−1/2) ≈ 0.83. The test reads the count's sensitivity off the threshold update
+// (noise held at 0: log C' = −lr·(count/E[B] − γ), so count = E[B]·(γ − log C'/lr)) for an
+// added unclipped and an added clipped sample, and checks σ_b / sensitivity against the
+// multiplier the accounting leaves to the count, (σ⁻² − σ_Δ⁻²)^(−1/2). It holds for either fix
+// (a centred count, or a split with σ_b⁻²).
+TEST(AdaptivePins, DISABLED_CountNoiseIsAccountedAtTheCountsSensitivity) {
+  constexpr double kSigma = 1.2, kSigmaB = 1.0, kLearningRate = 0.2, kGamma = 0.5;
+  const auto options = AdaptiveClipperOptions(1.0)
+                           .unclipped_num_std(kSigmaB)
+                           .learning_rate(kLearningRate)
+                           .target_unclipped_quantile(kGamma);
+  torch::manual_seed(8);
+  tnn::Sequential m(nn::Linear(4, 2));
+  auto clipper =
+      std::make_shared<PerSampleGradientClipper>(m, std::make_shared<AdaptiveClipper>(options));
+  optim::DPOptimizer opt(sgd(m.ptr()), clipper, optim::DPOptimizerOptions(kSigma, kExpectedBatch),
+                         std::make_shared<optim::PhiloxNoise>(8));
+  const double sigma_delta = opt.gradient_noise_multiplier();
+  const double count_multiplier = std::pow(std::pow(kSigma, -2) - std::pow(sigma_delta, -2), -0.5);
+  // The released count of a batch with these norms (C = 1), noise 0.
+  auto released_count = [&](const std::vector<double>& norms) {
+    AdaptiveClipper c(options);
+    (void)c.clipping_factors({torch::tensor(norms, torch::kDouble)});
+    c.update(0.0, kExpectedBatch);
+    return kExpectedBatch * (kGamma - std::log(c.max_norm()) / kLearningRate);
+  };
+  const double base = released_count({0.5, 2.0});
+  const double sensitivity = std::max(std::abs(released_count({0.5, 2.0, 0.3}) - base),
+                                      std::abs(released_count({0.5, 2.0, 3.0}) - base));
+  ASSERT_GT(sensitivity, 0.25);
+  EXPECT_GE(kSigmaB / sensitivity, count_multiplier * (1 - 1e-9))
+      << "the count's noise is σ_b = " << kSigmaB << " at sensitivity " << sensitivity
+      << ", but the accounting treats it as a multiplier of " << count_multiplier;
+}
+
 struct EngineNoiseCase {
   ClippingMode clipping;
   std::string loss_reduction;
