@@ -242,18 +242,15 @@ TEST(AdaptivePins, AccountantIsToldSigmaAndTheGradientNoiseUsesSigmaDelta) {
   EXPECT_DOUBLE_EQ(engine.epsilon(kDelta), independent_epsilon("prv", kSigma, kSampleRate, kSteps));
 }
 
-// KNOWN BUG, disabled until fixed: the split σ⁻² = σ_Δ⁻² + (2σ_b)⁻² (Andrew et al. 2021, Thm 1)
-// holds for a count of sensitivity 1/2, which the reference implementation gets by summing
-// b_i − 1/2 (TF Privacy's QuantileEstimatorQuery); AdaptiveClipper sums the indicators b_i
-// themselves, whose sum moves by 1 when a sample is added (Poisson sampling, add/remove), so the
-// count is a Gaussian mechanism of multiplier σ_b, not 2σ_b, and the accountant is told a σ larger
-// than the run's: at E[B] = 20 (σ_b = 1), σ = 1.2 is accounted where the run is worth
-// (1.5⁻² + 1⁻²)^(−1/2) ≈ 0.83. The test reads the count's sensitivity off the threshold update
-// (noise held at 0: log C' = −lr·(count/E[B] − γ), so count = E[B]·(γ − log C'/lr)) for an
-// added unclipped and an added clipped sample, and checks σ_b / sensitivity against the
-// multiplier the accounting leaves to the count, (σ⁻² − σ_Δ⁻²)^(−1/2). It holds for either fix
-// (a centred count, or a split with σ_b⁻²).
-TEST(AdaptivePins, DISABLED_CountNoiseIsAccountedAtTheCountsSensitivity) {
+// The split σ⁻² = σ_Δ⁻² + (2σ_b)⁻² (Andrew et al. 2021, Thm 1) holds for a count of sensitivity
+// 1/2, which AdaptiveClipper gets by counting 1[‖G_i‖ ≤ C] − 1/2 per sample (an uncentred count
+// moves by 1 when a sample is added, and at E[B] = 20 (σ_b = 1), σ = 1.2 would be accounted
+// where the run is worth (1.5⁻² + 1⁻²)^(−1/2) ≈ 0.83). The test reads the count's sensitivity off
+// the threshold update (noise held at 0: log C' = −lr·(b̃ − γ), so E[B]·(γ − log C'/lr) is the
+// count up to a constant) for an added unclipped and an added clipped sample, and checks
+// σ_b / sensitivity against the multiplier the accounting leaves to the count,
+// (σ⁻² − σ_Δ⁻²)^(−1/2).
+TEST(AdaptivePins, CountNoiseIsAccountedAtTheCountsSensitivity) {
   constexpr double kSigma = 1.2, kSigmaB = 1.0, kLearningRate = 0.2, kGamma = 0.5;
   const auto options = AdaptiveClipperOptions(1.0)
                            .unclipped_num_std(kSigmaB)
