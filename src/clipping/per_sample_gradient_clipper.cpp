@@ -46,8 +46,9 @@ void PerSampleGradientClipper::set_on_batch_clip_func(std::function<void(const C
 
 std::vector<double> PerSampleGradientClipper::parameter_thresholds(
     const std::vector<double>& t) const {
-  const size_t n = gsm_->parameter_names().size();
-  if (norm_clipper_->is_per_layer() && t.size() == 1) return std::vector<double>(n, t.front());
+  if (norm_clipper_->is_per_layer() && t.size() == 1) {
+    return std::vector<double>(gsm_->num_parameters(), t.front());
+  }
   return t;
 }
 
@@ -59,7 +60,7 @@ double PerSampleGradientClipper::noise_bound() const {
 std::vector<double> PerSampleGradientClipper::accumulated_thresholds() const {
   const auto& t = accumulation_.max_thresholds();
   if (t.empty()) return {};
-  std::vector<double> out(gsm_->parameter_names().size());
+  std::vector<double> out(gsm_->num_parameters());
   for (size_t k = 0; k < out.size(); ++k) out[k] = t[std::min(k, t.size() - 1)];
   return out;
 }

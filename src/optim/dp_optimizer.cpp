@@ -82,8 +82,9 @@ void DPOptimizer::step() {
   accumulate();
   auto& acc = clipper_->accumulation();
   if (!acc.active()) {
-    // Nothing accumulated (an empty batch): the step is the noise alone.
-    if (!clipper_->grad_sample_module().has_pass()) clipper_->check_nothing_unrecorded();
+    // Nothing accumulated (accumulate() found no pass): the step is the noise alone, unless the
+    // batch went missing because the model ran in eval mode.
+    clipper_->check_nothing_unrecorded();
     begin_accumulation();
   }
   TORCH_CHECK(acc.owner() == this || acc.owner() == nullptr,

@@ -68,6 +68,8 @@ class GradSampleModule {
   [[nodiscard]] std::vector<std::string> parameter_names() const;
   /// The trainable parameters, in the order of parameter_names().
   [[nodiscard]] std::vector<torch::Tensor> parameters() const;
+  /// How many trainable parameters there are.
+  [[nodiscard]] size_t num_parameters() const { return slots_.size(); }
 
   /// Whether a backward pass has filed per-sample gradients not yet cleared.
   [[nodiscard]] bool has_pass() const;
