@@ -28,15 +28,19 @@ torch::nn::ConvOptions<D> rebuild_options(const torch::nn::detail::ConvNdOptions
       .padding_mode(o.padding_mode());
 }
 
-// Copies parameters and buffers of the same names, and the training mode.
+// Copies parameters (and whether each is trainable) and buffers of the same names, submodules
+// included, and the training mode.
 void copy_state(const torch::nn::Module& from, torch::nn::Module& to) {
   torch::NoGradGuard no_grad;
-  auto params = to.named_parameters(/*recurse=*/false);
-  for (const auto& p : from.named_parameters(/*recurse=*/false)) {
-    if (params.contains(p.key())) params[p.key()].copy_(p.value());
+  auto params = to.named_parameters(/*recurse=*/true);
+  for (const auto& p : from.named_parameters(/*recurse=*/true)) {
+    TORCH_CHECK(params.contains(p.key()), "converting ", from.name(),
+                ": its twin has no parameter ", p.key());
+    params[p.key()].copy_(p.value());
+    params[p.key()].set_requires_grad(p.value().requires_grad());
   }
-  auto buffers = to.named_buffers(/*recurse=*/false);
-  for (const auto& b : from.named_buffers(/*recurse=*/false)) {
+  auto buffers = to.named_buffers(/*recurse=*/true);
+  for (const auto& b : from.named_buffers(/*recurse=*/true)) {
     if (buffers.contains(b.key())) buffers[b.key()].copy_(b.value());
   }
   to.train(from.is_training());
@@ -94,14 +98,26 @@ std::optional<torch::nn::AnyModule> replacement_of(const torch::nn::Module& m,
                                                    const std::string& path,
                                                    const ConvertOptions& options,
                                                    std::vector<Replacement>& replaced) {
-  for (auto convert :
-       {&twin_of<Linear, torch::nn::Linear>, &twin_of<Conv1d, torch::nn::Conv1d>,
-        &twin_of<Conv2d, torch::nn::Conv2d>, &twin_of<Conv3d, torch::nn::Conv3d>,
-        &twin_of<Embedding, torch::nn::Embedding>, &twin_of<EmbeddingBag, torch::nn::EmbeddingBag>,
-        &twin_of<LayerNorm, torch::nn::LayerNorm>, &twin_of<GroupNorm, torch::nn::GroupNorm>,
-        &twin_of<InstanceNorm1d, torch::nn::InstanceNorm1d>,
-        &twin_of<InstanceNorm2d, torch::nn::InstanceNorm2d>,
-        &twin_of<InstanceNorm3d, torch::nn::InstanceNorm3d>}) {
+  for (auto convert : {&twin_of<Linear, torch::nn::Linear>,
+                       &twin_of<Conv1d, torch::nn::Conv1d>,
+                       &twin_of<Conv2d, torch::nn::Conv2d>,
+                       &twin_of<Conv3d, torch::nn::Conv3d>,
+                       &twin_of<Embedding, torch::nn::Embedding>,
+                       &twin_of<EmbeddingBag, torch::nn::EmbeddingBag>,
+                       &twin_of<LayerNorm, torch::nn::LayerNorm>,
+                       &twin_of<GroupNorm, torch::nn::GroupNorm>,
+                       &twin_of<InstanceNorm1d, torch::nn::InstanceNorm1d>,
+                       &twin_of<InstanceNorm2d, torch::nn::InstanceNorm2d>,
+                       &twin_of<InstanceNorm3d, torch::nn::InstanceNorm3d>,
+                       &twin_of<RNN, torch::nn::RNN>,
+                       &twin_of<LSTM, torch::nn::LSTM>,
+                       &twin_of<GRU, torch::nn::GRU>,
+                       &twin_of<RNNCell, torch::nn::RNNCell>,
+                       &twin_of<LSTMCell, torch::nn::LSTMCell>,
+                       &twin_of<GRUCell, torch::nn::GRUCell>,
+                       &twin_of<MultiheadAttention, torch::nn::MultiheadAttention>,
+                       &twin_of<TransformerEncoderLayer, torch::nn::TransformerEncoderLayer>,
+                       &twin_of<TransformerEncoder, torch::nn::TransformerEncoder>}) {
     if (auto converted = convert(m)) return converted;
   }
   const bool is_batch_norm = dynamic_cast<const torch::nn::BatchNorm1dImpl*>(&m) ||

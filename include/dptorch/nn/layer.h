@@ -3,33 +3,28 @@
 #include <dptorch/common.h>
 #include <dptorch/grad_sample/rules.h>
 
+#include <torch/nn/cloneable.h>
 #include <torch/nn/module.h>
 #include <torch/types.h>
 
 #include <atomic>
 #include <functional>
+#include <initializer_list>
 #include <memory>
 #include <mutex>
+#include <ostream>
 #include <string>
+#include <utility>
 #include <vector>
 
+/// The extension point of docs/design.md §2: what a layer whose per-sample gradients dptorch
+/// computes is made of. Three levels, each for whoever needs it:
+///  - PerSampleLayer: the interface GradSampleModule talks to (attach, take the rule, detach);
+///  - RecordingLayer<Payload>: a layer that records calls with a payload of its own type and turns
+///    them into a rule (what a user's layer derives from);
+///  - TwinLayer<Derived, Twin, Payload>: a RecordingLayer that is a drop-in twin of a torch::nn
+///    layer: options, reset, printing, training mode and the detached forward come from the twin.
 namespace dptorch::nn {
-
-/// One call of a dp layer while attached to a tape: what the layer saw in forward and, once
-/// backward has run, the gradient of its output. The pair defines every per-sample gradient of
-/// the layer's parameters (docs/design.md §2).
-struct Record {
-  /// The layer's input as it saw it (detached; for norm layers the normalised input).
-  torch::Tensor input;
-  /// The gradient of the layer's output; set in backward.
-  torch::Tensor grad_output;
-  /// Layer-specific tensors saved in forward (e.g. the bag of each EmbeddingBag lookup).
-  std::vector<torch::Tensor> extra;
-  /// The dimension of `input` and `grad_output` that indexes samples.
-  int64_t batch_dim = 0;
-  /// The number of samples of this call.
-  int64_t batch_size = 0;
-};
 
 namespace detail {
 
@@ -39,21 +34,22 @@ struct Tape {
   bool batch_first = true;
   /// Ghost norms, materialisation, or the cheaper of the two, for linear-like layers.
   NormMethod norm_method = NormMethod::kAuto;
-  /// Records filed by backward since the tape was last cleared.
+  /// Calls filed by backward since the tape was last cleared.
   std::atomic<int64_t> filed{0};
-};
-
-/// The records a layer's backward calls have filed (backward may run on other threads).
-struct RecordSink {
-  std::mutex mutex;
-  std::vector<Record> records;
 };
 
 }  // namespace detail
 
-/// The interface of every layer whose per-sample gradients dptorch can compute: the dp layers of
-/// this namespace, and the extension point for a user's own layer (derive from it, record calls
-/// through `taped`, and turn records into a grad_sample::PerSampleGrads in `make_grads`).
+/// The gradients of a recorded call's outputs, in backward, and which inputs need a gradient.
+using TensorList = std::vector<torch::Tensor>;
+/// Gives the gradients of a recorded call's inputs (one per input; undefined where not needed or
+/// not differentiable) from the gradients of its outputs and the inputs' `needed` flags.
+using InputGradients =
+    std::function<TensorList(const TensorList& grad_outputs, const std::vector<bool>& needed)>;
+
+/// The interface of every layer whose per-sample gradients dptorch computes. GradSampleModule
+/// attaches it to a tape, lets backward run, then takes the rule of what was recorded.
+/// Derive from RecordingLayer (or TwinLayer) rather than from this class directly.
 class PerSampleLayer {
  public:
   PerSampleLayer() = default;
@@ -68,12 +64,15 @@ class PerSampleLayer {
   void detach();
   /// Whether the layer is attached to a tape.
   [[nodiscard]] bool attached() const { return tape_ != nullptr; }
+  /// Whether the tape reads inputs with two or more leading dimensions batch first (true when
+  /// detached). A layer that calls dp layers of its own hands them inputs in this layout.
+  [[nodiscard]] bool batch_first() const { return tape_ == nullptr || tape_->batch_first; }
 
-  /// Turns the records filed since the last call into per-sample gradients and forgets them;
-  /// nullptr if nothing was filed. `batch_size` receives the samples per record; records of one
+  /// Turns the calls filed since the last call into per-sample gradients and forgets them;
+  /// nullptr if nothing was filed. `batch_size` receives the samples per call; calls of one
   /// pass that disagree on it are refused.
   [[nodiscard]] std::unique_ptr<grad_sample::PerSampleGrads> take_grads(int64_t* batch_size);
-  /// Drops filed records without using them (and forgets unrecorded calls).
+  /// Drops filed calls without using them (and forgets unrecorded calls).
   void clear_records();
   /// Forward calls since the last clear_records() that would have been recorded but for eval
   /// mode (attached, grad mode on, a parameter trainable): dp layers record in training mode
@@ -84,31 +83,191 @@ class PerSampleLayer {
   [[nodiscard]] virtual torch::nn::Module& as_module() = 0;
 
  protected:
-  /// Builds the rule of this layer from the records of one pass (at least one, all of the same
-  /// batch size, each with its grad_output set).
-  [[nodiscard]] virtual std::unique_ptr<grad_sample::PerSampleGrads> make_grads(
-      std::vector<Record> records) = 0;
+  /// Moves the filed calls into a rule (nullptr when none), checking one batch size.
+  [[nodiscard]] virtual std::unique_ptr<grad_sample::PerSampleGrads> take_filed(
+      int64_t* batch_size) = 0;
+  /// Forgets the filed calls.
+  virtual void drop_filed() = 0;
 
   /// Whether a forward call now should be recorded: attached, in training mode, grad mode on,
-  /// and a parameter of the layer trainable. (A call refused only for eval mode is counted.)
+  /// and one of `params` trainable. (A call refused only for eval mode is counted.)
   [[nodiscard]] bool recording(std::initializer_list<const torch::Tensor*> params) const;
+  /// The same for a layer with many parameters: one of the module's own parameters trainable.
+  [[nodiscard]] bool recording() const;
   /// The batch dimension of an input with `leading_dims` dimensions before the features.
   [[nodiscard]] int64_t batch_dim(int64_t leading_dims) const;
   /// The norm method the tape asks for.
   [[nodiscard]] NormMethod norm_method() const;
 
-  /// Runs `compute()` as a recorded call: autograd sees `input`, `weight` and `bias` as inputs
-  /// (either may be undefined), but forms no parameter gradient; in backward, `input_grad(g)`
-  /// gives the input gradient (only called when it is needed) and `record` with its
-  /// grad_output set is filed for this layer.
-  torch::Tensor taped(const torch::Tensor& input, const torch::Tensor& weight,
-                      const torch::Tensor& bias, const std::function<torch::Tensor()>& compute,
-                      std::function<torch::Tensor(const torch::Tensor&)> input_grad, Record record);
+  /// Runs `compute()` once, now, as one custom autograd function whose inputs are `inputs` (data
+  /// and parameters alike; undefined ones allowed). Autograd forms no gradient for a parameter:
+  /// in backward, `input_gradients` gives the inputs' gradients (null when no input is
+  /// differentiable) and `file` receives the detached gradients of the outputs.
+  TensorList taped(const TensorList& inputs, const std::function<TensorList()>& compute,
+                   InputGradients input_gradients, std::function<void(TensorList)> file);
 
  private:
+  [[nodiscard]] bool recording_if(bool trainable) const;
+
   std::shared_ptr<detail::Tape> tape_;
-  std::shared_ptr<detail::RecordSink> sink_ = std::make_shared<detail::RecordSink>();
   mutable std::atomic<int64_t> unrecorded_calls_{0};
+};
+
+/// One recorded call of a layer: what its forward saved (`saved`, of the layer's own type), the
+/// gradients of its outputs once backward has run, and its number of samples.
+template <class Payload>
+struct Call {
+  Payload saved;
+  TensorList grad_outputs;
+  int64_t batch_size = 0;
+};
+
+/// A layer that records its calls with a payload of type `Payload` and turns the calls of one
+/// backward pass into a rule. A user's own layer derives from it (with torch::nn::Cloneable):
+/// its forward calls `record(...)` when `recording()` says so, and `make_grads` is its rule
+/// (docs/extending.md walks through one).
+template <class Payload>
+class RecordingLayer : public PerSampleLayer {
+ public:
+  RecordingLayer() = default;
+  /// A copy starts with no filed calls of its own.
+  RecordingLayer(const RecordingLayer& other) : PerSampleLayer(other) {}
+  RecordingLayer& operator=(const RecordingLayer&) { return *this; }
+
+ protected:
+  /// The rule of one backward pass: every call filed since the last pass (at least one, all of
+  /// the same batch size, each with its grad_outputs set), in the order backward filed them.
+  [[nodiscard]] virtual std::unique_ptr<grad_sample::PerSampleGrads> make_grads(
+      std::vector<Call<Payload>> calls) = 0;
+
+  /// Records a call with any number of inputs and outputs (see PerSampleLayer::taped); `saved`
+  /// is filed with the gradients of the outputs when backward reaches it.
+  TensorList record(const TensorList& inputs, const std::function<TensorList()>& compute,
+                    InputGradients input_gradients, Payload saved, int64_t batch_size) {
+    auto call = std::make_shared<Call<Payload>>();
+    call->saved = std::move(saved);
+    call->batch_size = batch_size;
+    std::weak_ptr<Sink> sink = sink_;
+    return taped(inputs, compute, std::move(input_gradients),
+                 [sink, call](TensorList grad_outputs) {
+                   call->grad_outputs = std::move(grad_outputs);
+                   if (auto s = sink.lock()) {
+                     std::lock_guard<std::mutex> lock(s->mutex);
+                     s->calls.push_back(std::move(*call));
+                   }
+                 });
+  }
+
+  /// Records the common call: one output computed from one differentiable `input` and the
+  /// layer's `params`; `input_grad(g)` gives the input's gradient (null if none is needed).
+  torch::Tensor record(const torch::Tensor& input, std::initializer_list<torch::Tensor> params,
+                       const std::function<torch::Tensor()>& compute,
+                       std::function<torch::Tensor(const torch::Tensor&)> input_grad, Payload saved,
+                       int64_t batch_size) {
+    TensorList inputs{input};
+    inputs.insert(inputs.end(), params.begin(), params.end());
+    InputGradients grads;
+    if (input_grad) {
+      grads = [input_grad = std::move(input_grad), n = inputs.size()](
+                  const TensorList& g, const std::vector<bool>& needed) {
+        TensorList out(n);
+        if (needed[0]) out[0] = input_grad(g[0]);
+        return out;
+      };
+    }
+    return record(
+               inputs, [&] { return TensorList{compute()}; }, std::move(grads), std::move(saved),
+               batch_size)
+        .front();
+  }
+
+ private:
+  struct Sink {
+    std::mutex mutex;
+    std::vector<Call<Payload>> calls;
+  };
+
+  std::unique_ptr<grad_sample::PerSampleGrads> take_filed(int64_t* batch_size) final {
+    std::vector<Call<Payload>> calls;
+    {
+      std::lock_guard<std::mutex> lock(sink_->mutex);
+      calls.swap(sink_->calls);
+    }
+    if (calls.empty()) return nullptr;
+    const int64_t B = calls.front().batch_size;
+    for (const auto& c : calls) check_batch_size(B, c.batch_size);
+    *batch_size = B;
+    return make_grads(std::move(calls));
+  }
+
+  void drop_filed() final {
+    std::lock_guard<std::mutex> lock(sink_->mutex);
+    sink_->calls.clear();
+  }
+
+  void check_batch_size(int64_t expected, int64_t got) {
+    TORCH_CHECK(got == expected, "calls of one ", as_module().name(),
+                " in a single forward pass saw different batch sizes (", expected, " and ", got,
+                "); every call of a layer must see the same samples");
+  }
+
+  std::shared_ptr<Sink> sink_ = std::make_shared<Sink>();
+};
+
+namespace detail {
+/// Prints `twin` with its namespace replaced: "torch::nn::Linear(...)" -> "dptorch::nn::...".
+void print_as_twin(std::ostream& stream, const torch::nn::Module& twin);
+}  // namespace detail
+
+/// The base of a drop-in twin of a torch::nn layer (Derived is the twin's Impl, `Twin` the torch
+/// ModuleHolder, e.g. torch::nn::Linear): it keeps the options, builds the torch layer on reset
+/// and adopts its parameters under the same names (so state dicts interchange), prints as it,
+/// passes training mode on, and offers it for the detached forward. Derived supplies
+/// `void adopt()` (bind its members to twin()'s tensors with adopt_parameter/adopt_buffer), its
+/// forward, and its rule. `Options` is what the twin's constructor takes (by default the type of
+/// its `options` member).
+template <class Derived, class Twin, class Payload,
+          class TwinOptions =
+              std::decay_t<decltype(std::declval<typename Twin::ContainedType&>().options)>>
+class TwinLayer : public torch::nn::Cloneable<Derived>, public RecordingLayer<Payload> {
+ public:
+  using TwinImpl = typename Twin::ContainedType;
+  using Options = TwinOptions;
+
+  /// The options the layer was built with.
+  Options options;
+
+  void reset() override {
+    twin_ = Twin(options);
+    twin_->train(this->is_training());
+    static_cast<Derived*>(this)->adopt();
+  }
+  void pretty_print(std::ostream& stream) const override { detail::print_as_twin(stream, *twin_); }
+  void train(bool on = true) override {
+    torch::nn::Module::train(on);
+    twin_->train(on);
+  }
+  torch::nn::Module& as_module() override { return *this; }
+
+ protected:
+  TwinLayer(std::string name, Options options_)
+      : torch::nn::Cloneable<Derived>(std::move(name)), options(std::move(options_)) {}
+
+  /// The torch layer, sharing this layer's parameters and buffers: the detached forward.
+  TwinImpl& twin() { return *twin_; }
+  const TwinImpl& twin() const { return *twin_; }
+
+  /// Registers the twin's tensor under `name`; an undefined one is registered undefined, as the
+  /// twin does, so named_parameters() and state dicts match.
+  torch::Tensor adopt_parameter(const std::string& name, const torch::Tensor& tensor) {
+    return this->register_parameter(name, tensor, tensor.defined() && tensor.requires_grad());
+  }
+  torch::Tensor adopt_buffer(const std::string& name, const torch::Tensor& tensor) {
+    return this->register_buffer(name, tensor);
+  }
+
+ private:
+  Twin twin_{nullptr};
 };
 
 }  // namespace dptorch::nn

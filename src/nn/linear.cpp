@@ -1,0 +1,225 @@
+#include <dptorch/nn/linear.h>
+
+#include <torch/torch.h>
+
+#include "nn/layers_internal.h"
+
+#include <map>
+#include <optional>
+
+namespace dptorch::nn {
+
+namespace F = torch::nn::functional;
+using grad_sample::PerSampleGrads;
+
+LinearImpl::LinearImpl(const torch::nn::LinearOptions& options_)
+    : TwinLayer("dptorch::nn::Linear", options_) {
+  reset();
+}
+
+void LinearImpl::adopt() {
+  weight = adopt_parameter("weight", twin().weight);
+  bias = adopt_parameter("bias", twin().bias);
+}
+
+torch::Tensor LinearImpl::forward(const torch::Tensor& input) {
+  if (!recording({&weight, &bias})) return twin().forward(input);
+  TORCH_CHECK(input.dim() >= 2, "dptorch::nn::Linear needs a batch dimension to record ",
+              "per-sample gradients, but got an input of shape ", input.sizes());
+  LinearSaved saved{input.detach(), batch_dim(input.dim() - 1)};
+  const int64_t B = input.size(saved.batch_dim);
+  const auto w = weight.detach();
+  return record(
+      input, {weight, bias}, [&] { return F::linear(input, weight, bias); },
+      [w](const torch::Tensor& g) { return g.matmul(w); }, std::move(saved), B);
+}
+
+std::unique_ptr<PerSampleGrads> LinearImpl::make_grads(std::vector<Call<LinearSaved>> calls) {
+  std::vector<torch::Tensor> a, g;
+  for (const auto& c : calls) {
+    a.push_back(detail::to_brp(c.saved.input, c.saved.batch_dim, 1));
+    g.push_back(detail::to_brp(c.grad_outputs.at(0), c.saved.batch_dim, 1));
+  }
+  return std::make_unique<grad_sample::LinearLikeGrads>(
+      detail::cat_along(std::move(a), 1), detail::cat_along(std::move(g), 1), 1,
+      detail::shape_if_trainable(weight), detail::trainable(bias), norm_method());
+}
+
+// ----------------------------------------------------------------------------------- products
+
+namespace {
+
+// Where one slot's results go: a parameter, and the rows of it the slot covers.
+struct Target {
+  size_t param = 0;
+  int64_t row = 0;
+};
+
+class ProductsGrads final : public PerSampleGrads {
+ public:
+  ProductsGrads(const std::vector<ProductSlot>& slots, std::vector<ProductRecord> records,
+                int64_t batch_size, NormMethod method)
+      : batch_size_(batch_size) {
+    // Every trainable parameter is answered for, in slot order, used in this pass or not.
+    for (const auto& slot : slots) {
+      if (detail::trainable(slot.weight)) param_of(slot.weight_name, slot.weight);
+      if (detail::trainable(slot.bias)) param_of(slot.bias_name, slot.bias);
+    }
+    std::map<size_t, std::pair<std::vector<torch::Tensor>, std::vector<torch::Tensor>>> by_slot;
+    for (auto& r : records) {
+      TORCH_CHECK(r.slot < slots.size(), "a product record names slot ", r.slot, " of ",
+                  slots.size());
+      by_slot[r.slot].first.push_back(std::move(r.input));
+      by_slot[r.slot].second.push_back(std::move(r.grad_output));
+    }
+    for (auto& [index, parts] : by_slot) {
+      const auto& slot = slots[index];
+      const bool train_w = detail::trainable(slot.weight), train_b = detail::trainable(slot.bias);
+      if (!train_w && !train_b) continue;
+      auto g = detail::cat_along(std::move(parts.second), 1);
+      const int64_t p = g.size(2);
+      torch::Tensor a;
+      std::vector<int64_t> weight_shape;
+      if (train_w) {
+        a = detail::cat_along(std::move(parts.first), 1);
+        weight_shape = {p, a.size(2)};
+      } else {
+        a = torch::empty({g.size(0), g.size(1), 0}, g.options());
+      }
+      Entry e;
+      e.rule = std::make_unique<grad_sample::LinearLikeGrads>(std::move(a), std::move(g), 1,
+                                                              weight_shape, train_b, method);
+      e.rows = p;
+      if (train_w) e.weight = Target{param_of(slot.weight_name, slot.weight), slot.weight_row};
+      if (train_b) e.bias = Target{param_of(slot.bias_name, slot.bias), slot.bias_row};
+      entries_.push_back(std::move(e));
+    }
+  }
+
+  std::vector<std::string> names() const override { return names_; }
+
+  std::vector<torch::Tensor> norm_sq() override {
+    std::vector<torch::Tensor> out(params_.size());
+    for (auto& e : entries_) {
+      auto n = e.rule->norm_sq();
+      size_t k = 0;
+      for (const auto& t : {e.weight, e.bias}) {
+        if (!t) continue;
+        auto& o = out[t->param];
+        o = o.defined() ? o + n[k] : n[k];
+        ++k;
+      }
+    }
+    for (size_t i = 0; i < out.size(); ++i) {
+      if (!out[i].defined()) out[i] = torch::zeros({batch_size_}, params_[i].options());
+    }
+    return out;
+  }
+
+  std::vector<torch::Tensor> weighted_sum(const std::vector<torch::Tensor>& w) override {
+    std::vector<torch::Tensor> out;
+    for (const auto& p : params_) out.push_back(torch::zeros_like(p));
+    add_weighted_sum_to(w, out);
+    return out;
+  }
+
+  void add_weighted_sum_to(const std::vector<torch::Tensor>& w,
+                           const std::vector<torch::Tensor>& out) override {
+    for (auto& e : entries_) {
+      std::vector<torch::Tensor> ws, os;
+      if (e.weight) {
+        ws.push_back(w.at(e.weight->param));
+        os.push_back(rows(out.at(e.weight->param), *e.weight, e.rows, 0, true));
+      }
+      if (e.bias) {
+        ws.push_back(w.at(e.bias->param));
+        os.push_back(rows(out.at(e.bias->param), *e.bias, e.rows, 0, false));
+      }
+      e.rule->add_weighted_sum_to(ws, os);
+    }
+  }
+
+  std::vector<torch::Tensor> materialize() override {
+    std::vector<torch::Tensor> out;
+    for (const auto& p : params_) {
+      std::vector<int64_t> shape{batch_size_};
+      shape.insert(shape.end(), p.sizes().begin(), p.sizes().end());
+      out.push_back(torch::zeros(shape, p.options()));
+    }
+    for (auto& e : entries_) {
+      auto m = e.rule->materialize();
+      size_t k = 0;
+      for (const auto& [t, is_weight] :
+           {std::make_pair(e.weight, true), std::make_pair(e.bias, false)}) {
+        if (!t) continue;
+        rows(out[t->param], *t, e.rows, 1, is_weight).add_(m[k++].reshape_as(
+            rows(out[t->param], *t, e.rows, 1, is_weight)));
+      }
+    }
+    return out;
+  }
+
+ private:
+  struct Entry {
+    std::unique_ptr<grad_sample::LinearLikeGrads> rule;
+    int64_t rows = 0;
+    std::optional<Target> weight, bias;
+  };
+
+  size_t param_of(const std::string& name, const torch::Tensor& tensor) {
+    for (size_t i = 0; i < params_.size(); ++i) {
+      if (params_[i].is_same(tensor)) return i;
+    }
+    names_.push_back(name);
+    params_.push_back(tensor.detach());
+    return params_.size() - 1;
+  }
+
+  // The rows a slot covers of `t` (a parameter's shape after `lead` sample dimensions): a weight
+  // viewed as [rows, d], a bias flattened.
+  static torch::Tensor rows(const torch::Tensor& t, const Target& target, int64_t n, int64_t lead,
+                            bool is_weight) {
+    std::vector<int64_t> shape(t.sizes().begin(), t.sizes().begin() + lead);
+    const auto param = t.sizes().slice(lead);
+    if (is_weight) {
+      shape.push_back(param[0]);
+      shape.push_back(-1);
+    } else {
+      shape.push_back(-1);
+    }
+    return t.view(shape).narrow(lead, target.row, n);
+  }
+
+  int64_t batch_size_;
+  std::vector<std::string> names_;
+  std::vector<torch::Tensor> params_;
+  std::vector<Entry> entries_;
+};
+
+}  // namespace
+
+std::unique_ptr<PerSampleGrads> products_rule(const std::vector<ProductSlot>& slots,
+                                              std::vector<ProductRecord> records,
+                                              int64_t batch_size, NormMethod method) {
+  return std::make_unique<ProductsGrads>(slots, std::move(records), batch_size, method);
+}
+
+}  // namespace dptorch::nn
+
+namespace dptorch::nn {
+
+std::vector<ProductRecord> product_records(std::vector<Call<ProductsSaved>> calls) {
+  std::vector<ProductRecord> records;
+  for (auto& c : calls) {
+    TORCH_CHECK(c.saved.products.size() == c.grad_outputs.size(), "a call saved ",
+                c.saved.products.size(), " products but has ", c.grad_outputs.size(),
+                " outputs; save one product per output");
+    for (size_t i = 0; i < c.grad_outputs.size(); ++i) {
+      auto& [slot, input] = c.saved.products[i];
+      records.push_back({slot, std::move(input), std::move(c.grad_outputs[i])});
+    }
+  }
+  return records;
+}
+
+}  // namespace dptorch::nn
