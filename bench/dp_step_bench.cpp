@@ -75,11 +75,15 @@ struct TorchLayers {
   using Linear = tnn::Linear;
   using LayerNorm = tnn::LayerNorm;
   using Embedding = tnn::Embedding;
+  using LSTM = tnn::LSTM;
+  using TransformerEncoderLayer = tnn::TransformerEncoderLayer;
 };
 struct DpLayers {
   using Linear = dptorch::nn::Linear;
   using LayerNorm = dptorch::nn::LayerNorm;
   using Embedding = dptorch::nn::Embedding;
+  using LSTM = dptorch::nn::LSTM;
+  using TransformerEncoderLayer = dptorch::nn::TransformerEncoderLayer;
 };
 
 // Embedding(20000, 64) over [B, 128] tokens → mean over the sequence → Linear(64, 2).
@@ -119,6 +123,38 @@ struct BlockModelImpl : tnn::Module {
   typename L::Linear fc1, fc2;
   typename L::LayerNorm ln2;
   typename L::Linear head;
+};
+
+// Embedding(10000, 128) over [B, 64] tokens → one-layer LSTM 128→256 → last state → Linear(256, 2).
+template <typename L>
+struct LstmModelImpl : tnn::Module {
+  LstmModelImpl()
+      : embedding(register_module("embedding", typename L::Embedding(10000, 128))),
+        lstm(register_module("lstm", typename L::LSTM(tnn::LSTMOptions(128, 256).batch_first(true)))),
+        fc(register_module("fc", typename L::Linear(256, 2))) {}
+  torch::Tensor forward(const torch::Tensor& tokens) {
+    auto [out, state] = lstm(embedding(tokens));
+    return fc(std::get<0>(state)[0]);
+  }
+  typename L::Embedding embedding;
+  typename L::LSTM lstm;
+  typename L::Linear fc;
+};
+
+// One post-norm encoder layer (d 256, 4 heads, feed-forward 1024) over [B, 128, 256], the mean
+// token → Linear(256, 2).
+template <typename L>
+struct EncoderModelImpl : tnn::Module {
+  EncoderModelImpl()
+      : encoder(register_module(
+            "encoder", typename L::TransformerEncoderLayer(
+                           tnn::TransformerEncoderLayerOptions(256, 4).dim_feedforward(1024)))),
+        fc(register_module("fc", typename L::Linear(256, 2))) {}
+  torch::Tensor forward(const torch::Tensor& x) {
+    return fc(encoder(x.transpose(0, 1)).mean(0));
+  }
+  typename L::TransformerEncoderLayer encoder;
+  typename L::Linear fc;
 };
 
 tnn::Sequential make_mlp() {
@@ -163,7 +199,7 @@ void copy_state(tnn::Module& from, tnn::Module& to) {
 // One benchmark row.
 struct Row {
   std::string name;
-  std::string kind;  // mlp, cnn, text, block
+  std::string kind;  // mlp, cnn, text, block, lstm, encoder
   int64_t batch;
   std::string what;
 };
@@ -176,8 +212,19 @@ const std::vector<Row>& all_rows() {
       {"cnn-1024", "cnn", 1024, "CNN of dptrain on 1x28x28 (Tramer & Boneh 2021)"},
       {"text-256", "text", 256, "Embedding(20000,64) x 128 tokens, mean, Linear(64,2)"},
       {"block-64", "block", 64, "transformer block [B,64,128] (Linear+LayerNorm), mean, Linear"},
+      {"lstm-128", "lstm", 128, "Embedding(10000,128) x 64 steps, LSTM 128->256, last h, Linear"},
+      {"encoder-32", "encoder", 32, "TransformerEncoderLayer(256, 4 heads, ff 1024) x 128, mean"},
   };
   return rows;
+}
+
+// A model of torch layers and its twin of dptorch layers, with identical weights.
+template <template <typename> class M>
+std::pair<Model, Model> make_pair_of() {
+  auto plain = std::make_shared<M<TorchLayers>>();
+  auto dp = std::make_shared<M<DpLayers>>();
+  copy_state(*plain, *dp);
+  return {as_model(plain), as_model(dp)};
 }
 
 // The non-private and the private model of a row, with identical weights.
@@ -187,16 +234,10 @@ std::pair<Model, Model> make_models(const std::string& kind) {
     auto plain = kind == "mlp" ? make_mlp() : make_cnn();
     return {as_model(plain), as_model(dptorch::nn::convert(plain))};
   }
-  if (kind == "text") {
-    auto plain = std::make_shared<TextModelImpl<TorchLayers>>();
-    auto dp = std::make_shared<TextModelImpl<DpLayers>>();
-    copy_state(*plain, *dp);
-    return {as_model(plain), as_model(dp)};
-  }
-  auto plain = std::make_shared<BlockModelImpl<TorchLayers>>();
-  auto dp = std::make_shared<BlockModelImpl<DpLayers>>();
-  copy_state(*plain, *dp);
-  return {as_model(plain), as_model(dp)};
+  if (kind == "text") return make_pair_of<TextModelImpl>();
+  if (kind == "lstm") return make_pair_of<LstmModelImpl>();
+  if (kind == "encoder") return make_pair_of<EncoderModelImpl>();
+  return make_pair_of<BlockModelImpl>();
 }
 
 // A fixed batch (the step's cost does not depend on the values).
@@ -207,6 +248,10 @@ std::pair<torch::Tensor, torch::Tensor> make_batch(const std::string& kind, int6
   if (kind == "text") {
     return {torch::randint(20000, {B, 128}, torch::kLong), torch::randint(2, {B}, torch::kLong)};
   }
+  if (kind == "lstm") {
+    return {torch::randint(10000, {B, 64}, torch::kLong), torch::randint(2, {B}, torch::kLong)};
+  }
+  if (kind == "encoder") return {torch::randn({B, 128, 256}), torch::randint(2, {B}, torch::kLong)};
   return {torch::randn({B, 64, 128}), torch::randint(2, {B}, torch::kLong)};
 }
 

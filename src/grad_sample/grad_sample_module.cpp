@@ -46,7 +46,7 @@ void validate(torch::nn::Module& module) {
                         path, " (", m.name(),
                         ") is trainable but no per-sample gradient rule covers it; use the "
                         "layer's dptorch::nn twin (dptorch::nn::convert converts a Sequential), "
-                        "derive the layer from dptorch::nn::PerSampleLayer, or freeze the "
+                        "derive the layer from dptorch::nn::RecordingLayer, or freeze the "
                         "parameter (requires_grad false)");
     }
   }

@@ -198,7 +198,7 @@ void plan(torch::nn::Module& m, const std::string& path, const ConvertOptions& o
     if (dynamic_cast<PerSampleLayer*>(&m) != nullptr) return;
     TORCH_CHECK_VALUE(m.parameters(/*recurse=*/false).empty(), where, " (", m.name(),
                       ") has parameters but no dptorch::nn twin; replace it with dptorch::nn "
-                      "layers or derive it from dptorch::nn::PerSampleLayer");
+                      "layers or derive it from dptorch::nn::RecordingLayer");
     for (const auto& child : m.named_children()) {
       auto& c = *child.value();
       const auto child_path = join(path, child.key());

@@ -171,7 +171,7 @@ class ProductsGrads final : public PerSampleGrads {
       if (params_[i].is_same(tensor)) return i;
     }
     names_.push_back(name);
-    params_.push_back(tensor.detach());
+    params_.push_back(tensor);
     return params_.size() - 1;
   }
 
