@@ -130,7 +130,8 @@ template <typename L>
 struct LstmModelImpl : tnn::Module {
   LstmModelImpl()
       : embedding(register_module("embedding", typename L::Embedding(10000, 128))),
-        lstm(register_module("lstm", typename L::LSTM(tnn::LSTMOptions(128, 256).batch_first(true)))),
+        lstm(register_module("lstm",
+                             typename L::LSTM(tnn::LSTMOptions(128, 256).batch_first(true)))),
         fc(register_module("fc", typename L::Linear(256, 2))) {}
   torch::Tensor forward(const torch::Tensor& tokens) {
     auto [out, state] = lstm(embedding(tokens));
@@ -150,9 +151,7 @@ struct EncoderModelImpl : tnn::Module {
             "encoder", typename L::TransformerEncoderLayer(
                            tnn::TransformerEncoderLayerOptions(256, 4).dim_feedforward(1024)))),
         fc(register_module("fc", typename L::Linear(256, 2))) {}
-  torch::Tensor forward(const torch::Tensor& x) {
-    return fc(encoder(x.transpose(0, 1)).mean(0));
-  }
+  torch::Tensor forward(const torch::Tensor& x) { return fc(encoder(x.transpose(0, 1)).mean(0)); }
   typename L::TransformerEncoderLayer encoder;
   typename L::Linear fc;
 };
@@ -887,7 +886,8 @@ int main(int argc, char** argv) {
       ->check(CLI::PositiveNumber);
   app.add_flag("--quick", o.quick, "fewer repetitions (~20-40 s in all)");
   app.add_option("--rows", o.rows,
-                 "comma-separated rows: mlp-256, mlp-1024, cnn-256, cnn-1024, text-256, block-64");
+                 "comma-separated rows: mlp-256, mlp-1024, cnn-256, cnn-1024, text-256, block-64, "
+                 "lstm-128, encoder-32");
   app.add_option("--norm-method", o.norm_method,
                  "auto|ghost|materialize: the clipper's norm method (GradSampleOptions; "
                  "default auto)")

@@ -129,9 +129,9 @@ struct PatchTransformerImpl : tnn::Module {
     embed = register_module("embed", dptorch::nn::Linear(kPatch * kPatch, kWidth));
     position = register_module("position", dptorch::nn::Embedding(kTokens, kWidth));
     encoder = register_module(
-        "encoder", dptorch::nn::TransformerEncoderLayer(tnn::TransformerEncoderLayerOptions(kWidth, 4)
-                                                            .dim_feedforward(128)
-                                                            .dropout(0.0)));
+        "encoder",
+        dptorch::nn::TransformerEncoderLayer(
+            tnn::TransformerEncoderLayerOptions(kWidth, 4).dim_feedforward(128).dropout(0.0)));
     head = register_module("head", dptorch::nn::Linear(kWidth, 10));
   }
   torch::Tensor forward(const torch::Tensor& images) {  // [B, 1, 28, 28]
@@ -142,8 +142,8 @@ struct PatchTransformerImpl : tnn::Module {
     auto positions = torch::arange(kTokens, images.options().dtype(torch::kLong))
                          .unsqueeze(0)
                          .expand({B, kTokens});
-    auto tokens = embed(patches) + position(positions);           // [B, 16, 64]
-    auto encoded = encoder(tokens.transpose(0, 1));                // [16, B, 64]
+    auto tokens = embed(patches) + position(positions);  // [B, 16, 64]
+    auto encoded = encoder(tokens.transpose(0, 1));      // [16, B, 64]
     return head(encoded.mean(0));
   }
   dptorch::nn::Linear embed{nullptr}, head{nullptr};

@@ -40,8 +40,7 @@ torch::Tensor with_one_more_key(const torch::Tensor& mask) {
 
 // ----------------------------------------------------------------------------------- attention
 
-MultiheadAttentionImpl::MultiheadAttentionImpl(
-    const torch::nn::MultiheadAttentionOptions& options_)
+MultiheadAttentionImpl::MultiheadAttentionImpl(const torch::nn::MultiheadAttentionOptions& options_)
     : TwinLayer("dptorch::nn::MultiheadAttention", options_) {
   reset();
 }
@@ -59,8 +58,8 @@ void MultiheadAttentionImpl::adopt() {
   k_proj_weight = adopt_parameter("k_proj_weight", same ? torch::Tensor() : t.k_proj_weight);
   v_proj_weight = adopt_parameter("v_proj_weight", same ? torch::Tensor() : t.v_proj_weight);
   in_proj_bias = adopt_parameter("in_proj_bias", t.in_proj_bias);
-  out_proj = register_module(
-      "out_proj", Linear(torch::nn::LinearOptions(E, E).bias(options.bias())));
+  out_proj =
+      register_module("out_proj", Linear(torch::nn::LinearOptions(E, E).bias(options.bias())));
   copy_state(*t.out_proj, *out_proj);
   bias_k = adopt_parameter("bias_k", t.bias_k);
   bias_v = adopt_parameter("bias_v", t.bias_v);
@@ -104,9 +103,9 @@ std::tuple<torch::Tensor, torch::Tensor> MultiheadAttentionImpl::functional(
     bool average_attn_weights) {
   return F::detail::multi_head_attention_forward(
       query, key, value, options.embed_dim(), options.num_heads(), in_proj_weight, in_proj_bias,
-      bias_k, bias_v, options.add_zero_attn(), options.dropout(), out_proj->weight,
-      out_proj->bias, is_training(), key_padding_mask, need_weights, attn_mask, !same_embed_dim(),
-      q_proj_weight, k_proj_weight, v_proj_weight, {}, {}, average_attn_weights);
+      bias_k, bias_v, options.add_zero_attn(), options.dropout(), out_proj->weight, out_proj->bias,
+      is_training(), key_padding_mask, need_weights, attn_mask, !same_embed_dim(), q_proj_weight,
+      k_proj_weight, v_proj_weight, {}, {}, average_attn_weights);
 }
 
 std::tuple<torch::Tensor, torch::Tensor> MultiheadAttentionImpl::forward(
@@ -123,9 +122,9 @@ std::tuple<torch::Tensor, torch::Tensor> MultiheadAttentionImpl::forward(
                     query.sizes(), ", ", key.sizes(), " and ", value.sizes());
   const bool self = query.is_same(key) && key.is_same(value);
   const auto q = query.transpose(0, 1);
-  auto [out, weights] = attend(q, self ? q : key.transpose(0, 1), self ? q : value.transpose(0, 1),
-                               self, rec, key_padding_mask, need_weights, attn_mask,
-                               average_attn_weights);
+  auto [out, weights] =
+      attend(q, self ? q : key.transpose(0, 1), self ? q : value.transpose(0, 1), self, rec,
+             key_padding_mask, need_weights, attn_mask, average_attn_weights);
   return {out.transpose(0, 1), weights};
 }
 
@@ -152,13 +151,12 @@ std::tuple<torch::Tensor, torch::Tensor> MultiheadAttentionImpl::attend(
     const torch::Tensor& attn_mask, bool average_attn_weights) {
   const int64_t B = query.size(0), Tq = query.size(1), E = options.embed_dim();
   const int64_t heads = options.num_heads(), hd = E / heads;
-  TORCH_CHECK_VALUE(query.size(2) == E && key.size(2) == options.kdim() &&
-                        value.size(2) == options.vdim() && key.size(0) == B &&
-                        value.size(0) == B && key.size(1) == value.size(1),
-                    name(), ": query, key and value must have features ", E, ", ",
-                    options.kdim(), " and ", options.vdim(),
-                    ", one batch size, and key and value one length; got shapes ",
-                    query.sizes(), ", ", key.sizes(), " and ", value.sizes());
+  TORCH_CHECK_VALUE(
+      query.size(2) == E && key.size(2) == options.kdim() && value.size(2) == options.vdim() &&
+          key.size(0) == B && value.size(0) == B && key.size(1) == value.size(1),
+      name(), ": query, key and value must have features ", E, ", ", options.kdim(), " and ",
+      options.vdim(), ", one batch size, and key and value one length; got shapes ", query.sizes(),
+      ", ", key.sizes(), " and ", value.sizes());
   // One projection: a recorded product of its slot when recording.
   auto project = [&](size_t slot, const torch::Tensor& x, int64_t rows) {
     const auto& s = slots_[slot];
@@ -194,8 +192,9 @@ std::tuple<torch::Tensor, torch::Tensor> MultiheadAttentionImpl::attend(
   auto append = [&](const torch::Tensor& x, const torch::Tensor& bias, size_t slot) {
     auto row = [&] { return bias.reshape({1, 1, E}).expand({B, 1, E}).contiguous(); };
     auto added = rec && detail::trainable(bias)
-                     ? record({bias}, [&] { return TensorList{row()}; }, nullptr,
-                              ProductsSaved{{{slot, torch::Tensor()}}}, B)
+                     ? record(
+                           {bias}, [&] { return TensorList{row()}; }, nullptr,
+                           ProductsSaved{{{slot, torch::Tensor()}}}, B)
                            .front()
                      : row();
     return torch::cat({x, added}, 1);
@@ -218,10 +217,9 @@ std::tuple<torch::Tensor, torch::Tensor> MultiheadAttentionImpl::attend(
   };
   auto scores = torch::matmul(split(q), split(k).transpose(-2, -1));  // [B, heads, Tq, Tk]
   if (mask.defined()) {
-    if (mask.scalar_type() == torch::kBool) {
-      mask = torch::zeros(mask.sizes(), scores.options())
-                 .masked_fill(mask, -std::numeric_limits<double>::infinity());
-    }
+    // Added to the scores whatever its type, as torch 1.13's attention does (a bool mask adds
+    // one where it is true); the twins must compute the same.
+    mask = mask.to(scores.scalar_type());
     TORCH_CHECK_VALUE(mask.dim() == 2 || (mask.dim() == 3 && mask.size(0) == B * heads), name(),
                       ": attn_mask must be [Tq, Tk] or [B·num_heads, Tq, Tk], but got shape ",
                       attn_mask.sizes());
@@ -235,7 +233,8 @@ std::tuple<torch::Tensor, torch::Tensor> MultiheadAttentionImpl::attend(
                                 -std::numeric_limits<double>::infinity());
   }
   auto weights = torch::softmax(scores, -1);
-  weights = F::dropout(weights, F::DropoutFuncOptions().p(options.dropout()).training(is_training()));
+  weights =
+      F::dropout(weights, F::DropoutFuncOptions().p(options.dropout()).training(is_training()));
   auto out = torch::matmul(weights, split(v)).transpose(1, 2).reshape({B, Tq, E});
   // The output projection records itself, in the layout its tape reads.
   out = out_proj->batch_first() ? out_proj(out) : out_proj(out.transpose(0, 1)).transpose(0, 1);
@@ -261,8 +260,9 @@ TransformerEncoderLayerImpl::TransformerEncoderLayerImpl(
 void TransformerEncoderLayerImpl::reset() {
   const int64_t d = options.d_model(), ff = options.dim_feedforward();
   self_attn = register_module(
-      "self_attn", MultiheadAttention(torch::nn::MultiheadAttentionOptions(d, options.nhead())
-                                          .dropout(options.dropout())));
+      "self_attn",
+      MultiheadAttention(
+          torch::nn::MultiheadAttentionOptions(d, options.nhead()).dropout(options.dropout())));
   linear1 = register_module("linear1", Linear(d, ff));
   dropout = register_module("dropout", torch::nn::Dropout(options.dropout()));
   linear2 = register_module("linear2", Linear(ff, d));
@@ -285,8 +285,8 @@ torch::Tensor TransformerEncoderLayerImpl::forward(const torch::Tensor& src,
   const bool batch_first = self_attn->attached() && self_attn->batch_first();
   const auto x = batch_first ? src.transpose(0, 1) : src;
   const auto attended =
-      batch_first ? std::get<0>(self_attn->forward_batch_first(x, x, x, src_key_padding_mask,
-                                                               false, src_mask))
+      batch_first ? std::get<0>(self_attn->forward_batch_first(x, x, x, src_key_padding_mask, false,
+                                                               src_mask))
                   : std::get<0>(self_attn(x, x, x, src_key_padding_mask, false, src_mask));
   const auto y = norm1(x + dropout1(attended));
   auto h = linear1(y);

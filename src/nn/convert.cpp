@@ -227,6 +227,11 @@ Holder convert_copy(const Holder& model, const ConvertOptions& options,
                     std::vector<Replacement>* replaced) {
   auto copy = std::dynamic_pointer_cast<typename Holder::ContainedType>(model->clone());
   TORCH_CHECK(copy != nullptr, "could not copy ", model->name(), " to convert it");
+  // Module::clone makes every parameter trainable again; frozen ones stay frozen here.
+  auto copied = copy->named_parameters();
+  for (const auto& p : model->named_parameters()) {
+    if (copied.contains(p.key())) copied[p.key()].set_requires_grad(p.value().requires_grad());
+  }
   convert_(*copy, options, replaced);
   return Holder(copy);
 }

@@ -34,8 +34,7 @@ torch::Tensor EmbeddingImpl::forward(const torch::Tensor& input) {
       input, {weight}, [&] { return twin().forward(input); }, nullptr, std::move(saved), B);
 }
 
-std::unique_ptr<PerSampleGrads> EmbeddingImpl::make_grads(
-    std::vector<Call<EmbeddingSaved>> calls) {
+std::unique_ptr<PerSampleGrads> EmbeddingImpl::make_grads(std::vector<Call<EmbeddingSaved>> calls) {
   std::vector<torch::Tensor> index, sample, g;
   const int64_t B = calls.front().batch_size;
   for (const auto& c : calls) {
@@ -60,8 +59,8 @@ std::unique_ptr<PerSampleGrads> EmbeddingImpl::make_grads(
     g.push_back(rows);
   }
   return std::make_unique<grad_sample::EmbeddingGrads>(
-      detail::cat_along(std::move(index), 0), detail::cat_along(std::move(sample), 0), detail::cat_along(std::move(g), 0),
-      B, options.num_embeddings());
+      detail::cat_along(std::move(index), 0), detail::cat_along(std::move(sample), 0),
+      detail::cat_along(std::move(g), 0), B, options.num_embeddings());
 }
 
 // ----------------------------------------------------------------------------------- EmbeddingBag
@@ -134,12 +133,11 @@ std::unique_ptr<PerSampleGrads> EmbeddingBagImpl::make_grads(
   for (const auto& c : calls) {
     index.push_back(c.saved.index);
     sample.push_back(c.saved.sample);
-    g.push_back(c.grad_outputs.at(0).index_select(0, c.saved.sample) *
-                c.saved.factor.unsqueeze(1));
+    g.push_back(c.grad_outputs.at(0).index_select(0, c.saved.sample) * c.saved.factor.unsqueeze(1));
   }
   return std::make_unique<grad_sample::EmbeddingGrads>(
-      detail::cat_along(std::move(index), 0), detail::cat_along(std::move(sample), 0), detail::cat_along(std::move(g), 0),
-      calls.front().batch_size, options.num_embeddings());
+      detail::cat_along(std::move(index), 0), detail::cat_along(std::move(sample), 0),
+      detail::cat_along(std::move(g), 0), calls.front().batch_size, options.num_embeddings());
 }
 
 }  // namespace dptorch::nn

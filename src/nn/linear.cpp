@@ -152,8 +152,8 @@ class ProductsGrads final : public PerSampleGrads {
       for (const auto& [t, is_weight] :
            {std::make_pair(e.weight, true), std::make_pair(e.bias, false)}) {
         if (!t) continue;
-        rows(out[t->param], *t, e.rows, 1, is_weight).add_(m[k++].reshape_as(
-            rows(out[t->param], *t, e.rows, 1, is_weight)));
+        rows(out[t->param], *t, e.rows, 1, is_weight)
+            .add_(m[k++].reshape_as(rows(out[t->param], *t, e.rows, 1, is_weight)));
       }
     }
     return out;

@@ -14,7 +14,8 @@ using grad_sample::PerSampleGrads;
 // Affine rule of a norm layer: per-sample gradients from the normalised input and grad_output,
 // both as [B, R, P] (sum over R) with the parameters shaped `param_shape`.
 std::unique_ptr<PerSampleGrads> affine_grads(
-    const std::vector<Call<NormSaved>>& calls, const torch::Tensor& weight, const torch::Tensor& bias,
+    const std::vector<Call<NormSaved>>& calls, const torch::Tensor& weight,
+    const torch::Tensor& bias,
     const std::function<torch::Tensor(const torch::Tensor&, int64_t)>& to_brp_layout) {
   torch::Tensor gw, gb;
   for (const auto& c : calls) {
@@ -163,7 +164,8 @@ torch::Tensor InstanceNormImpl<D>::forward(const torch::Tensor& input) {
 }
 
 template <size_t D>
-std::unique_ptr<PerSampleGrads> InstanceNormImpl<D>::make_grads(std::vector<Call<NormSaved>> calls) {
+std::unique_ptr<PerSampleGrads> InstanceNormImpl<D>::make_grads(
+    std::vector<Call<NormSaved>> calls) {
   return affine_grads(calls, weight, bias, channels_last_brp);
 }
 

@@ -148,6 +148,20 @@ void RecurrentBase<Derived, Twin>::adopt() {
 }
 
 template <class Derived, class Twin>
+void RecurrentBase<Derived, Twin>::check_lengths(const torch::Tensor& lengths, int64_t batch,
+                                                 int64_t steps) const {
+  TORCH_CHECK_VALUE(lengths.dim() == 1 && lengths.size(0) == batch, this->name(),
+                    ": lengths must hold one length per sample (", batch, "), but got shape ",
+                    lengths.sizes());
+  TORCH_CHECK_VALUE(!lengths.is_floating_point() && !lengths.is_complex(), this->name(),
+                    ": lengths must be integers, but got ", lengths.scalar_type());
+  if (batch == 0) return;
+  const auto lo = lengths.min().item<int64_t>(), hi = lengths.max().item<int64_t>();
+  TORCH_CHECK_VALUE(lo >= 1 && hi <= steps, this->name(), ": lengths must be in [1, ", steps,
+                    "] (the padded steps), but range over [", lo, ", ", hi, "]");
+}
+
+template <class Derived, class Twin>
 std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> RecurrentBase<Derived, Twin>::run(
     const torch::Tensor& x, const torch::Tensor& lengths, torch::Tensor h0, torch::Tensor c0) {
   const auto s = shape();
@@ -158,12 +172,8 @@ std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> RecurrentBase<Derived, T
   const bool lstm = s.kind == RecurrentKind::kLSTM, gru = s.kind == RecurrentKind::kGRU;
   torch::Tensor lens, mask;  // mask [B, T]: the steps each sample has
   if (lengths.defined()) {
-    TORCH_CHECK_VALUE(lengths.dim() == 1 && lengths.size(0) == B, this->name(),
-                      ": lengths must hold one length per sample (", B, "), but got shape ",
-                      lengths.sizes());
+    check_lengths(lengths, B, T);
     lens = lengths.to(x.device(), torch::kLong);
-    TORCH_CHECK_VALUE(lens.min().item<int64_t>() >= 1 && lens.max().item<int64_t>() <= T,
-                      this->name(), ": every length must be in [1, ", T, "], the padded steps");
     mask = torch::arange(T, lens.options()).unsqueeze(0) < lens.unsqueeze(1);
   }
   h0 = state_or_zeros(h0, L * D, B, H, x);
@@ -207,6 +217,9 @@ std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> RecurrentBase<Derived, T
                               [&] { return TensorList{F::linear(in, ih.weight, ih.bias)}; },
                               product_grad(w_ih), std::move(saved), B)
                           .front();
+      // One unbind (its backward stacks every step's gradient once), not a select per step
+      // (each of which would scatter into a zero tensor of the whole sequence in backward).
+      const auto xw_steps = xw.unbind(1);
       torch::Tensor h = h0[index], c = lstm ? c0[index] : torch::Tensor();
       std::vector<torch::Tensor> steps(T), previous(T);
       for (int64_t t = 0; t < T; ++t) {
@@ -218,7 +231,7 @@ std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> RecurrentBase<Derived, T
                                 [&] { return TensorList{F::linear(h, hh.weight, hh.bias)}; },
                                 product_grad(w_hh), std::move(file))
                             .front();
-        auto [h1, c1] = cell_step(s.kind, xw.select(1, t), hw, h, c);
+        auto [h1, c1] = cell_step(s.kind, xw_steps[t], hw, h, c);
         if (mask.defined()) {
           const auto m = mask.select(1, t).unsqueeze(1);
           h1 = torch::where(m, h1, h);
@@ -271,8 +284,8 @@ std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> RecurrentBase<Derived, T
 
 template <class Derived, class Twin>
 std::tuple<rnn::PackedSequence, torch::Tensor, torch::Tensor>
-RecurrentBase<Derived, Twin>::run_packed(const rnn::PackedSequence& input,
-                                         const torch::Tensor& h0, const torch::Tensor& c0) {
+RecurrentBase<Derived, Twin>::run_packed(const rnn::PackedSequence& input, const torch::Tensor& h0,
+                                         const torch::Tensor& c0) {
   // Padded in the samples' own order (as the states are given); then packed back in the input's.
   auto [padded, lengths] = rnn::pad_packed_sequence(input, /*batch_first=*/true);
   auto [out, hn, cn] = run(padded, lengths, h0, c0);
@@ -300,6 +313,8 @@ rnn::PackedSequence RecurrentBase<Derived, Twin>::pack(const torch::Tensor& inpu
                                                        const torch::Tensor& lengths) const {
   TORCH_CHECK_VALUE(input.dim() == 3, this->name(),
                     " takes lengths with a batched input only, but got shape ", input.sizes());
+  const bool batch_first = shape().batch_first;
+  check_lengths(lengths, input.size(batch_first ? 0 : 1), input.size(batch_first ? 1 : 0));
   return rnn::pack_padded_sequence(input, lengths.to(torch::kCPU, torch::kLong),
                                    shape().batch_first, /*enforce_sorted=*/false);
 }
@@ -331,6 +346,36 @@ std::unique_ptr<grad_sample::PerSampleGrads> RecurrentBase<Derived, Twin>::make_
   return products_rule(slots_, std::move(records), B, this->norm_method());
 }
 
+template <class Derived, class Twin>
+std::tuple<torch::Tensor, torch::Tensor> SingleStateRecurrent<Derived, Twin>::forward(
+    const torch::Tensor& input, torch::Tensor hx) {
+  if (!this->recording()) return this->twin().forward(input, hx);
+  auto [out, hn, cn] = this->run_sequence(input, {}, hx, {});
+  return {out, hn};
+}
+
+template <class Derived, class Twin>
+std::tuple<rnn::PackedSequence, torch::Tensor>
+SingleStateRecurrent<Derived, Twin>::forward_with_packed_input(const rnn::PackedSequence& input,
+                                                               torch::Tensor hx) {
+  if (!this->recording()) return this->twin().forward_with_packed_input(input, hx);
+  auto [out, hn, cn] = this->run_packed(input, hx, {});
+  return {out, hn};
+}
+
+template <class Derived, class Twin>
+std::tuple<torch::Tensor, torch::Tensor> SingleStateRecurrent<Derived, Twin>::forward_with_lengths(
+    const torch::Tensor& input, const torch::Tensor& lengths, torch::Tensor hx) {
+  if (!this->recording()) {
+    auto [out, hn] = this->twin().forward_with_packed_input(this->pack(input, lengths), hx);
+    return {this->unpack(out, input.size(this->options.batch_first() ? 1 : 0)), hn};
+  }
+  auto [out, hn, cn] = this->run_sequence(input, lengths, hx, {});
+  return {out, hn};
+}
+
+template class SingleStateRecurrent<RNNImpl, torch::nn::RNN>;
+template class SingleStateRecurrent<GRUImpl, torch::nn::GRU>;
 template class RecurrentBase<RNNImpl, torch::nn::RNN>;
 template class RecurrentBase<LSTMImpl, torch::nn::LSTM>;
 template class RecurrentBase<GRUImpl, torch::nn::GRU>;
@@ -343,32 +388,8 @@ template class RecurrentBase<GRUCellImpl, torch::nn::GRUCell>;
 // ----------------------------------------------------------------------------------- layers
 
 RNNImpl::RNNImpl(const torch::nn::RNNOptions& options_)
-    : RecurrentBase("dptorch::nn::RNN", options_) {
+    : SingleStateRecurrent("dptorch::nn::RNN", options_) {
   reset();
-}
-
-std::tuple<torch::Tensor, torch::Tensor> RNNImpl::forward(const torch::Tensor& input,
-                                                          torch::Tensor hx) {
-  if (!recording()) return twin().forward(input, hx);
-  auto [out, hn, cn] = run_sequence(input, {}, hx, {});
-  return {out, hn};
-}
-
-std::tuple<PackedSequence, torch::Tensor> RNNImpl::forward_with_packed_input(
-    const PackedSequence& input, torch::Tensor hx) {
-  if (!recording()) return twin().forward_with_packed_input(input, hx);
-  auto [out, hn, cn] = run_packed(input, hx, {});
-  return {out, hn};
-}
-
-std::tuple<torch::Tensor, torch::Tensor> RNNImpl::forward_with_lengths(
-    const torch::Tensor& input, const torch::Tensor& lengths, torch::Tensor hx) {
-  if (!recording()) {
-    auto [out, hn] = twin().forward_with_packed_input(pack(input, lengths), hx);
-    return {unpack(out, input.size(options.batch_first() ? 1 : 0)), hn};
-  }
-  auto [out, hn, cn] = run_sequence(input, lengths, hx, {});
-  return {out, hn};
 }
 
 LSTMImpl::LSTMImpl(const torch::nn::LSTMOptions& options_)
@@ -406,32 +427,8 @@ std::tuple<torch::Tensor, LSTMImpl::State> LSTMImpl::forward_with_lengths(
 }
 
 GRUImpl::GRUImpl(const torch::nn::GRUOptions& options_)
-    : RecurrentBase("dptorch::nn::GRU", options_) {
+    : SingleStateRecurrent("dptorch::nn::GRU", options_) {
   reset();
-}
-
-std::tuple<torch::Tensor, torch::Tensor> GRUImpl::forward(const torch::Tensor& input,
-                                                          torch::Tensor hx) {
-  if (!recording()) return twin().forward(input, hx);
-  auto [out, hn, cn] = run_sequence(input, {}, hx, {});
-  return {out, hn};
-}
-
-std::tuple<PackedSequence, torch::Tensor> GRUImpl::forward_with_packed_input(
-    const PackedSequence& input, torch::Tensor hx) {
-  if (!recording()) return twin().forward_with_packed_input(input, hx);
-  auto [out, hn, cn] = run_packed(input, hx, {});
-  return {out, hn};
-}
-
-std::tuple<torch::Tensor, torch::Tensor> GRUImpl::forward_with_lengths(
-    const torch::Tensor& input, const torch::Tensor& lengths, torch::Tensor hx) {
-  if (!recording()) {
-    auto [out, hn] = twin().forward_with_packed_input(pack(input, lengths), hx);
-    return {unpack(out, input.size(options.batch_first() ? 1 : 0)), hn};
-  }
-  auto [out, hn, cn] = run_sequence(input, lengths, hx, {});
-  return {out, hn};
 }
 
 // ----------------------------------------------------------------------------------- cells

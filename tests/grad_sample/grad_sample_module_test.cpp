@@ -3,18 +3,21 @@
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
 
+#include "support/ground_truth.h"
 #include "support/per_sample_reference.h"
 #include "support/tensor_assert.h"
 
 namespace dptorch {
 namespace {
 
+using testing::all_variants;
+using testing::expect_ground_truth;
 using ::testing::HasSubstr;
-using testing::per_sample_loss;
-using testing::reference_grad_samples;
 using testing::Scenario;
 using testing::tensors_close;
 using ::testing::ThrowsMessage;
+using testing::Variant;
+using testing::variant_name;
 namespace tnn = torch::nn;
 
 // A layer applied twice in one forward pass (shared weights).
@@ -213,84 +216,17 @@ std::vector<Case> cases() {
   return c;
 }
 
-struct Variant {
-  torch::Dtype dtype;
-  LossReduction reduction;
-  NormMethod method;
-};
-
-std::string variant_name(const Variant& v) {
-  std::string s = v.dtype == torch::kDouble ? "double" : "float";
-  s += v.reduction == LossReduction::kMean ? "_mean" : "_sum";
-  s += v.method == NormMethod::kGhost         ? "_ghost"
-       : v.method == NormMethod::kMaterialize ? "_materialize"
-                                              : "_auto";
-  return s;
-}
-
 class GroundTruth : public ::testing::TestWithParam<std::tuple<Case, Variant>> {};
 
 TEST_P(GroundTruth, MatchesAutogradOnBatchesOfOne) {
   const auto& [c, v] = GetParam();
   torch::manual_seed(7);
-  Scenario s = c.make();
-  s.model->to(v.dtype);
-  if (s.input.is_floating_point()) s.input = s.input.to(v.dtype);
-  const double tol = v.dtype == torch::kDouble ? 1e-10 : 1e-5;
-  const int64_t B = s.samples();
-
-  torch::Tensor r;
-  {
-    torch::NoGradGuard no_grad;
-    r = torch::randn_like(s.forward(s.input));
-  }
-  const auto reference = reference_grad_samples(s, r);
-
-  GradSampleModule gsm(s.model, GradSampleOptions()
-                                    .batch_first(s.batch_dim == 0)
-                                    .loss_reduction(v.reduction)
-                                    .norm_method(v.method));
-  auto loss = per_sample_loss(s.forward(s.input), r);
-  if (v.reduction == LossReduction::kMean) loss = loss / static_cast<double>(B);
-  loss.backward();
-
-  const auto names = gsm.parameter_names();
-  ASSERT_EQ(names.size(), reference.size());
-  ASSERT_EQ(gsm.batch_size(), B);
-  auto norm_sq = gsm.norm_sq();
-  auto w = torch::rand({B}, torch::TensorOptions().dtype(v.dtype));
-  auto sums = gsm.clipped_sum(w);
-  auto samples = gsm.grad_samples();
-  torch::Tensor flat_sq = torch::zeros({B}, torch::kDouble);
-  for (size_t k = 0; k < names.size(); ++k) {
-    SCOPED_TRACE(names[k]);
-    const auto& ref = reference[k];
-    const auto ref_norm_sq = ref.flatten(1).square().sum(1);
-    flat_sq += ref_norm_sq.to(torch::kDouble);
-    EXPECT_TRUE(tensors_close(samples[names[k]], ref, tol));
-    EXPECT_TRUE(tensors_close(norm_sq[names[k]], ref_norm_sq, tol));
-    EXPECT_TRUE(tensors_close(sums[names[k]], torch::tensordot(w, ref, {0}, {0}), tol));
-  }
-  EXPECT_TRUE(tensors_close(gsm.flat_norm(), flat_sq.sqrt(), tol));
-  // Autograd formed no parameter gradient: the tape did the work.
-  for (const auto& p : s.model->parameters()) EXPECT_FALSE(p.grad().defined());
-}
-
-std::vector<Variant> variants() {
-  std::vector<Variant> v;
-  for (auto dtype : {torch::kDouble, torch::kFloat}) {
-    for (auto reduction : {LossReduction::kMean, LossReduction::kSum}) {
-      for (auto method : {NormMethod::kAuto, NormMethod::kGhost, NormMethod::kMaterialize}) {
-        v.push_back({dtype, reduction, method});
-      }
-    }
-  }
-  return v;
+  expect_ground_truth(c.make(), v);
 }
 
 INSTANTIATE_TEST_SUITE_P(Layers, GroundTruth,
                          ::testing::Combine(::testing::ValuesIn(cases()),
-                                            ::testing::ValuesIn(variants())),
+                                            ::testing::ValuesIn(all_variants())),
                          [](const ::testing::TestParamInfo<std::tuple<Case, Variant>>& info) {
                            return std::get<0>(info.param).name + "_" +
                                   variant_name(std::get<1>(info.param));

@@ -23,7 +23,8 @@ namespace dptorch::nn {
 /// Twin of torch::nn::MultiheadAttention: embed_dim, num_heads, dropout, bias, add_bias_kv,
 /// add_zero_attn, kdim, vdim; torch's parameter names (in_proj_weight, or q/k/v_proj_weight when
 /// kdim or vdim differ from embed_dim; in_proj_bias, bias_k, bias_v, out_proj.weight/bias).
-/// attn_mask is added to the scores, as torch 1.13 does (a bool mask hides where it is true).
+/// attn_mask is added to the scores, as torch 1.13's C++ attention does: to hide a position, give
+/// it -inf in a floating-point mask (a bool mask adds 1 where it is true, as in torch 1.13).
 class MultiheadAttentionImpl
     : public TwinLayer<MultiheadAttentionImpl, torch::nn::MultiheadAttention, ProductsSaved> {
  public:
@@ -34,13 +35,10 @@ class MultiheadAttentionImpl
   /// (output [Tq, B, E], weights) for query [Tq, B, E], key [Tk, B, kdim], value [Tk, B, vdim];
   /// key_padding_mask [B, Tk] (true hides a key); attn_mask [Tq, Tk] or [B·heads, Tq, Tk];
   /// weights [B, Tq, Tk] averaged over heads (or [B, heads, Tq, Tk]), undefined unless needed.
-  std::tuple<torch::Tensor, torch::Tensor> forward(const torch::Tensor& query,
-                                                   const torch::Tensor& key,
-                                                   const torch::Tensor& value,
-                                                   const torch::Tensor& key_padding_mask = {},
-                                                   bool need_weights = true,
-                                                   const torch::Tensor& attn_mask = {},
-                                                   bool average_attn_weights = true);
+  std::tuple<torch::Tensor, torch::Tensor> forward(
+      const torch::Tensor& query, const torch::Tensor& key, const torch::Tensor& value,
+      const torch::Tensor& key_padding_mask = {}, bool need_weights = true,
+      const torch::Tensor& attn_mask = {}, bool average_attn_weights = true);
   /// forward() on batch-first tensors ([B, T, ·] in and out).
   std::tuple<torch::Tensor, torch::Tensor> forward_batch_first(
       const torch::Tensor& query, const torch::Tensor& key, const torch::Tensor& value,
@@ -66,20 +64,15 @@ class MultiheadAttentionImpl
   [[nodiscard]] bool same_embed_dim() const;
   /// The forward on batch-first tensors, recording the projections if `record`; `self` when
   /// query, key and value are one tensor.
-  std::tuple<torch::Tensor, torch::Tensor> attend(const torch::Tensor& query,
-                                                  const torch::Tensor& key,
-                                                  const torch::Tensor& value, bool self, bool record,
-                                                  const torch::Tensor& key_padding_mask,
-                                                  bool need_weights, const torch::Tensor& attn_mask,
-                                                  bool average_attn_weights);
+  std::tuple<torch::Tensor, torch::Tensor> attend(
+      const torch::Tensor& query, const torch::Tensor& key, const torch::Tensor& value, bool self,
+      bool record, const torch::Tensor& key_padding_mask, bool need_weights,
+      const torch::Tensor& attn_mask, bool average_attn_weights);
   /// torch's own forward (sequence first), when nothing records.
-  std::tuple<torch::Tensor, torch::Tensor> functional(const torch::Tensor& query,
-                                                      const torch::Tensor& key,
-                                                      const torch::Tensor& value,
-                                                      const torch::Tensor& key_padding_mask,
-                                                      bool need_weights,
-                                                      const torch::Tensor& attn_mask,
-                                                      bool average_attn_weights);
+  std::tuple<torch::Tensor, torch::Tensor> functional(
+      const torch::Tensor& query, const torch::Tensor& key, const torch::Tensor& value,
+      const torch::Tensor& key_padding_mask, bool need_weights, const torch::Tensor& attn_mask,
+      bool average_attn_weights);
   std::vector<ProductSlot> slots_;
 };
 TORCH_MODULE(MultiheadAttention);

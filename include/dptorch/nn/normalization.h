@@ -9,9 +9,10 @@
 #include <type_traits>
 #include <vector>
 
-/// The normalization family: LayerNorm, GroupNorm, InstanceNorm. Their affine parameters' per-sample
-/// gradients are small; they are formed from the normalised input (grad_sample::MaterializedGrads).
-/// BatchNorm has no per-sample gradients (it mixes samples); GroupNorm replaces it.
+/// The normalization family: LayerNorm, GroupNorm, InstanceNorm. Their affine parameters'
+/// per-sample gradients are small; they are formed from the normalised input
+/// (grad_sample::MaterializedGrads). BatchNorm has no per-sample gradients (it mixes samples);
+/// GroupNorm replaces it.
 namespace dptorch::nn {
 
 namespace detail {

@@ -71,9 +71,10 @@ class RecurrentBase : public TwinLayer<Derived, Twin, RecurrentSaved> {
                                                               torch::Tensor h0, torch::Tensor c0);
   /// The same for a sequence in the layer's own layout (batch_first or not, batched or not),
   /// with states [L·D, B, H] (or [L·D, H] unbatched); the output in the input's layout.
-  std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> run_sequence(
-      const torch::Tensor& input, const torch::Tensor& lengths, const torch::Tensor& h0,
-      const torch::Tensor& c0);
+  std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> run_sequence(const torch::Tensor& input,
+                                                                       const torch::Tensor& lengths,
+                                                                       const torch::Tensor& h0,
+                                                                       const torch::Tensor& c0);
   /// The same for a PackedSequence; the output packed alike.
   std::tuple<torch::nn::utils::rnn::PackedSequence, torch::Tensor, torch::Tensor> run_packed(
       const torch::nn::utils::rnn::PackedSequence& input, const torch::Tensor& h0,
@@ -82,6 +83,8 @@ class RecurrentBase : public TwinLayer<Derived, Twin, RecurrentSaved> {
   torch::nn::utils::rnn::PackedSequence pack(const torch::Tensor& input,
                                              const torch::Tensor& lengths) const;
   torch::Tensor unpack(const torch::nn::utils::rnn::PackedSequence& packed, int64_t steps) const;
+  /// Refuses lengths that are not one integer in [1, steps] per sample, naming the layer.
+  void check_lengths(const torch::Tensor& lengths, int64_t batch, int64_t steps) const;
 
  private:
   std::vector<ProductSlot> slots_;
@@ -89,20 +92,19 @@ class RecurrentBase : public TwinLayer<Derived, Twin, RecurrentSaved> {
 
 }  // namespace detail
 
-using PackedSequence = torch::nn::utils::rnn::PackedSequence;
+namespace detail {
 
-/// Twin of torch::nn::RNN (tanh or relu): num_layers, bias, batch_first, dropout between layers,
-/// bidirectional; initial state; variable lengths by `lengths` or PackedSequence.
-class RNNImpl : public detail::RecurrentBase<RNNImpl, torch::nn::RNN> {
+/// The forwards of RNN and GRU, whose state is one tensor h.
+template <class Derived, class Twin>
+class SingleStateRecurrent : public RecurrentBase<Derived, Twin> {
  public:
-  RNNImpl(int64_t input_size, int64_t hidden_size)
-      : RNNImpl(torch::nn::RNNOptions(input_size, hidden_size)) {}
-  explicit RNNImpl(const torch::nn::RNNOptions& options);
-  /// (output, h_n) for `input` [T, B, input_size] ([B, T, ·] with batch_first; [T, ·] unbatched).
+  /// (output, h_n) for `input` [T, B, input_size] ([B, T, ·] with batch_first; [T, ·] unbatched),
+  /// from `hx` [L·D, B, H] (zeros when undefined).
   std::tuple<torch::Tensor, torch::Tensor> forward(const torch::Tensor& input,
                                                    torch::Tensor hx = {});
-  std::tuple<PackedSequence, torch::Tensor> forward_with_packed_input(const PackedSequence& input,
-                                                                      torch::Tensor hx = {});
+  /// forward() over a PackedSequence; the output packed alike.
+  std::tuple<torch::nn::utils::rnn::PackedSequence, torch::Tensor> forward_with_packed_input(
+      const torch::nn::utils::rnn::PackedSequence& input, torch::Tensor hx = {});
   /// forward() over a padded batch whose sample i has `lengths[i]` steps; the output is zero
   /// past each sample's length and h_n is each sample's state after its last step.
   std::tuple<torch::Tensor, torch::Tensor> forward_with_lengths(const torch::Tensor& input,
@@ -110,9 +112,23 @@ class RNNImpl : public detail::RecurrentBase<RNNImpl, torch::nn::RNN> {
                                                                 torch::Tensor hx = {});
 
  protected:
+  using RecurrentBase<Derived, Twin>::RecurrentBase;
   FORWARD_HAS_DEFAULT_ARGS({1, torch::nn::AnyValue(torch::Tensor())})
 };
+
+}  // namespace detail
+
+/// Twin of torch::nn::RNN (tanh or relu): num_layers, bias, batch_first, dropout between layers,
+/// bidirectional; initial state; variable lengths by `forward_with_lengths` or PackedSequence.
+class RNNImpl : public detail::SingleStateRecurrent<RNNImpl, torch::nn::RNN> {
+ public:
+  RNNImpl(int64_t input_size, int64_t hidden_size)
+      : RNNImpl(torch::nn::RNNOptions(input_size, hidden_size)) {}
+  explicit RNNImpl(const torch::nn::RNNOptions& options);
+};
 TORCH_MODULE(RNN);
+
+using PackedSequence = torch::nn::utils::rnn::PackedSequence;
 
 /// Twin of torch::nn::LSTM (proj_size is not supported).
 class LSTMImpl : public detail::RecurrentBase<LSTMImpl, torch::nn::LSTM> {
@@ -136,22 +152,12 @@ class LSTMImpl : public detail::RecurrentBase<LSTMImpl, torch::nn::LSTM> {
 };
 TORCH_MODULE(LSTM);
 
-/// Twin of torch::nn::GRU.
-class GRUImpl : public detail::RecurrentBase<GRUImpl, torch::nn::GRU> {
+/// Twin of torch::nn::GRU (the same options and forwards as RNN).
+class GRUImpl : public detail::SingleStateRecurrent<GRUImpl, torch::nn::GRU> {
  public:
   GRUImpl(int64_t input_size, int64_t hidden_size)
       : GRUImpl(torch::nn::GRUOptions(input_size, hidden_size)) {}
   explicit GRUImpl(const torch::nn::GRUOptions& options);
-  std::tuple<torch::Tensor, torch::Tensor> forward(const torch::Tensor& input,
-                                                   torch::Tensor hx = {});
-  std::tuple<PackedSequence, torch::Tensor> forward_with_packed_input(const PackedSequence& input,
-                                                                      torch::Tensor hx = {});
-  std::tuple<torch::Tensor, torch::Tensor> forward_with_lengths(const torch::Tensor& input,
-                                                                const torch::Tensor& lengths,
-                                                                torch::Tensor hx = {});
-
- protected:
-  FORWARD_HAS_DEFAULT_ARGS({1, torch::nn::AnyValue(torch::Tensor())})
 };
 TORCH_MODULE(GRU);
 

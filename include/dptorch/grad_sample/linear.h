@@ -1,0 +1,64 @@
+#pragma once
+
+#include <dptorch/common.h>
+#include <dptorch/grad_sample/per_sample_grads.h>
+
+#include <torch/types.h>
+
+#include <memory>
+#include <string>
+#include <vector>
+
+/// The rule of linear-like layers (Linear, and every product y = a Wᵀ + b): ghost norms or
+/// materialisation, by cost, and the clipped sum as one matmul over B·T rows.
+namespace dptorch::grad_sample {
+
+// Linear-like layers: activations a [B, T, G·d], output gradients g [B, T, G·p], G groups.
+// Per sample and group, G_i = Σ_t g_t a_tᵀ ([p, d]).
+
+/// ‖G_i‖² summed over groups, without forming G_i: Σ_{t,s} (a_t·a_s)(g_t·g_s) (Li et al. 2021).
+[[nodiscard]] torch::Tensor ghost_norm_sq(const torch::Tensor& a, const torch::Tensor& g,
+                                          int64_t groups);
+
+/// G_i for every sample: [B, G·p, d].
+[[nodiscard]] torch::Tensor materialize(const torch::Tensor& a, const torch::Tensor& g,
+                                        int64_t groups);
+
+/// Σ_i w_i G_i as one matmul over B·T rows: [G·p, d].
+[[nodiscard]] torch::Tensor weighted_sum(const torch::Tensor& a, const torch::Tensor& g,
+                                         const torch::Tensor& w, int64_t groups);
+
+/// Whether materialising costs fewer flops than ghost norms: d·p <= T·(d + p) per group.
+[[nodiscard]] bool materialize_is_cheaper(int64_t T, int64_t d, int64_t p);
+
+/// Rule for Linear and Conv: weight [G·p, d] (viewed as the parameter's shape) and bias [G·p].
+class LinearLikeGrads final : public PerSampleGrads {
+ public:
+  /// a [B, T, G·d], g [B, T, G·p]; `weight_shape` empty when the weight is frozen.
+  LinearLikeGrads(torch::Tensor a, torch::Tensor g, int64_t groups,
+                  std::vector<int64_t> weight_shape, bool has_bias, NormMethod method);
+  std::vector<std::string> names() const override;
+  std::vector<torch::Tensor> norm_sq() override;
+  std::vector<torch::Tensor> weighted_sum(const std::vector<torch::Tensor>& w) override;
+  void add_weighted_sum_to(const std::vector<torch::Tensor>& w,
+                           const std::vector<torch::Tensor>& out) override;
+  std::vector<torch::Tensor> materialize() override;
+  /// Whether the weight's norms are computed by materialising (after the cost model).
+  [[nodiscard]] bool materializes() const { return materialize_; }
+  /// add_weighted_sum_to() scales the output gradient of this many bytes of samples at a time.
+  static constexpr int64_t kSumChunkBytes = int64_t{1} << 20;
+
+ private:
+  const torch::Tensor& weight_samples();
+  const torch::Tensor& bias_samples();
+
+  torch::Tensor a_, g_;
+  int64_t groups_;
+  std::vector<int64_t> weight_shape_;
+  bool has_bias_;
+  bool materialize_;
+  torch::Tensor weight_samples_;  // [B, G·p, d], formed once if needed
+  torch::Tensor bias_samples_;    // [B, G·p]
+};
+
+}  // namespace dptorch::grad_sample

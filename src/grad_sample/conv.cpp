@@ -1,0 +1,268 @@
+#include <dptorch/grad_sample/conv.h>
+
+#include <torch/torch.h>
+
+#include "cpu_kernels.h"
+#include "grad_sample/rules_internal.h"
+
+#include <algorithm>
+#include <optional>
+#include <vector>
+
+namespace dptorch::grad_sample {
+
+namespace detail {
+
+torch::Tensor unfold_patches_generic(const torch::Tensor& input, at::IntArrayRef kernel,
+                                     at::IntArrayRef stride, at::IntArrayRef padding,
+                                     at::IntArrayRef dilation) {
+  const int64_t D = static_cast<int64_t>(kernel.size());
+  TORCH_CHECK(input.dim() == D + 2, "unfold_patches: expected a [B, C, ", D,
+              " spatial dims] input, got shape ", input.sizes());
+  torch::Tensor x = input;
+  bool padded = false;
+  std::vector<int64_t> pads;  // constant_pad_nd takes the last dimension first
+  for (int64_t d = D - 1; d >= 0; --d) {
+    pads.push_back(padding[d]);
+    pads.push_back(padding[d]);
+    padded = padded || padding[d] != 0;
+  }
+  if (padded) x = torch::constant_pad_nd(x, pads, 0);
+  for (int64_t d = 0; d < D; ++d) x = x.unfold(2 + d, dilation[d] * (kernel[d] - 1) + 1, stride[d]);
+  for (int64_t d = 0; d < D; ++d) {
+    if (dilation[d] != 1) x = x.slice(2 + D + d, 0, c10::nullopt, dilation[d]);
+  }
+  // [B, C, L1..LD, k1..kD] -> [B, C, k1..kD, L1..LD] -> [B, C·k..., T], transposed as a view:
+  // the copy's inner loop then runs along the output positions, which is faster than along the
+  // short kernel rows, and bmm reads the transposed layout without another copy.
+  std::vector<int64_t> perm{0, 1};
+  for (int64_t d = 0; d < D; ++d) perm.push_back(2 + D + d);
+  for (int64_t d = 0; d < D; ++d) perm.push_back(2 + d);
+  const int64_t B = input.size(0);
+  int64_t T = 1, cols = input.size(1);
+  for (int64_t d = 0; d < D; ++d) {
+    T *= x.size(2 + d);
+    cols *= kernel[d];
+  }
+  return x.permute(perm).reshape({B, cols, T}).transpose(1, 2);
+}
+
+}  // namespace detail
+
+namespace {
+
+using detail::broadcast_weights;
+using detail::cpu_kernel_dtype;
+using detail::row_norm_sq;
+
+// The geometry of the CPU loops for a 1-D or 2-D convolution input [B, C, S...] on the CPU in
+// float or double; nothing for anything else (the generic operators then take over).
+std::optional<cpu::PatchGeometry> cpu_patch_geometry(const torch::Tensor& input,
+                                                     at::IntArrayRef kernel, at::IntArrayRef stride,
+                                                     at::IntArrayRef padding,
+                                                     at::IntArrayRef dilation) {
+  const auto D = static_cast<int64_t>(kernel.size());
+  if (!cpu_kernel_dtype(input) || (D != 1 && D != 2) || input.dim() != D + 2) return std::nullopt;
+  // A 1-D convolution is a 2-D one of height 1.
+  auto hw = [&](at::IntArrayRef v, int64_t d, int64_t one) {
+    return D == 1 ? (d == 0 ? one : v[0]) : v[d];
+  };
+  cpu::PatchGeometry geo{};
+  geo.channels = input.size(1);
+  geo.height = D == 1 ? 1 : input.size(2);
+  geo.width = input.size(D + 1);
+  geo.kernel_h = hw(kernel, 0, 1);
+  geo.kernel_w = hw(kernel, 1, 1);
+  geo.stride_h = hw(stride, 0, 1);
+  geo.stride_w = hw(stride, 1, 1);
+  geo.pad_h = hw(padding, 0, 0);
+  geo.pad_w = hw(padding, 1, 0);
+  geo.dilation_h = hw(dilation, 0, 1);
+  geo.dilation_w = hw(dilation, 1, 1);
+  auto positions = [](int64_t size, int64_t k, int64_t s, int64_t p, int64_t d) {
+    return (size + 2 * p - d * (k - 1) - 1) / s + 1;
+  };
+  geo.out_h = positions(geo.height, geo.kernel_h, geo.stride_h, geo.pad_h, geo.dilation_h);
+  geo.out_w = positions(geo.width, geo.kernel_w, geo.stride_w, geo.pad_w, geo.dilation_w);
+  TORCH_CHECK(geo.out_h > 0 && geo.out_w > 0, "unfold_patches: the kernel ", kernel,
+              " does not fit the padded input of shape ", input.sizes());
+  return geo;
+}
+
+// ‖G_i‖² of a convolution's weight by cpu::conv_weight_norm_sq, or an undefined tensor where that
+// loop does not apply (groups, device, dtype, number of spatial dimensions).
+torch::Tensor fused_conv_norm_sq(const std::vector<torch::Tensor>& inputs,
+                                 const std::vector<torch::Tensor>& grad_outputs,
+                                 const torch::Tensor& weight, const ConvGeometry& geometry) {
+  if (geometry.groups != 1) return {};
+  std::vector<cpu::PatchGeometry> geos;
+  std::vector<torch::Tensor> xs, gs;
+  const int64_t p = weight.size(0);
+  for (size_t r = 0; r < inputs.size(); ++r) {
+    const auto geo = cpu_patch_geometry(inputs[r], geometry.kernel, geometry.stride,
+                                        geometry.padding, geometry.dilation);
+    if (!geo || inputs[r].scalar_type() != weight.scalar_type() ||
+        grad_outputs[r].scalar_type() != weight.scalar_type() ||
+        !grad_outputs[r].device().is_cpu()) {
+      return {};
+    }
+    TORCH_CHECK(grad_outputs[r].numel() == inputs[r].size(0) * p * geo->out_h * geo->out_w,
+                "ConvGrads: output gradient of shape ", grad_outputs[r].sizes(),
+                " does not match the input ", inputs[r].sizes(), " and weight ", weight.sizes());
+    geos.push_back(*geo);
+    xs.push_back(inputs[r].contiguous());
+    gs.push_back(grad_outputs[r].contiguous());
+  }
+  auto norms = torch::empty({inputs.front().size(0)}, weight.options().requires_grad(false));
+  AT_DISPATCH_FLOATING_TYPES(weight.scalar_type(), "conv_weight_norm_sq", [&] {
+    std::vector<cpu::ConvRecord<scalar_t>> records;
+    for (size_t r = 0; r < xs.size(); ++r) {
+      records.push_back({xs[r].data_ptr<scalar_t>(), gs[r].data_ptr<scalar_t>(), geos[r]});
+    }
+    cpu::conv_weight_norm_sq(records, norms.size(0), p, norms.data_ptr<scalar_t>());
+  });
+  return norms;
+}
+
+}  // namespace
+
+bool fused_conv_is_cheaper(int64_t T, int64_t d, int64_t p) { return d * p <= 2 * T * (d + p); }
+
+torch::Tensor unfold_patches(const torch::Tensor& input, at::IntArrayRef kernel,
+                             at::IntArrayRef stride, at::IntArrayRef padding,
+                             at::IntArrayRef dilation) {
+  const auto geo = cpu_patch_geometry(input, kernel, stride, padding, dilation);
+  if (!geo) return detail::unfold_patches_generic(input, kernel, stride, padding, dilation);
+  const int64_t B = input.size(0), T = geo->out_h * geo->out_w;
+  const int64_t cols = geo->channels * geo->kernel_h * geo->kernel_w;
+  const auto x = input.contiguous();
+  auto out = torch::empty({B, cols, T}, x.options());
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "unfold_patches", [&] {
+    cpu::unfold_patches_2d(x.data_ptr<scalar_t>(), B, *geo, out.data_ptr<scalar_t>());
+  });
+  // [B, C·k..., T] transposed as a view, as the generic path returns it.
+  return out.transpose(1, 2);
+}
+
+ConvGrads::ConvGrads(std::vector<torch::Tensor> inputs, std::vector<torch::Tensor> grad_outputs,
+                     torch::Tensor weight, bool train_weight, bool has_bias, ConvGeometry geometry,
+                     NormMethod method, int64_t chunk_bytes)
+    : inputs_(std::move(inputs)),
+      grad_outputs_(std::move(grad_outputs)),
+      weight_(std::move(weight)),
+      train_weight_(train_weight),
+      has_bias_(has_bias),
+      geometry_(std::move(geometry)),
+      method_(method),
+      chunk_bytes_(chunk_bytes) {
+  TORCH_CHECK(!inputs_.empty() && inputs_.size() == grad_outputs_.size(),
+              "ConvGrads needs one output gradient per recorded input, got ", inputs_.size(),
+              " inputs and ", grad_outputs_.size(), " output gradients");
+}
+
+std::vector<std::string> ConvGrads::names() const {
+  std::vector<std::string> names;
+  if (train_weight_) names.emplace_back("weight");
+  if (has_bias_) names.emplace_back("bias");
+  return names;
+}
+
+LinearLikeGrads ConvGrads::chunk(int64_t begin, int64_t end, bool with_bias) const {
+  std::vector<torch::Tensor> a, g;
+  for (size_t r = 0; r < inputs_.size(); ++r) {
+    a.push_back(unfold_patches(inputs_[r].slice(0, begin, end), geometry_.kernel, geometry_.stride,
+                               geometry_.padding, geometry_.dilation));
+    g.push_back(grad_outputs_[r].slice(0, begin, end).flatten(2).transpose(1, 2));
+  }
+  auto cat = [](std::vector<torch::Tensor>& parts) {
+    return parts.size() == 1 ? parts.front() : torch::cat(parts, 1);
+  };
+  return {cat(a),           cat(g),
+          geometry_.groups, train_weight_ ? weight_.sizes().vec() : std::vector<int64_t>{},
+          with_bias,        method_};
+}
+
+int64_t ConvGrads::chunk_size() const {
+  const int64_t B = inputs_.front().size(0), G = geometry_.groups;
+  int64_t T = 0;
+  for (const auto& g : grad_outputs_) T += g.numel() / std::max<int64_t>(1, g.size(0) * g.size(1));
+  const int64_t p = weight_.size(0) / G, d = weight_.numel() / weight_.size(0);
+  const bool mat = method_ == NormMethod::kMaterialize ||
+                   (method_ == NormMethod::kAuto && materialize_is_cheaper(T, d, p));
+  // Patches and output gradients, plus the per-sample gradients or the two Gram matrices.
+  const int64_t per_sample = T * G * (d + p) + (mat ? G * p * d : 2 * G * T * T);
+  const int64_t bytes = per_sample * static_cast<int64_t>(weight_.element_size());
+  return std::clamp<int64_t>(chunk_bytes_ / std::max<int64_t>(1, bytes), 1,
+                             std::max<int64_t>(1, B));
+}
+
+const torch::Tensor& ConvGrads::bias_samples() {
+  if (!bias_samples_.defined()) {
+    for (const auto& g : grad_outputs_) {
+      auto b = g.flatten(2).sum(2);
+      bias_samples_ = bias_samples_.defined() ? bias_samples_.add_(b) : b;
+    }
+  }
+  return bias_samples_;
+}
+
+torch::Tensor ConvGrads::by_chunks(
+    const std::function<torch::Tensor(LinearLikeGrads&)>& weight_result) const {
+  const int64_t B = inputs_.front().size(0), step = chunk_size();
+  std::vector<torch::Tensor> parts;
+  for (int64_t b = 0; b < B; b += step) {
+    auto rule = chunk(b, std::min(B, b + step), false);
+    parts.push_back(weight_result(rule));
+  }
+  return parts.size() == 1 ? parts.front() : torch::cat(parts);
+}
+
+std::vector<torch::Tensor> ConvGrads::norm_sq() {
+  std::vector<torch::Tensor> out;
+  if (train_weight_) {
+    const int64_t p = weight_.size(0), d = weight_.numel() / p;
+    int64_t T = 0;
+    for (const auto& g : grad_outputs_) T += g.numel() / std::max<int64_t>(1, g.size(0) * p);
+    torch::Tensor fused;
+    if (method_ == NormMethod::kMaterialize ||
+        (method_ == NormMethod::kAuto && fused_conv_is_cheaper(T, d, p))) {
+      fused = fused_conv_norm_sq(inputs_, grad_outputs_, weight_, geometry_);
+    }
+    out.push_back(
+        fused.defined() ? fused : by_chunks([](LinearLikeGrads& g) { return g.norm_sq().at(0); }));
+  }
+  if (has_bias_) out.push_back(at::linalg_vector_norm(bias_samples(), 2, {1}).square());
+  return out;
+}
+
+std::vector<torch::Tensor> ConvGrads::weighted_sum(const std::vector<torch::Tensor>& w) {
+  std::vector<torch::Tensor> out;
+  size_t k = 0;
+  if (train_weight_) {
+    const auto& wk = w.at(k++);
+    const std::vector<int64_t> output_padding(geometry_.kernel.size(), 0);
+    torch::Tensor sum;
+    for (size_t r = 0; r < inputs_.size(); ++r) {
+      const auto& g = grad_outputs_[r];
+      auto part = std::get<1>(at::convolution_backward(
+          g * broadcast_weights(wk, g), inputs_[r], weight_, c10::nullopt, geometry_.stride,
+          geometry_.padding, geometry_.dilation, /*transposed=*/false, output_padding,
+          geometry_.groups, {false, true, false}));
+      sum = sum.defined() ? sum.add_(part) : part;
+    }
+    out.push_back(sum);
+  }
+  if (has_bias_) out.push_back(torch::mv(bias_samples().t(), w.at(k).to(weight_.scalar_type())));
+  return out;
+}
+
+std::vector<torch::Tensor> ConvGrads::materialize() {
+  std::vector<torch::Tensor> out;
+  if (train_weight_) {
+    out.push_back(by_chunks([](LinearLikeGrads& g) { return g.materialize().at(0); }));
+  }
+  if (has_bias_) out.push_back(bias_samples());
+  return out;
+}
+
+}  // namespace dptorch::grad_sample

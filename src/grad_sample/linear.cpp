@@ -1,0 +1,221 @@
+#include <dptorch/grad_sample/linear.h>
+
+#include <torch/torch.h>
+
+#include <ATen/Parallel.h>
+
+#include "grad_sample/rules_internal.h"
+
+#include <algorithm>
+#include <optional>
+#include <vector>
+
+namespace dptorch::grad_sample {
+namespace {
+
+using detail::broadcast_weights;
+using detail::cpu_kernel_dtype;
+using detail::row_norm_sq;
+
+// [B, T, G·c] -> [B·G, T, c]
+torch::Tensor by_group(const torch::Tensor& x, int64_t groups) {
+  const int64_t B = x.size(0), T = x.size(1), c = x.size(2) / groups;
+  if (groups == 1) return x;
+  return x.reshape({B, T, groups, c}).permute({0, 2, 1, 3}).reshape({B * groups, T, c});
+}
+
+// bmm of [N, n, k] by [N, k, m]. On the CPU with several threads, the batch is split over the
+// threads and each part multiplied by one thread: torch's own bmm runs its small products one
+// after another, each split over the threads by the BLAS, which for the [T, T] and [p, d]
+// products of the norms costs more in synchronisation than it gains.
+torch::Tensor batched_matmul(const torch::Tensor& x, const torch::Tensor& y) {
+  const int64_t n = x.size(0);
+  if (!x.device().is_cpu() || at::get_num_threads() == 1 || n < 2 || at::in_parallel_region()) {
+    return torch::bmm(x, y);
+  }
+  auto out = torch::empty({n, x.size(1), y.size(2)}, x.options());
+  at::parallel_for(0, n, 1, [&](int64_t begin, int64_t end) {
+    auto part = out.narrow(0, begin, end - begin);
+    at::bmm_out(part, x.narrow(0, begin, end - begin), y.narrow(0, begin, end - begin));
+  });
+  return out;
+}
+
+}  // namespace
+
+torch::Tensor ghost_norm_sq(const torch::Tensor& a, const torch::Tensor& g, int64_t groups) {
+  const int64_t B = a.size(0), T = a.size(1);
+  if (T == 1) {
+    // ‖g aᵀ‖² = ‖a‖²‖g‖², per group.
+    auto aa = at::linalg_vector_norm(a.reshape({B, groups, a.size(2) / groups}), 2, {2});
+    auto gg = at::linalg_vector_norm(g.reshape({B, groups, g.size(2) / groups}), 2, {2});
+    return aa.mul_(gg).square_().sum(1);
+  }
+  auto ag = by_group(a, groups), gg = by_group(g, groups);
+  auto gram_a = batched_matmul(ag, ag.transpose(1, 2));  // [B·G, T, T]
+  auto gram_g = batched_matmul(gg, gg.transpose(1, 2));
+  return gram_a.mul_(gram_g).view({B, groups * T * T}).sum(1);
+}
+
+torch::Tensor materialize(const torch::Tensor& a, const torch::Tensor& g, int64_t groups) {
+  const int64_t B = a.size(0);
+  auto ag = by_group(a, groups), gg = by_group(g, groups);
+  auto samples = batched_matmul(gg.transpose(1, 2), ag);  // [B·G, p, d]
+  return samples.view({B, groups * samples.size(1), samples.size(2)});
+}
+
+torch::Tensor weighted_sum(const torch::Tensor& a, const torch::Tensor& g, const torch::Tensor& w,
+                           int64_t groups) {
+  const int64_t rows = a.size(0) * a.size(1);
+  const int64_t d = a.size(2) / groups, p = g.size(2) / groups;
+  auto gw = g * broadcast_weights(w, g);
+  if (groups == 1) return torch::mm(gw.reshape({rows, p}).t(), a.reshape({rows, d}));
+  auto gw_g = gw.reshape({rows, groups, p}).permute({1, 2, 0});  // [G, p, rows]
+  auto a_g = a.reshape({rows, groups, d}).transpose(0, 1);       // [G, rows, d]
+  return torch::bmm(gw_g, a_g).reshape({groups * p, d});
+}
+
+bool materialize_is_cheaper(int64_t T, int64_t d, int64_t p) { return d * p <= T * (d + p); }
+
+void PerSampleGrads::add_weighted_sum_to(const std::vector<torch::Tensor>& w,
+                                         const std::vector<torch::Tensor>& out) {
+  const auto sums = weighted_sum(w);
+  for (size_t k = 0; k < sums.size(); ++k) out.at(k).add_(sums[k].reshape(out.at(k).sizes()));
+}
+
+LinearLikeGrads::LinearLikeGrads(torch::Tensor a, torch::Tensor g, int64_t groups,
+                                 std::vector<int64_t> weight_shape, bool has_bias,
+                                 NormMethod method)
+    : a_(std::move(a)),
+      g_(std::move(g)),
+      groups_(groups),
+      weight_shape_(std::move(weight_shape)),
+      has_bias_(has_bias) {
+  switch (method) {
+    case NormMethod::kGhost: materialize_ = false; break;
+    case NormMethod::kMaterialize: materialize_ = true; break;
+    case NormMethod::kAuto:
+      materialize_ = materialize_is_cheaper(a_.size(1), a_.size(2) / groups_, g_.size(2) / groups_);
+      break;
+  }
+}
+
+std::vector<std::string> LinearLikeGrads::names() const {
+  std::vector<std::string> names;
+  if (!weight_shape_.empty()) names.emplace_back("weight");
+  if (has_bias_) names.emplace_back("bias");
+  return names;
+}
+
+const torch::Tensor& LinearLikeGrads::weight_samples() {
+  if (!weight_samples_.defined()) weight_samples_ = grad_sample::materialize(a_, g_, groups_);
+  return weight_samples_;
+}
+
+const torch::Tensor& LinearLikeGrads::bias_samples() {
+  // One position (a plain Linear): the rows of g themselves, not a copy.
+  if (!bias_samples_.defined()) bias_samples_ = g_.size(1) == 1 ? g_.select(1, 0) : g_.sum(1);
+  return bias_samples_;
+}
+
+std::vector<torch::Tensor> LinearLikeGrads::norm_sq() {
+  std::vector<torch::Tensor> out;
+  if (!weight_shape_.empty()) {
+    out.push_back(materialize_ ? row_norm_sq(weight_samples()) : ghost_norm_sq(a_, g_, groups_));
+  }
+  if (has_bias_) out.push_back(bias_samples().square().sum(1));
+  return out;
+}
+
+std::vector<torch::Tensor> LinearLikeGrads::weighted_sum(const std::vector<torch::Tensor>& w) {
+  std::vector<torch::Tensor> out;
+  size_t k = 0;
+  if (!weight_shape_.empty()) {
+    const auto& wk = w.at(k++);
+    // Once G_i exists, Σ w_i G_i is a matrix-vector product; otherwise one matmul over B·T rows.
+    auto sum = weight_samples_.defined()
+                   ? torch::mv(weight_samples_.flatten(1).t(), wk.to(a_.scalar_type()))
+                   : grad_sample::weighted_sum(a_, g_, wk, groups_);
+    out.push_back(sum.view(weight_shape_));
+  }
+  if (has_bias_) out.push_back(torch::mv(bias_samples().t(), w.at(k).to(g_.scalar_type())));
+  return out;
+}
+
+void LinearLikeGrads::add_weighted_sum_to(const std::vector<torch::Tensor>& w,
+                                          const std::vector<torch::Tensor>& out) {
+  for (const auto& o : out) {
+    if (!o.is_contiguous()) return PerSampleGrads::add_weighted_sum_to(w, out);
+  }
+  size_t k = 0;
+  if (!weight_shape_.empty()) {
+    const auto wk = w.at(k).to(a_.scalar_type());
+    const auto& o = out.at(k++);
+    if (weight_samples_.defined()) {
+      o.view({-1}).addmv_(weight_samples_.flatten(1).t(), wk);
+    } else if (groups_ == 1) {
+      // The non-private weight gradient's matmul, with the rows of g scaled per sample, a few
+      // samples at a time: the scaled copy of g stays near kSumChunkBytes.
+      const int64_t B = a_.size(0), T = a_.size(1), d = a_.size(2), p = g_.size(2);
+      const int64_t sample_bytes = std::max<int64_t>(1, T * p * g_.element_size());
+      const int64_t chunk = std::max<int64_t>(1, kSumChunkBytes / sample_bytes);
+      auto o2 = o.view({p, d});
+      for (int64_t b = 0; b < B; b += chunk) {
+        const int64_t n = std::min(chunk, B - b);
+        const auto gc = g_.narrow(0, b, n);
+        auto gw = gc * broadcast_weights(wk.narrow(0, b, n), gc);
+        o2.addmm_(gw.reshape({n * T, p}).t(), a_.narrow(0, b, n).reshape({n * T, d}));
+      }
+    } else {
+      o.add_(grad_sample::weighted_sum(a_, g_, wk, groups_).view(o.sizes()));
+    }
+  }
+  if (has_bias_) out.at(k).addmv_(bias_samples().t(), w.at(k).to(g_.scalar_type()));
+}
+
+std::vector<torch::Tensor> LinearLikeGrads::materialize() {
+  std::vector<torch::Tensor> out;
+  if (!weight_shape_.empty()) {
+    std::vector<int64_t> shape{a_.size(0)};
+    shape.insert(shape.end(), weight_shape_.begin(), weight_shape_.end());
+    out.push_back(weight_samples().view(shape));
+  }
+  if (has_bias_) out.push_back(bias_samples());
+  return out;
+}
+
+MaterializedGrads::MaterializedGrads(std::vector<std::string> names,
+                                     std::vector<torch::Tensor> samples)
+    : names_(std::move(names)), samples_(std::move(samples)) {}
+
+std::vector<torch::Tensor> MaterializedGrads::norm_sq() {
+  std::vector<torch::Tensor> out;
+  for (const auto& s : samples_) out.push_back(row_norm_sq(s));
+  return out;
+}
+
+void MaterializedGrads::add_weighted_sum_to(const std::vector<torch::Tensor>& w,
+                                            const std::vector<torch::Tensor>& out) {
+  for (size_t k = 0; k < samples_.size(); ++k) {
+    const auto& s = samples_[k];
+    const auto& o = out.at(k);
+    const auto wk = w.at(k).to(s.scalar_type());
+    if (o.is_contiguous()) {
+      o.view({-1}).addmv_(s.flatten(1).t(), wk);
+    } else {
+      o.add_(torch::mv(s.flatten(1).t(), wk).view(o.sizes()));
+    }
+  }
+}
+
+std::vector<torch::Tensor> MaterializedGrads::weighted_sum(const std::vector<torch::Tensor>& w) {
+  std::vector<torch::Tensor> out;
+  for (size_t k = 0; k < samples_.size(); ++k) {
+    const auto& s = samples_[k];
+    out.push_back(
+        torch::mv(s.flatten(1).t(), w.at(k).to(s.scalar_type())).view(s.sizes().slice(1)));
+  }
+  return out;
+}
+
+}  // namespace dptorch::grad_sample
