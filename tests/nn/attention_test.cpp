@@ -23,17 +23,15 @@ namespace {
 using testing::all_variants;
 using testing::as_model;
 using testing::copy_parameters;
-using testing::dtype_of;
 using testing::expect_ground_truth;
 using testing::kDoubleSumAuto;
-using testing::kFloatMeanGhost;
-using testing::perturb;
 using testing::per_sample_loss;
-using testing::Variant;
-using testing::variant_name;
+using testing::perturb;
 using testing::reference_grad_samples;
 using testing::Scenario;
 using testing::tensors_close;
+using testing::Variant;
+using testing::variant_name;
 using torch::Tensor;
 namespace tnn = torch::nn;
 
@@ -265,18 +263,7 @@ std::vector<Case> cases() {
 
 using Param = std::tuple<Case, Variant>;
 
-std::vector<Param> params() {
-  std::vector<Param> out;
-  for (const auto& c : cases()) {
-    if (c.all_variants) {
-      for (const auto& v : all_variants()) out.emplace_back(c, v);
-    } else {
-      out.emplace_back(c, kDoubleSumAuto);
-      out.emplace_back(c, kFloatMeanGhost);
-    }
-  }
-  return out;
-}
+std::vector<Param> params() { return testing::variant_params(cases()); }
 
 class AttentionGroundTruth : public ::testing::TestWithParam<Param> {};
 

@@ -22,23 +22,20 @@
 namespace dptorch {
 namespace {
 
-using ::testing::AllOf;
-using ::testing::HasSubstr;
 using testing::all_variants;
+using ::testing::AllOf;
 using testing::as_model;
 using testing::copy_parameters;
-using testing::dtype_of;
 using testing::expect_ground_truth;
-using testing::kDoubleSumAuto;
-using testing::kFloatMeanGhost;
-using testing::perturb;
+using ::testing::HasSubstr;
 using testing::per_sample_loss;
-using testing::Variant;
-using testing::variant_name;
+using testing::perturb;
 using testing::reference_grad_samples;
 using testing::Scenario;
 using testing::tensors_close;
 using ::testing::ThrowsMessage;
+using testing::Variant;
+using testing::variant_name;
 using torch::Tensor;
 namespace tnn = torch::nn;
 namespace rnn = torch::nn::utils::rnn;
@@ -389,18 +386,7 @@ std::vector<Case> cases() {
 
 using Param = std::tuple<Case, Variant>;
 
-std::vector<Param> params() {
-  std::vector<Param> out;
-  for (const auto& c : cases()) {
-    if (c.all_variants) {
-      for (const auto& v : all_variants()) out.emplace_back(c, v);
-    } else {
-      out.emplace_back(c, kDoubleSumAuto);
-      out.emplace_back(c, kFloatMeanGhost);
-    }
-  }
-  return out;
-}
+std::vector<Param> params() { return testing::variant_params(cases()); }
 
 class RecurrentGroundTruth : public ::testing::TestWithParam<Param> {};
 
@@ -762,28 +748,23 @@ TEST(RecurrentNorms, GhostAndMaterializedAgreeForLstm) {
 
 // ------------------------------------------------------------------------------- refusals
 
+// Lengths of the wrong count, or past the padded steps, are refused naming the layer.
+void expect_bad_lengths_refused(nn::LSTM& lstm) {
+  const auto x = torch::randn({3, 4, 3});
+  const auto names_lengths =
+      ThrowsMessage<c10::Error>(AllOf(HasSubstr("dptorch::nn::LSTM"), HasSubstr("length")));
+  for (const auto& lengths :
+       {torch::tensor({4, 2}, torch::kLong), torch::tensor({4, 2, 1, 3}, torch::kLong),
+        torch::tensor({4, 5, 1}, torch::kLong)}) {
+    EXPECT_THAT([&] { lstm->forward_with_lengths(x, lengths); }, names_lengths);
+  }
+}
+
 TEST(RecurrentRefusals, AttachedRefusesBadLengthsNamingThem) {
   torch::manual_seed(20);
   nn::LSTM lstm(lstm_opts(1, false, true));
   GradSampleModule gsm(lstm);
-  const auto x = torch::randn({3, 4, 3});
-  const auto names_lengths =
-      ThrowsMessage<c10::Error>(AllOf(HasSubstr("dptorch::nn::LSTM"), HasSubstr("length")));
-  EXPECT_THAT(
-      [&] {
-        lstm->forward_with_lengths(x, torch::tensor({4, 2}, torch::kLong));
-      },
-      names_lengths);
-  EXPECT_THAT(
-      [&] {
-        lstm->forward_with_lengths(x, torch::tensor({4, 2, 1, 3}, torch::kLong));
-      },
-      names_lengths);
-  EXPECT_THAT(
-      [&] {
-        lstm->forward_with_lengths(x, torch::tensor({4, 5, 1}, torch::kLong));
-      },
-      names_lengths);
+  expect_bad_lengths_refused(lstm);
   nn::GRU gru(gru_opts(1, true, false));
   GradSampleModule gsm_gru(gru, GradSampleOptions().batch_first(false));
   EXPECT_THAT(
@@ -798,24 +779,7 @@ TEST(RecurrentRefusals, AttachedRefusesBadLengthsNamingThem) {
 TEST(RecurrentRefusals, DetachedRefusesBadLengthsNamingThem) {
   torch::manual_seed(21);
   nn::LSTM lstm(lstm_opts(1, false, true));
-  const auto x = torch::randn({3, 4, 3});
-  const auto names_lengths =
-      ThrowsMessage<c10::Error>(AllOf(HasSubstr("dptorch::nn::LSTM"), HasSubstr("length")));
-  EXPECT_THAT(
-      [&] {
-        lstm->forward_with_lengths(x, torch::tensor({4, 2}, torch::kLong));
-      },
-      names_lengths);
-  EXPECT_THAT(
-      [&] {
-        lstm->forward_with_lengths(x, torch::tensor({4, 2, 1, 3}, torch::kLong));
-      },
-      names_lengths);
-  EXPECT_THAT(
-      [&] {
-        lstm->forward_with_lengths(x, torch::tensor({4, 5, 1}, torch::kLong));
-      },
-      names_lengths);
+  expect_bad_lengths_refused(lstm);
 }
 
 TEST(RecurrentRefusals, LstmRefusesProjSize) {

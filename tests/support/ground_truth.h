@@ -13,6 +13,7 @@
 
 #include <optional>
 #include <string>
+#include <tuple>
 #include <vector>
 
 namespace dptorch::testing {
@@ -136,6 +137,22 @@ inline torch::OrderedDict<std::string, Tensor> expect_ground_truth(
   // Autograd formed no parameter gradient: the tape did the work.
   for (const auto& p : s.model->parameters()) EXPECT_FALSE(p.grad().defined());
   return samples;
+}
+
+/// The (case, variant) pairs of a parameterised ground-truth suite: every variant for a case with
+/// `all_variants` set, double/sum/auto and float/mean/ghost for the rest.
+template <typename Case>
+std::vector<std::tuple<Case, Variant>> variant_params(const std::vector<Case>& cases) {
+  std::vector<std::tuple<Case, Variant>> out;
+  for (const auto& c : cases) {
+    if (c.all_variants) {
+      for (const auto& v : all_variants()) out.emplace_back(c, v);
+    } else {
+      out.emplace_back(c, kDoubleSumAuto);
+      out.emplace_back(c, kFloatMeanGhost);
+    }
+  }
+  return out;
 }
 
 }  // namespace dptorch::testing

@@ -46,7 +46,7 @@ TEST_F(DptrainTest, HelpExplainsEveryOption) {
   for (const char* option :
        {"--epsilon", "--delta", "--epochs", "--batch-size", "--lr", "--max-grad-norm",
         "--noise-multiplier", "--accountant", "--clipping", "--seed", "--threads", "--out",
-        "--resume", "--no-privacy", "--secure-rng"}) {
+        "--resume", "--no-privacy", "--secure-rng", "--model"}) {
     EXPECT_THAT(r.out, HasSubstr(option));
   }
 }
@@ -54,7 +54,7 @@ TEST_F(DptrainTest, HelpExplainsEveryOption) {
 TEST_F(DptrainTest, BadArgumentsGiveOneLineAndStatus2) {
   for (const std::string args :
        {"--noise-multipler 1", "--epsilon -1", "--accountant moments", "--clipping none",
-        "--secure-rng --seed 3", "--delta 2", "--resume /nonexistent/run"}) {
+        "--model gru", "--secure-rng --seed 3", "--delta 2", "--resume /nonexistent/run"}) {
     SCOPED_TRACE(args);
     auto r = run_tool("dptrain", args + " --out " + out("bad"));
     EXPECT_EQ(r.status, 2);
@@ -94,6 +94,19 @@ TEST_F(DptrainTest, AutomaticClippingTrains) {
   ASSERT_EQ(r.status, 0) << r.err;
   EXPECT_EQ(read_json(dir_ / "auto" / "config.json")["clipping"], "automatic");
   EXPECT_GT(read_json(dir_ / "auto" / "report.json")["test_accuracy"].get<double>(), 0.3);
+}
+
+TEST_F(DptrainTest, SequenceModelsTrain) {
+  for (const std::string model : {"lstm", "transformer"}) {
+    SCOPED_TRACE(model);
+    auto r =
+        run_tool("dptrain", kQuick + " --model " + model + " --epsilon 50 --out " + out(model));
+    ASSERT_EQ(r.status, 0) << r.err;
+    EXPECT_EQ(read_json(dir_ / model / "config.json")["model"], model);
+    auto report = read_json(dir_ / model / "report.json");
+    EXPECT_EQ(report["steps"], 16);
+    EXPECT_GT(report["test_accuracy"].get<double>(), 0.2);  // chance is 0.1; 16 noisy steps
+  }
 }
 
 TEST_F(DptrainTest, InterruptedRunResumesToTheSameResult) {
