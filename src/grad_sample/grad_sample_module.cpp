@@ -65,7 +65,14 @@ GradSampleModule::GradSampleModule(std::shared_ptr<torch::nn::Module> module,
                 " is already attached to another GradSampleModule (or PerSampleGradientClipper); "
                 "close() that one first");
     for (const auto& p : item.value()->named_parameters(/*recurse=*/false)) {
-      owner[p.value().unsafeGetTensorImpl()] = {layers_.size(), p.key()};
+      const auto [it, fresh] =
+          owner.emplace(p.value().unsafeGetTensorImpl(), std::make_pair(layers_.size(), p.key()));
+      TORCH_CHECK_VALUE(fresh || !p.value().requires_grad(), "parameter ",
+                        join(module_path(item.key()), p.key()), " is also ",
+                        join(layers_[it->second.first].first, it->second.second),
+                        ": a trainable parameter shared by two dp layers (tied weights) has "
+                        "per-sample gradients from both, which no single rule sums; untie them, "
+                        "or freeze the shared parameter");
     }
     layers_.emplace_back(module_path(item.key()), layer);
   }

@@ -4,6 +4,7 @@
 
 #include "nn/layers_internal.h"
 
+#include <algorithm>
 #include <cmath>
 #include <limits>
 
@@ -15,17 +16,15 @@ namespace F = torch::nn::functional;
 // The slots of an attention layer (see MultiheadAttentionImpl::adopt).
 enum Slot : size_t { kQKV = 0, kQ = 1, kK = 2, kV = 3, kBiasK = 4, kBiasV = 5 };
 
-// Copies parameters and buffers of the same names, submodules included.
-void copy_state(const torch::nn::Module& from, torch::nn::Module& to) {
-  torch::NoGradGuard no_grad;
-  auto params = to.named_parameters(/*recurse=*/true);
-  for (const auto& p : from.named_parameters(/*recurse=*/true)) {
-    if (params.contains(p.key())) params[p.key()].copy_(p.value());
+// A copy of `m` (weights included) whose parameters are frozen where m's are: Module::clone
+// makes every parameter trainable.
+std::shared_ptr<torch::nn::Module> frozen_alike(const torch::nn::Module& m) {
+  auto copy = m.clone();
+  auto params = copy->named_parameters();
+  for (const auto& p : m.named_parameters()) {
+    params[p.key()].set_requires_grad(p.value().requires_grad());
   }
-  auto buffers = to.named_buffers(/*recurse=*/true);
-  for (const auto& b : from.named_buffers(/*recurse=*/true)) {
-    if (buffers.contains(b.key())) buffers[b.key()].copy_(b.value());
-  }
+  return copy;
 }
 
 // A mask hiding one more key (an appended bias_k or zero key): a zero column at the end.
@@ -60,7 +59,7 @@ void MultiheadAttentionImpl::adopt() {
   in_proj_bias = adopt_parameter("in_proj_bias", t.in_proj_bias);
   out_proj =
       register_module("out_proj", Linear(torch::nn::LinearOptions(E, E).bias(options.bias())));
-  copy_state(*t.out_proj, *out_proj);
+  detail::copy_state(*t.out_proj, *out_proj);
   bias_k = adopt_parameter("bias_k", t.bias_k);
   bias_v = adopt_parameter("bias_v", t.bias_v);
 
@@ -97,6 +96,15 @@ void MultiheadAttentionImpl::adopt() {
   slots_.push_back(added(bias_v, "bias_v"));
 }
 
+bool MultiheadAttentionImpl::runs_as_torch(const torch::Tensor& attn_mask) const {
+  // The output projection records on its own when attached, training, with grad mode on.
+  const bool out_records =
+      out_proj->attached() && out_proj->is_training() && torch::GradMode::is_enabled() &&
+      (detail::trainable(out_proj->weight) || detail::trainable(out_proj->bias));
+  // torch 1.13's functional attention cannot add a per-head [B·heads, Tq, Tk] mask.
+  return !out_records && (!attn_mask.defined() || attn_mask.dim() != 3);
+}
+
 std::tuple<torch::Tensor, torch::Tensor> MultiheadAttentionImpl::functional(
     const torch::Tensor& query, const torch::Tensor& key, const torch::Tensor& value,
     const torch::Tensor& key_padding_mask, bool need_weights, const torch::Tensor& attn_mask,
@@ -113,7 +121,7 @@ std::tuple<torch::Tensor, torch::Tensor> MultiheadAttentionImpl::forward(
     const torch::Tensor& key_padding_mask, bool need_weights, const torch::Tensor& attn_mask,
     bool average_attn_weights) {
   const bool rec = recording();
-  if (!rec && !out_proj->attached()) {
+  if (!rec && runs_as_torch(attn_mask)) {
     return functional(query, key, value, key_padding_mask, need_weights, attn_mask,
                       average_attn_weights);
   }
@@ -134,7 +142,7 @@ std::tuple<torch::Tensor, torch::Tensor> MultiheadAttentionImpl::forward_batch_f
     bool average_attn_weights) {
   const bool self = query.is_same(key) && key.is_same(value);
   const bool rec = recording();
-  if (!rec && !out_proj->attached()) {
+  if (!rec && runs_as_torch(attn_mask)) {
     const auto q = query.transpose(0, 1);
     auto [out, weights] =
         functional(q, self ? q : key.transpose(0, 1), self ? q : value.transpose(0, 1),
@@ -174,6 +182,16 @@ std::tuple<torch::Tensor, torch::Tensor> MultiheadAttentionImpl::attend(
                ProductsSaved{{{slot, x.detach()}}}, B)
         .front();
   };
+  TORCH_CHECK_VALUE(!key_padding_mask.defined() ||
+                        (key_padding_mask.dim() == 2 && key_padding_mask.size(0) == B &&
+                         key_padding_mask.size(1) == key.size(1) &&
+                         (key_padding_mask.scalar_type() == torch::kBool ||
+                          key_padding_mask.scalar_type() == torch::kByte)),
+                    name(), ": key_padding_mask must be a bool tensor [B, Tk] = [", B, ", ",
+                    key.size(1), "] (true hides a key), but got ",
+                    key_padding_mask.defined() ? key_padding_mask.scalar_type() : torch::kBool,
+                    " of shape ",
+                    key_padding_mask.defined() ? key_padding_mask.sizes() : torch::IntArrayRef{});
   torch::Tensor q, k, v;
   if (self && same_embed_dim()) {
     auto qkv = project(kQKV, query, 3 * E).chunk(3, -1);
@@ -226,9 +244,6 @@ std::tuple<torch::Tensor, torch::Tensor> MultiheadAttentionImpl::attend(
     scores = scores + (mask.dim() == 2 ? mask : mask.view({B, heads, Tq, Tk}));
   }
   if (padding.defined()) {
-    TORCH_CHECK_VALUE(padding.dim() == 2 && padding.size(0) == B, name(),
-                      ": key_padding_mask must be [B, Tk], but got shape ",
-                      key_padding_mask.sizes());
     scores = scores.masked_fill(padding.to(torch::kBool).view({B, 1, 1, Tk}),
                                 -std::numeric_limits<double>::infinity());
   }
@@ -245,7 +260,26 @@ std::tuple<torch::Tensor, torch::Tensor> MultiheadAttentionImpl::attend(
 std::unique_ptr<grad_sample::PerSampleGrads> MultiheadAttentionImpl::make_grads(
     std::vector<Call<ProductsSaved>> calls) {
   const int64_t B = calls.front().batch_size;
-  return products_rule(slots_, product_records(std::move(calls)), B, norm_method());
+  auto records = product_records(std::move(calls));
+  // Self-attention's fused product covers the rows of the q, k and v products; when one pass
+  // has both, the fused records become the three row blocks, so that each block's records are
+  // one sequence (the norm of a sum is not the sum of norms).
+  const bool mixed = std::any_of(records.begin(), records.end(), [](const ProductRecord& r) {
+    return r.slot == kQ || r.slot == kK || r.slot == kV;
+  });
+  if (mixed) {
+    std::vector<ProductRecord> split;
+    for (auto& r : records) {
+      if (r.slot != kQKV) {
+        split.push_back(std::move(r));
+        continue;
+      }
+      const auto g = r.grad_output.chunk(3, -1);
+      for (size_t k = 0; k < 3; ++k) split.push_back({kQ + k, r.input, g[k]});
+    }
+    records = std::move(split);
+  }
+  return products_rule(slots_, std::move(records), B, norm_method());
 }
 
 // ----------------------------------------------------------------------------------- encoder
@@ -308,12 +342,12 @@ TransformerEncoderImpl::TransformerEncoderImpl(const torch::nn::TransformerEncod
   TORCH_CHECK_VALUE(!options.encoder_layer().is_empty(),
                     "dptorch::nn::TransformerEncoder needs an encoder_layer in its options");
   layer_ = TransformerEncoderLayer(options.encoder_layer()->options);
-  copy_state(*options.encoder_layer(), *layer_);
+  detail::copy_state(*options.encoder_layer(), *layer_);
   if (!options.norm().is_empty()) {
     const auto module = options.norm().ptr();
     if (auto torch_norm = std::dynamic_pointer_cast<torch::nn::LayerNormImpl>(module)) {
       norm_template_ = LayerNorm(torch_norm->options);
-      copy_state(*torch_norm, *norm_template_);
+      detail::copy_state(*torch_norm, *norm_template_);
     } else if (auto dp_norm = std::dynamic_pointer_cast<LayerNormImpl>(module)) {
       norm_template_ = LayerNorm(std::dynamic_pointer_cast<LayerNormImpl>(dp_norm->clone()));
     } else {
@@ -338,10 +372,10 @@ void TransformerEncoderImpl::reset() {
   TORCH_CHECK_VALUE(num_layers_ >= 1, "dptorch::nn::TransformerEncoder needs num_layers >= 1, ",
                     "but got ", num_layers_);
   layers = register_module("layers", torch::nn::ModuleList());
-  for (int64_t i = 0; i < num_layers_; ++i) layers->push_back(layer_->clone());
+  for (int64_t i = 0; i < num_layers_; ++i) layers->push_back(frozen_alike(*layer_));
   if (!norm_template_.is_empty()) {
     norm = register_module(
-        "norm", LayerNorm(std::dynamic_pointer_cast<LayerNormImpl>(norm_template_->clone())));
+        "norm", LayerNorm(std::dynamic_pointer_cast<LayerNormImpl>(frozen_alike(*norm_template_))));
   }
 }
 

@@ -4,6 +4,8 @@
 
 #include <torch/torch.h>
 
+#include "nn/layers_internal.h"
+
 #include <functional>
 #include <optional>
 
@@ -28,21 +30,9 @@ torch::nn::ConvOptions<D> rebuild_options(const torch::nn::detail::ConvNdOptions
       .padding_mode(o.padding_mode());
 }
 
-// Copies parameters (and whether each is trainable) and buffers of the same names, submodules
-// included, and the training mode.
-void copy_state(const torch::nn::Module& from, torch::nn::Module& to) {
-  torch::NoGradGuard no_grad;
-  auto params = to.named_parameters(/*recurse=*/true);
-  for (const auto& p : from.named_parameters(/*recurse=*/true)) {
-    TORCH_CHECK(params.contains(p.key()), "converting ", from.name(),
-                ": its twin has no parameter ", p.key());
-    params[p.key()].copy_(p.value());
-    params[p.key()].set_requires_grad(p.value().requires_grad());
-  }
-  auto buffers = to.named_buffers(/*recurse=*/true);
-  for (const auto& b : from.named_buffers(/*recurse=*/true)) {
-    if (buffers.contains(b.key())) buffers[b.key()].copy_(b.value());
-  }
+// Copies the state (see detail::copy_state) and the training mode.
+void copy_state_and_mode(const torch::nn::Module& from, torch::nn::Module& to) {
+  detail::copy_state(from, to);
   to.train(from.is_training());
 }
 
@@ -52,7 +42,7 @@ std::optional<torch::nn::AnyModule> twin_of(const torch::nn::Module& module) {
   const auto* from = dynamic_cast<const typename Torch::ContainedType*>(&module);
   if (from == nullptr) return std::nullopt;
   Twin to(rebuild_options(from->options));
-  copy_state(*from, *to);
+  copy_state_and_mode(*from, *to);
   return torch::nn::AnyModule(to);
 }
 
@@ -74,7 +64,7 @@ std::optional<torch::nn::AnyModule> group_norm_for(const torch::nn::Module& modu
   const int64_t channels = o.num_features();
   const int64_t groups = group_count(channels);
   GroupNorm to(torch::nn::GroupNormOptions(groups, channels).eps(o.eps()).affine(o.affine()));
-  copy_state(*bn, *to);  // weight and bias; GroupNorm has no running statistics
+  copy_state_and_mode(*bn, *to);  // weight and bias; GroupNorm has no running statistics
   std::ostringstream from_name, to_name;
   bn->pretty_print(from_name);
   to_name << "dptorch::nn::GroupNorm(" << groups << " groups, " << channels << " channels)";

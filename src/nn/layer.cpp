@@ -24,6 +24,12 @@ struct TapedCall : torch::CustomClassHolder {
   std::shared_ptr<Tape> tape;
   size_t num_inputs = 0;
   bool filed = false;
+  // Aliases of the inputs (sharing their version counters) and the versions forward saw: what
+  // the call saved for backward must not have been changed in place since, as torch's own
+  // saved tensors may not.
+  TensorList watched;
+  std::vector<uint32_t> versions;
+  std::string layer;
 };
 
 class TapedFunction : public torch::autograd::Function<TapedFunction> {
@@ -43,6 +49,13 @@ class TapedFunction : public torch::autograd::Function<TapedFunction> {
                 "per-sample gradients of one forward pass can be taken once: call "
                 "clip_and_accumulate() after each backward and run a new forward pass");
     call->filed = true;
+    for (size_t i = 0; i < call->watched.size(); ++i) {
+      TORCH_CHECK(call->watched[i]._version() == call->versions[i], "an input of a call of ",
+                  call->layer,
+                  " was modified by an in-place operation after the call; per-sample gradients "
+                  "need the values the call saw: make the in-place operation out of place");
+    }
+    call->watched.clear();
     std::vector<bool> needed(call->num_inputs);
     bool any = false;
     for (size_t i = 0; i < needed.size(); ++i) any = any || (needed[i] = ctx->needs_input_grad(i));
@@ -132,6 +145,12 @@ TensorList PerSampleLayer::taped(const TensorList& inputs,
   call->file = std::move(file);
   call->tape = tape_;
   call->num_inputs = inputs.size();
+  call->layer = as_module().name();
+  for (const auto& t : inputs) {
+    if (!t.defined()) continue;
+    call->watched.push_back(t.detach());
+    call->versions.push_back(t._version());
+  }
   // Autograd needs defined inputs; an absent one becomes an empty constant.
   TensorList defined;
   defined.reserve(inputs.size());

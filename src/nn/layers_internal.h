@@ -4,7 +4,9 @@
 
 #include <dptorch/grad_sample/rules.h>
 
+#include <torch/nn/module.h>
 #include <torch/types.h>
+#include <torch/utils.h>
 
 #include <memory>
 #include <utility>
@@ -29,6 +31,23 @@ inline torch::Tensor to_brp(const torch::Tensor& x, int64_t batch_dim, int64_t t
 
 inline torch::Tensor cat_along(std::vector<torch::Tensor> parts, int64_t dim) {
   return parts.size() == 1 ? std::move(parts.front()) : torch::cat(parts, dim);
+}
+
+/// Copies the parameters (values and whether each is trainable) and buffers of the same names,
+/// submodules included; a parameter of `from` that `to` lacks is an error.
+inline void copy_state(const torch::nn::Module& from, torch::nn::Module& to) {
+  torch::NoGradGuard no_grad;
+  auto params = to.named_parameters(/*recurse=*/true);
+  for (const auto& p : from.named_parameters(/*recurse=*/true)) {
+    TORCH_CHECK(params.contains(p.key()), "copying ", from.name(), " into ", to.name(), ": ",
+                to.name(), " has no parameter ", p.key());
+    params[p.key()].copy_(p.value());
+    params[p.key()].set_requires_grad(p.value().requires_grad());
+  }
+  auto buffers = to.named_buffers(/*recurse=*/true);
+  for (const auto& b : from.named_buffers(/*recurse=*/true)) {
+    if (buffers.contains(b.key())) buffers[b.key()].copy_(b.value());
+  }
 }
 
 inline bool trainable(const torch::Tensor& p) { return p.defined() && p.requires_grad(); }

@@ -6,6 +6,7 @@
 
 #include <map>
 #include <optional>
+#include <tuple>
 
 namespace dptorch::nn {
 
@@ -94,6 +95,7 @@ class ProductsGrads final : public PerSampleGrads {
       if (train_b) e.bias = Target{param_of(slot.bias_name, slot.bias), slot.bias_row};
       entries_.push_back(std::move(e));
     }
+    check_disjoint(slots);
   }
 
   std::vector<std::string> names() const override { return names_; }
@@ -165,6 +167,27 @@ class ProductsGrads final : public PerSampleGrads {
     int64_t rows = 0;
     std::optional<Target> weight, bias;
   };
+
+  // Norms of different slots add up only over different rows: a sample's gradient on rows two
+  // slots share is the sum of both, whose norm is not the sum of their norms.
+  void check_disjoint(const std::vector<ProductSlot>& slots) const {
+    for (size_t i = 0; i < entries_.size(); ++i) {
+      for (size_t j = i + 1; j < entries_.size(); ++j) {
+        for (const auto& [a, b, what] :
+             {std::make_tuple(entries_[i].weight, entries_[j].weight, "weight"),
+              std::make_tuple(entries_[i].bias, entries_[j].bias, "bias")}) {
+          if (!a || !b || a->param != b->param) continue;
+          const bool overlap =
+              a->row < b->row + entries_[j].rows && b->row < a->row + entries_[i].rows;
+          TORCH_CHECK(!overlap, "two product slots of one layer cover overlapping rows of ",
+                      names_[a->param], " (", what,
+                      ") in one pass; a per-sample norm cannot add them: record such products "
+                      "in one slot (or in slots of disjoint rows)");
+        }
+      }
+    }
+    (void)slots;
+  }
 
   size_t param_of(const std::string& name, const torch::Tensor& tensor) {
     for (size_t i = 0; i < params_.size(); ++i) {

@@ -185,7 +185,8 @@ std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> RecurrentBase<Derived, T
                     ": the initial cell state must have shape ", h0.sizes(), ", but got ",
                     c0.sizes());
 
-  torch::Tensor layer_in = x;
+  // Padded steps read zeros (whatever the padding holds), so nothing of them reaches a norm.
+  torch::Tensor layer_in = mask.defined() ? x.masked_fill(mask.logical_not().unsqueeze(2), 0) : x;
   std::vector<torch::Tensor> h_n, c_n;
   for (int64_t l = 0; l < L; ++l) {
     std::vector<torch::Tensor> outputs;
@@ -213,7 +214,9 @@ std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> RecurrentBase<Derived, T
       };
       // Every step's input-to-hidden product at once: one record over B·T rows.
       const auto xw = this->record(
-                              {in, ih.weight, ih.bias},
+                              // hh's parameters too: the call files the gates' gradient,
+                              // which hh's rule needs even when ih is frozen.
+                              {in, ih.weight, ih.bias, hh.weight, hh.bias},
                               [&] { return TensorList{F::linear(in, ih.weight, ih.bias)}; },
                               product_grad(w_ih), std::move(saved), B)
                           .front();
@@ -267,6 +270,14 @@ std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> RecurrentBase<Derived, T
                     lengths.defined() ? "" : ", or [T, features] unbatched", "), but got shape ",
                     input.sizes());
   const bool batched = input.dim() == 3;
+  if (batched && s.batch_first != this->batch_first()) {
+    TORCH_WARN_ONCE(this->name(), " reads its input ", s.batch_first ? "batch" : "time",
+                    " first but its tape reads ", this->batch_first() ? "batch" : "time",
+                    " first: a dp layer fed its output sequence would take the wrong dimension "
+                    "for the batch. Build it with batch_first(",
+                    this->batch_first(), ") or attach with GradSampleOptions().batch_first(",
+                    s.batch_first, "), unless only its final state is used");
+  }
   auto x = batched ? input : input.unsqueeze(s.batch_first ? 0 : 1);
   if (!s.batch_first) x = x.transpose(0, 1);
   auto batch = [batched](const torch::Tensor& state) {
@@ -439,8 +450,17 @@ namespace {
 torch::Tensor one_step(const torch::Tensor& input, bool batched) {
   return (batched ? input : input.unsqueeze(0)).unsqueeze(1);
 }
-torch::Tensor cell_state(const torch::Tensor& state, bool batched) {
+torch::Tensor cell_state(const torch::nn::Module& cell, const torch::Tensor& state,
+                         const torch::Tensor& input, int64_t hidden) {
   if (!state.defined()) return state;
+  const bool batched = input.dim() == 2;
+  const bool fits =
+      batched ? state.dim() == 2 && state.size(0) == input.size(0) && state.size(1) == hidden
+              : state.dim() == 1 && state.size(0) == hidden;
+  TORCH_CHECK_VALUE(fits, cell.name(), ": the state must have shape ",
+                    batched ? "[B, hidden_size] = [" + std::to_string(input.size(0)) + ", "
+                            : std::string("[hidden_size] = ["),
+                    hidden, "], but got ", state.sizes());
   return (batched ? state : state.unsqueeze(0)).unsqueeze(0);
 }
 torch::Tensor cell_output(const torch::Tensor& state, bool batched) {
@@ -462,7 +482,8 @@ RNNCellImpl::RNNCellImpl(const torch::nn::RNNCellOptions& options_)
 torch::Tensor RNNCellImpl::forward(const torch::Tensor& input, torch::Tensor hx) {
   if (!recording()) return twin().forward(input, hx);
   const bool batched = cell_batched(*this, input);
-  auto [out, hn, cn] = run(one_step(input, batched), {}, cell_state(hx, batched), {});
+  auto [out, hn, cn] =
+      run(one_step(input, batched), {}, cell_state(*this, hx, input, options.hidden_size()), {});
   return cell_output(hn, batched);
 }
 
@@ -475,8 +496,9 @@ LSTMCellImpl::State LSTMCellImpl::forward(const torch::Tensor& input, torch::opt
   if (!recording()) return twin().forward(input, hx);
   const bool batched = cell_batched(*this, input);
   const auto [h0, c0] = hx.value_or(State{});
-  auto [out, hn, cn] =
-      run(one_step(input, batched), {}, cell_state(h0, batched), cell_state(c0, batched));
+  const int64_t H = options.hidden_size();
+  auto [out, hn, cn] = run(one_step(input, batched), {}, cell_state(*this, h0, input, H),
+                           cell_state(*this, c0, input, H));
   return {cell_output(hn, batched), cell_output(cn, batched)};
 }
 
@@ -488,7 +510,8 @@ GRUCellImpl::GRUCellImpl(const torch::nn::GRUCellOptions& options_)
 torch::Tensor GRUCellImpl::forward(const torch::Tensor& input, torch::Tensor hx) {
   if (!recording()) return twin().forward(input, hx);
   const bool batched = cell_batched(*this, input);
-  auto [out, hn, cn] = run(one_step(input, batched), {}, cell_state(hx, batched), {});
+  auto [out, hn, cn] =
+      run(one_step(input, batched), {}, cell_state(*this, hx, input, options.hidden_size()), {});
   return cell_output(hn, batched);
 }
 

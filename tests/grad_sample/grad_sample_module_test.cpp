@@ -334,6 +334,28 @@ TEST(GradSampleModule, RefusesTrainableParameterOutsideDpLayers) {
   EXPECT_NO_THROW({ GradSampleModule gsm(m); });
 }
 
+// A trainable parameter reached by two paths of the module tree (one layer registered twice, as
+// tied weights are in C++) would get two slots and two rules' contributions; it is refused.
+TEST(GradSampleModule, RefusesTiedTrainableParameters) {
+  nn::Linear lin(4, 4);
+  tnn::Sequential m(lin, tnn::Tanh(), lin);
+  EXPECT_THAT([&] { GradSampleModule gsm(m.ptr()); },
+              ThrowsMessage<c10::ValueError>(HasSubstr("tied weights")));
+  for (auto& p : lin->parameters()) p.set_requires_grad(false);
+  EXPECT_NO_THROW(GradSampleModule gsm(m.ptr()));
+}
+
+// What a call saved may not change in place before backward, as with torch's saved tensors.
+TEST(GradSampleModule, RefusesInputsModifiedInPlaceAfterTheCall) {
+  nn::Linear lin(3, 2);
+  GradSampleModule gsm(lin);
+  auto x = torch::randn({4, 3}).requires_grad_(false);
+  auto h = x * 1.0;
+  auto y = lin(h);
+  h.mul_(2);
+  EXPECT_THAT([&] { y.sum().backward(); }, ThrowsMessage<c10::Error>(HasSubstr("in-place")));
+}
+
 TEST(GradSampleModule, RefusesInconsistentBatchSizes) {
   struct TwoInputs : tnn::Module {
     TwoInputs() {

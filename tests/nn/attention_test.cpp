@@ -24,12 +24,14 @@ using testing::all_variants;
 using testing::as_model;
 using testing::copy_parameters;
 using testing::expect_ground_truth;
+using ::testing::HasSubstr;
 using testing::kDoubleSumAuto;
 using testing::per_sample_loss;
 using testing::perturb;
 using testing::reference_grad_samples;
 using testing::Scenario;
 using testing::tensors_close;
+using ::testing::ThrowsMessage;
 using testing::Variant;
 using testing::variant_name;
 using torch::Tensor;
@@ -625,6 +627,57 @@ TEST(AttentionConvert, ConvertsATorchEncoder) {
   const auto src = torch::randn({4, 3, 8});
   EXPECT_TRUE(tensors_close(encoder->forward(src),
                             list->ptr<tnn::TransformerEncoderImpl>(0)->forward(src), 1e-6));
+}
+
+// One attention layer called as self-attention and as cross-attention in one pass: the fused
+// q/k/v product and the three separate ones touch the same rows of in_proj_weight, and a sample's
+// norm is that of their sum.
+struct SelfAndCrossImpl : tnn::Module {
+  SelfAndCrossImpl() {
+    mha = register_module("mha", nn::MultiheadAttention(tnn::MultiheadAttentionOptions(4, 2)));
+  }
+  Tensor forward(const Tensor& x) {  // [T, B, 4]
+    auto self = std::get<0>(mha(x, x, x));
+    auto memory = torch::tanh(x.flip(0));
+    return self + std::get<0>(mha(x, memory, memory));
+  }
+  nn::MultiheadAttention mha{nullptr};
+};
+TORCH_MODULE(SelfAndCross);
+
+TEST(AttentionSharedUse, SelfAndCrossInOnePassMatchAutograd) {
+  torch::manual_seed(41);
+  SelfAndCross m;
+  m->to(torch::kDouble);
+  perturb(*m);
+  Scenario s;
+  s.model = m.ptr();
+  s.input = torch::randn({3, 4, 4}, torch::kDouble);
+  s.batch_dim = 1;
+  s.forward = [m](const Tensor& x) mutable { return m->forward(x); };
+  for (const auto& v : all_variants()) {
+    SCOPED_TRACE(variant_name(v));
+    expect_ground_truth(s, v, false);
+  }
+}
+
+// A per-head attn_mask [B·heads, Tq, Tk] (which torch 1.13's attention cannot add) works detached
+// and attached alike, and a key_padding_mask of the wrong shape is refused naming the layer.
+TEST(AttentionMasks, PerHeadMaskAndBadPaddingMask) {
+  torch::manual_seed(42);
+  nn::MultiheadAttention mha(tnn::MultiheadAttentionOptions(4, 2));
+  mha->to(torch::kDouble);
+  const auto x = torch::randn({3, 2, 4}, torch::kDouble);
+  const auto mask = torch::randn({2 * 2, 3, 3}, torch::kDouble);
+  const auto detached = std::get<0>(mha->forward(x, x, x, Tensor(), false, mask));
+  GradSampleModule gsm(mha, GradSampleOptions().batch_first(false));
+  const auto attached = std::get<0>(mha->forward(x, x, x, Tensor(), false, mask));
+  EXPECT_TRUE(tensors_close(attached, detached, 1e-12));
+  EXPECT_THAT(
+      [&] {
+        mha(x, x, x, torch::zeros({2, 4}, torch::kBool));
+      },
+      ThrowsMessage<c10::Error>(HasSubstr("key_padding_mask")));
 }
 
 }  // namespace

@@ -12,6 +12,7 @@
 #include "support/tensor_assert.h"
 
 #include <algorithm>
+#include <cmath>
 #include <optional>
 #include <sstream>
 #include <string>
@@ -371,6 +372,23 @@ std::vector<Case> cases() {
                  nn::LSTM m(o);
                  m->named_parameters()["weight_hh_l0"].set_requires_grad(false);
                  return rnn_scenario(m, o, setup(true, Feed::kLengths));
+               }});
+  // Input-to-hidden frozen (and the layer's input data): the gates' gradient must still reach
+  // the hidden-to-hidden rule.
+  c.push_back({"lstm_frozen_ih_l0",
+               [] {
+                 auto o = lstm_opts(2, true, true);
+                 nn::LSTM m(o);
+                 m->named_parameters()["weight_ih_l0"].set_requires_grad(false);
+                 m->named_parameters()["bias_ih_l0"].set_requires_grad(false);
+                 return rnn_scenario(m, o, setup(true, Feed::kLengths));
+               },
+               true});
+  c.push_back({"gru_cell_loop_frozen_ih", [] {
+                 auto s = cell_scenario(CellKind::kGRU, false);
+                 s.model->named_parameters()["cell.weight_ih"].set_requires_grad(false);
+                 s.model->named_parameters()["cell.bias_ih"].set_requires_grad(false);
+                 return s;
                }});
   c.push_back({"rnn_cell_tanh_loop", [] { return cell_scenario(CellKind::kRNNTanh, false); }});
   c.push_back(
@@ -787,6 +805,33 @@ TEST(RecurrentRefusals, LstmRefusesProjSize) {
               ThrowsMessage<c10::Error>(HasSubstr("proj_size")));
   tnn::ModuleList list(tnn::LSTM(tnn::LSTMOptions(3, 4).proj_size(2)));
   EXPECT_THAT([&] { (void)nn::convert(list); }, ThrowsMessage<c10::Error>(HasSubstr("proj_size")));
+}
+
+// Whatever a padded step holds (NaN here) reaches neither the output nor a per-sample gradient:
+// the results equal those of zero padding.
+TEST(RecurrentLengths, PaddingValuesDoNotMatter) {
+  torch::manual_seed(31);
+  nn::LSTM lstm(tnn::LSTMOptions(3, 4).batch_first(true).bidirectional(true));
+  lstm->to(torch::kDouble);
+  const auto lengths = torch::tensor({2, 4, 1}, torch::kLong);
+  auto x = torch::randn({3, 4, 3}, torch::kDouble);
+  const auto valid = (torch::arange(4).unsqueeze(0) < lengths.unsqueeze(1)).unsqueeze(2);
+  x = x.masked_fill(valid.logical_not(), 0);
+  const auto r = torch::randn({3, 4, 8}, torch::kDouble);
+  std::vector<torch::OrderedDict<std::string, Tensor>> results;
+  for (double pad : {0.0, std::nan("")}) {
+    GradSampleModule gsm(lstm);
+    auto [out, state] =
+        lstm->forward_with_lengths(x.masked_fill(valid.logical_not(), pad), lengths);
+    EXPECT_FALSE(out.isnan().any().item<bool>());
+    (out * r).sum().backward();
+    results.push_back(gsm.grad_samples());
+    EXPECT_TRUE(gsm.flat_norm().isfinite().all().item<bool>());
+  }
+  for (const auto& p : results[0]) {
+    SCOPED_TRACE(p.key());
+    EXPECT_TRUE(tensors_close(results[1][p.key()], p.value(), 1e-12));
+  }
 }
 
 }  // namespace

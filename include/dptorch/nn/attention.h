@@ -62,6 +62,9 @@ class MultiheadAttentionImpl
 
  private:
   [[nodiscard]] bool same_embed_dim() const;
+  /// Whether a call that records nothing of its own may run torch's functional attention:
+  /// the output projection does not record either, and torch can take the mask.
+  [[nodiscard]] bool runs_as_torch(const torch::Tensor& attn_mask) const;
   /// The forward on batch-first tensors, recording the projections if `record`; `self` when
   /// query, key and value are one tensor.
   std::tuple<torch::Tensor, torch::Tensor> attend(

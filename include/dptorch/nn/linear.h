@@ -42,7 +42,8 @@ TORCH_MODULE(Linear);
 
 /// A weight (or a block of its rows) that a layer uses in products y = a Wᵀ + b: the products
 /// recorded for it share a rule. Either tensor may be undefined or frozen; two slots may name
-/// the same parameter at different rows (the q, k and v blocks of an attention's in_proj_weight).
+/// the same parameter at different rows (the q, k and v blocks of an attention's in_proj_weight);
+/// slots whose rows overlap may not both have records in one pass (products_rule refuses it).
 struct ProductSlot {
   std::string weight_name;
   torch::Tensor weight;
