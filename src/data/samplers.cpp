@@ -57,17 +57,52 @@ PoissonSampler::PoissonSampler(int64_t dataset_size, double sample_rate, uint64_
 }
 
 std::vector<int64_t> PoissonSampler::indices(int64_t step) const {
+  return indices(step, 0, dataset_size_);
+}
+
+std::vector<int64_t> PoissonSampler::indices(int64_t step, int64_t begin, int64_t end) const {
   check_step("step", step);
+  TORCH_CHECK_VALUE(0 <= begin && begin <= end && end <= dataset_size_,
+                    "PoissonSampler: the range [", begin, ", ", end,
+                    ") must lie within [0, dataset_size = ", dataset_size_, "]");
   std::mt19937_64 engine = make_engine(seed_, kPoissonStream, step);
   std::vector<int64_t> batch;
-  batch.reserve(static_cast<size_t>(expected_batch_size() * 1.1 + 16));
-  for (int64_t i = 0; i < dataset_size_; ++i) {
+  const double expected = sample_rate_ * static_cast<double>(end - begin);
+  batch.reserve(static_cast<size_t>(expected * 1.1 + 16));
+  // One uniform per example in index order, so a range sees the whole draw's decisions.
+  for (int64_t i = 0; i < end; ++i) {
     const double u = static_cast<double>(engine() >> 11) * 0x1.0p-53;
-    if (u < sample_rate_) {
+    if (u < sample_rate_ && i >= begin) {
       batch.push_back(i);
     }
   }
   return batch;
+}
+
+namespace {
+
+// Rank r's shard of n examples over w ranks begins at floor(r * n / w), computed as
+// r * (n / w) + floor(r * (n % w) / w) so that r * n cannot overflow.
+int64_t shard_start(int64_t rank, int64_t world_size, int64_t n) {
+  return rank * (n / world_size) + (rank * (n % world_size)) / world_size;
+}
+
+}  // namespace
+
+DistributedPoissonSampler::DistributedPoissonSampler(int64_t dataset_size, double sample_rate,
+                                                     uint64_t seed, int64_t rank,
+                                                     int64_t world_size)
+    : whole_(dataset_size, sample_rate, seed), rank_(rank), world_size_(world_size) {
+  TORCH_CHECK_VALUE(world_size >= 1, "DistributedPoissonSampler: world_size must be at least 1, ",
+                    "but is ", world_size);
+  TORCH_CHECK_VALUE(rank >= 0 && rank < world_size, "DistributedPoissonSampler: rank must be in ",
+                    "[0, world_size = ", world_size, "), but is ", rank);
+  begin_ = shard_start(rank, world_size, dataset_size);
+  end_ = shard_start(rank + 1, world_size, dataset_size);
+}
+
+std::vector<int64_t> DistributedPoissonSampler::indices(int64_t step) const {
+  return whole_.indices(step, begin_, end_);
 }
 
 int64_t PoissonSampler::steps_per_epoch() const {

@@ -280,5 +280,86 @@ TEST(ShuffledSamplerTest, ReportsWhatTheAccountantNeeds) {
   EXPECT_EQ(sampler.sampling(), Sampling::kShuffled);
 }
 
+// ------------------------------------------------------------------ DistributedPoissonSampler
+
+// The ranks' parts are disjoint, ascending, inside their shards, and together the one-process
+// batch of the same seed, for world sizes that do and do not divide the data set.
+TEST(DistributedPoissonSamplerTest, RanksTogetherDrawTheOneProcessBatch) {
+  const int64_t n = 1003;
+  const PoissonSampler whole(n, 0.05, kSeed);
+  for (int64_t world : {1, 2, 3, 7}) {
+    SCOPED_TRACE(world);
+    std::vector<DistributedPoissonSampler> ranks;
+    for (int64_t r = 0; r < world; ++r) ranks.emplace_back(n, 0.05, kSeed, r, world);
+    EXPECT_EQ(ranks.front().shard_begin(), 0);
+    EXPECT_EQ(ranks.back().shard_end(), n);
+    for (int64_t r = 1; r < world; ++r) {
+      EXPECT_EQ(ranks[r].shard_begin(), ranks[r - 1].shard_end());
+    }
+    for (int64_t step : {0, 1, 17, 500}) {
+      std::vector<int64_t> joined;
+      for (const auto& rank : ranks) {
+        const auto part = rank.indices(step);
+        EXPECT_TRUE(std::is_sorted(part.begin(), part.end()));
+        for (auto i : part) {
+          EXPECT_GE(i, rank.shard_begin());
+          EXPECT_LT(i, rank.shard_end());
+        }
+        joined.insert(joined.end(), part.begin(), part.end());
+      }
+      EXPECT_EQ(joined, whole.indices(step)) << "step " << step;
+    }
+  }
+}
+
+// What the accountant and the optimiser see is the whole job's: q, q·N, N, 1/q steps per epoch.
+TEST(DistributedPoissonSamplerTest, AccountingQuantitiesAreTheWholeJobs) {
+  const DistributedPoissonSampler rank(60000, 256.0 / 60000, kSeed, 1, 2);
+  EXPECT_DOUBLE_EQ(rank.sample_rate(), 256.0 / 60000);
+  EXPECT_DOUBLE_EQ(rank.expected_batch_size(), 256.0);
+  EXPECT_EQ(rank.dataset_size(), 60000);
+  EXPECT_EQ(rank.steps_per_epoch(), 234);
+  EXPECT_EQ(rank.sampling(), Sampling::kPoisson);
+  EXPECT_EQ(rank.shard_begin(), 30000);
+  EXPECT_EQ(rank.shard_end(), 60000);
+}
+
+// Each example of a rank's shard joins at rate q on its own: over 400 steps of a 500-example
+// shard at q = 0.1 (seed kSeed), the mean part size is 50 ± 3 (its standard error is
+// sqrt(500·0.1·0.9 / 400) = 0.34) and every example joins 40 ± 25 times (Binomial(400, 0.1) has
+// standard deviation 6: ±4.2 of them, which all 500 examples pass but with probability 0.015 by
+// chance). An empty part at a small rate is returned as such.
+TEST(DistributedPoissonSamplerTest, EachRankSamplesItsShardAtRateQ) {
+  const DistributedPoissonSampler rank(1000, 0.1, kSeed, 1, 2);
+  std::vector<int64_t> joins(1000, 0);
+  int64_t total = 0;
+  for (int64_t step = 0; step < 400; ++step) {
+    const auto part = rank.indices(step);
+    total += static_cast<int64_t>(part.size());
+    for (auto i : part) ++joins[i];
+  }
+  EXPECT_NEAR(static_cast<double>(total) / 400.0, 50.0, 3.0);
+  for (int64_t i = 500; i < 1000; ++i) {
+    EXPECT_GT(joins[i], 15) << i;
+    EXPECT_LT(joins[i], 65) << i;
+  }
+  const DistributedPoissonSampler sparse(40, 0.01, kSeed, 0, 4);  // 10 examples at q = 0.01
+  int64_t empty = 0;
+  for (int64_t step = 0; step < 50; ++step) empty += sparse.indices(step).empty();
+  EXPECT_GT(empty, 0);
+}
+
+TEST(DistributedPoissonSamplerTest, RefusesABadRankOrWorldSize) {
+  EXPECT_THAT([] { DistributedPoissonSampler(100, 0.1, kSeed, 2, 2); },
+              ThrowsMessage<c10::ValueError>(HasSubstr("rank must be in [0, world_size = 2)")));
+  EXPECT_THAT([] { DistributedPoissonSampler(100, 0.1, kSeed, -1, 2); },
+              ThrowsMessage<c10::ValueError>(HasSubstr("rank")));
+  EXPECT_THAT([] { DistributedPoissonSampler(100, 0.1, kSeed, 0, 0); },
+              ThrowsMessage<c10::ValueError>(HasSubstr("world_size must be at least 1")));
+  const PoissonSampler whole(100, 0.1, kSeed);
+  EXPECT_THAT([&] { (void)whole.indices(0, 50, 101); },
+              ThrowsMessage<c10::ValueError>(HasSubstr("dataset_size = 100")));
+}
+
 }  // namespace
 }  // namespace dptorch::data

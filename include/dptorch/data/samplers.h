@@ -65,6 +65,9 @@ class PoissonSampler final : public BatchSampler {
 
   /// Ascending indices of the examples in logical batch `step`; possibly empty.
   [[nodiscard]] std::vector<int64_t> indices(int64_t step) const override;
+  /// The indices of logical batch `step` within [begin, end) (0 <= begin <= end <=
+  /// dataset_size): the same draw, restricted. Costs O(end).
+  [[nodiscard]] std::vector<int64_t> indices(int64_t step, int64_t begin, int64_t end) const;
 
   /// round(1 / q), at least 1: the steps that see each example once in expectation.
   [[nodiscard]] int64_t steps_per_epoch() const override;
@@ -88,6 +91,44 @@ class PoissonSampler final : public BatchSampler {
   int64_t dataset_size_;
   double sample_rate_;
   uint64_t seed_;
+};
+
+/// Poisson sampling split over the ranks of a distributed job. Rank r of W owns the shard
+/// [⌊r·N/W⌋, ⌊(r+1)·N/W⌋) of the data set (contiguous, disjoint, covering it) and takes the
+/// examples of its shard that the whole data set's draw (PoissonSampler with the same seed)
+/// includes. Each example still joins independently with probability q, so the union of the
+/// ranks' parts is a Poisson sample of the whole at rate q, exactly the batch one process would
+/// draw with that seed; the accountant sees that q. A rank's part may be empty, which is normal.
+/// sample_rate(), expected_batch_size(), dataset_size() and steps_per_epoch() are the whole
+/// job's: divide the summed noisy gradient by the job's expected batch size.
+///
+/// Every rank draws the whole data set's uniforms up to the end of its shard (O(N) per step, as
+/// PoissonSampler) and so knows every rank's batch: the ranks of one job trust one another.
+class DistributedPoissonSampler final : public BatchSampler {
+ public:
+  /// Rank `rank` in [0, world_size) of `world_size` (>= 1) ranks sampling `dataset_size`
+  /// examples at rate `sample_rate`, every rank with the same `seed`.
+  DistributedPoissonSampler(int64_t dataset_size, double sample_rate, uint64_t seed, int64_t rank,
+                            int64_t world_size);
+
+  /// Ascending (global) indices of this rank's examples in logical batch `step`; possibly empty.
+  [[nodiscard]] std::vector<int64_t> indices(int64_t step) const override;
+  [[nodiscard]] int64_t steps_per_epoch() const override { return whole_.steps_per_epoch(); }
+  [[nodiscard]] double sample_rate() const override { return whole_.sample_rate(); }
+  /// The whole job's q·N.
+  [[nodiscard]] double expected_batch_size() const override { return whole_.expected_batch_size(); }
+  [[nodiscard]] int64_t dataset_size() const override { return whole_.dataset_size(); }
+  [[nodiscard]] Sampling sampling() const override { return Sampling::kPoisson; }
+
+  [[nodiscard]] int64_t rank() const noexcept { return rank_; }
+  [[nodiscard]] int64_t world_size() const noexcept { return world_size_; }
+  /// This rank's shard, [shard_begin, shard_end).
+  [[nodiscard]] int64_t shard_begin() const noexcept { return begin_; }
+  [[nodiscard]] int64_t shard_end() const noexcept { return end_; }
+
+ private:
+  PoissonSampler whole_;
+  int64_t rank_, world_size_, begin_, end_;
 };
 
 /// Fixed-size batches without replacement: each epoch is a fresh shuffle of the data set, cut
