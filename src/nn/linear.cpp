@@ -95,7 +95,7 @@ class ProductsGrads final : public PerSampleGrads {
       if (train_b) e.bias = Target{param_of(slot.bias_name, slot.bias), slot.bias_row};
       entries_.push_back(std::move(e));
     }
-    check_disjoint(slots);
+    check_disjoint();
   }
 
   std::vector<std::string> names() const override { return names_; }
@@ -154,8 +154,8 @@ class ProductsGrads final : public PerSampleGrads {
       for (const auto& [t, is_weight] :
            {std::make_pair(e.weight, true), std::make_pair(e.bias, false)}) {
         if (!t) continue;
-        rows(out[t->param], *t, e.rows, 1, is_weight)
-            .add_(m[k++].reshape_as(rows(out[t->param], *t, e.rows, 1, is_weight)));
+        auto target = rows(out[t->param], *t, e.rows, 1, is_weight);
+        target.add_(m[k++].reshape_as(target));
       }
     }
     return out;
@@ -170,7 +170,7 @@ class ProductsGrads final : public PerSampleGrads {
 
   // Norms of different slots add up only over different rows: a sample's gradient on rows two
   // slots share is the sum of both, whose norm is not the sum of their norms.
-  void check_disjoint(const std::vector<ProductSlot>& slots) const {
+  void check_disjoint() const {
     for (size_t i = 0; i < entries_.size(); ++i) {
       for (size_t j = i + 1; j < entries_.size(); ++j) {
         for (const auto& [a, b, what] :
@@ -186,7 +186,6 @@ class ProductsGrads final : public PerSampleGrads {
         }
       }
     }
-    (void)slots;
   }
 
   size_t param_of(const std::string& name, const torch::Tensor& tensor) {
