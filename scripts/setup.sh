@@ -2,7 +2,7 @@
 # Installs every dependency of dptorch from Debian packages. Idempotent: a no-op when all are present.
 set -euo pipefail
 packages=(build-essential cmake ninja-build ccache clang-format libtorch-dev libopenblas0-openmp
-          zlib1g-dev googletest libgtest-dev libgmock-dev libcli11-dev nlohmann-json3-dev
+          zlib1g-dev libgloo-dev googletest libgtest-dev libgmock-dev libcli11-dev nlohmann-json3-dev
           dataset-fashion-mnist)
 missing=()
 for p in "${packages[@]}"; do

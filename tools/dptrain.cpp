@@ -1,12 +1,19 @@
 // dptrain: trains an image classifier on Fashion-MNIST with DP-SGD through dptorch's public API,
 // and reports test accuracy with the (ε, δ) the run spent.
+#include <dptorch/distributed/group.h>
 #include <dptorch/dptorch.h>
 
 #include <CLI/CLI.hpp>
 #include <nlohmann/json.hpp>
 
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <sys/prctl.h>
+#include <sys/socket.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <csignal>
@@ -16,6 +23,7 @@
 #include <iomanip>
 #include <iostream>
 #include <limits>
+#include <optional>
 #include <sstream>
 #include <thread>
 
@@ -266,9 +274,21 @@ std::string svg_plot(const std::vector<json>& epochs, double target_eps) {
   return s.str();
 }
 
-int run(const Config& config, const fs::path& out, bool resume, int threads) {
+// The share of a run's steps spent in the gradients' all-reduce, and what it sent.
+struct AllReduceLog {
+  double seconds = 0;
+  int64_t bytes = 0;
+  int64_t steps = 0;
+};
+
+int run(const Config& config, const fs::path& out, bool resume, int threads,
+        const std::shared_ptr<dptorch::distributed::Group>& group) {
   torch::set_num_threads(threads);
   fs::create_directories(out);
+  // Rank 0 (or the only process) prints, evaluates and writes the run's files; every rank
+  // trains, and all write the checkpoint together.
+  const bool lead = !group || group->rank() == 0;
+  const int64_t world = group ? group->world_size() : 1;
   const auto start = Clock::now();
 
   dptorch::data::FashionMnist train_set(config.data_dir, dptorch::data::FashionMnist::Mode::kTrain);
@@ -295,6 +315,7 @@ int run(const Config& config, const fs::path& out, bool resume, int threads) {
       .accountant(config.accountant)
       .secure_mode(config.secure_rng);
   if (!config.secure_rng) options.seed(config.seed);
+  options.group(group);
   if (config.clipping == "per-layer") options.clipping(dptorch::ClippingMode::kPerLayer);
   if (config.clipping == "adaptive") options.clipping(dptorch::ClippingMode::kAdaptive);
   if (config.clipping == "automatic") options.clipping(dptorch::ClippingMode::kAutomatic);
@@ -309,6 +330,9 @@ int run(const Config& config, const fs::path& out, bool resume, int threads) {
   auto training =
       engine.make_private(model, sgd, dptorch::data::TensorPairDataset(train_x, train_y), options);
   const auto& settings = training.settings;
+  // Each rank's own randomness (none of these models draws any today) comes from the seed and
+  // the rank; one process keeps torch's stream as it was.
+  if (world > 1) torch::manual_seed(dptorch::distributed::rank_seed(config.seed, group->rank()));
   if (config.no_privacy) {
     // Same model and optimiser, no clipping and no noise: the dp layers run as plain torch.
     training.optimizer->clipper().close();
@@ -336,25 +360,28 @@ int run(const Config& config, const fs::path& out, bool resume, int threads) {
       training.loader.set_position(json::parse(std::ifstream(out / "position.json"))["position"]);
     }
     std::ifstream metrics(out / "metrics.jsonl");
-    for (std::string line; std::getline(metrics, line);) {
+    for (std::string line; lead && std::getline(metrics, line);) {
       if (!line.empty()) epochs_log.push_back(json::parse(line));
     }
-  } else {
+  } else if (lead) {
     std::ofstream(out / "metrics.jsonl", std::ios::trunc);
   }
 
   const int64_t per_epoch = settings.steps_per_epoch;
   const int64_t total_steps = settings.steps;
   const int epochs_total = static_cast<int>((total_steps + per_epoch - 1) / per_epoch);
-  std::cout << "dptrain: Fashion-MNIST, " << train_x.size(0) << " training examples, "
-            << (config.no_privacy ? "no privacy" : "DP-SGD") << ", " << total_steps
-            << " steps of expected batch " << settings.expected_batch_size
-            << " (q = " << settings.sample_rate << ")";
+  std::ostringstream header;
+  header << "dptrain: Fashion-MNIST, " << train_x.size(0) << " training examples, "
+         << (config.no_privacy ? "no privacy" : "DP-SGD") << ", " << total_steps
+         << " steps of expected batch " << settings.expected_batch_size
+         << " (q = " << settings.sample_rate << ")";
   if (!config.no_privacy) {
-    std::cout << ", sigma = " << settings.noise_multiplier << ", C = " << settings.max_grad_norm
-              << ", " << settings.accountant << " accountant";
+    header << ", sigma = " << settings.noise_multiplier << ", C = " << settings.max_grad_norm
+           << ", " << settings.accountant << " accountant";
   }
-  std::cout << ", " << threads << " threads\n" << std::flush;
+  header << ", " << threads << " threads";
+  if (world > 1) header << " in each of " << world << " processes";
+  if (lead) std::cout << header.str() << "\n" << std::flush;
 
   auto save = [&] {
     if (config.no_privacy) {
@@ -369,7 +396,8 @@ int run(const Config& config, const fs::path& out, bool resume, int threads) {
     return torch::nn::functional::cross_entropy(logits, y);
   };
 
-  Progress progress(isatty(STDOUT_FILENO) != 0);
+  Progress progress(lead && isatty(STDOUT_FILENO) != 0);
+  AllReduceLog allreduce;
   int64_t examples_seen = 0;
   int64_t steps_this_process = 0;
   double train_seconds = 0;
@@ -383,10 +411,20 @@ int run(const Config& config, const fs::path& out, bool resume, int threads) {
     int64_t loss_count = 0;
     while (training.loader.position() < epoch_end) {
       if (g_stop_after_steps > 0 && steps_this_process == g_stop_after_steps) g_interrupted = true;
-      if (g_interrupted) {
+      // The ranks agree on stopping (every 10 steps: a small all-reduce), so that all save the
+      // same step.
+      bool stop = g_interrupted;
+      if (group) {
+        const bool ask = g_stop_after_steps > 0 || steps_this_process % 10 == 0;
+        stop = ask && group->any(stop);
+      }
+      if (stop) {
         save();
-        std::cout << "\ndptrain: interrupted; checkpoint saved. Resume with: dptrain --resume "
-                  << out.string() << "\n";
+        if (lead) {
+          std::cout << "\ndptrain: interrupted; checkpoint saved. Resume with: dptrain --resume "
+                    << out.string() << (world > 1 ? " --nproc " + std::to_string(world) : "")
+                    << "\n";
+        }
         return 130;
       }
       const auto batch = training.loader.next();
@@ -405,6 +443,12 @@ int run(const Config& config, const fs::path& out, bool resume, int threads) {
       if (config.no_privacy) {
         sgd->step();
         sgd->zero_grad();
+      } else if (group) {
+        const auto before = group->stats();
+        training.optimizer->step();
+        allreduce.seconds += group->stats().seconds_in_collectives - before.seconds_in_collectives;
+        allreduce.bytes += group->stats().bytes_reduced - before.bytes_reduced;
+        ++allreduce.steps;
       } else {
         training.optimizer->step();
       }
@@ -418,6 +462,10 @@ int run(const Config& config, const fs::path& out, bool resume, int threads) {
     const double secs = std::chrono::duration<double>(Clock::now() - epoch_start).count();
     train_seconds += secs;
     examples_seen += epoch_examples;
+    if (!lead) {
+      save();
+      continue;
+    }
     const double acc = accuracy(model, test_x, test_y);
     const double eps = config.no_privacy ? -1 : engine.epsilon(config.delta);
     json entry = {{"epoch", epoch},
@@ -437,6 +485,7 @@ int run(const Config& config, const fs::path& out, bool resume, int threads) {
     save();
   }
 
+  if (!lead) return 0;
   const double acc = accuracy(model, test_x, test_y);
   const double wall = std::chrono::duration<double>(Clock::now() - start).count();
   json report = {{"test_accuracy", acc},
@@ -455,6 +504,13 @@ int run(const Config& config, const fs::path& out, bool resume, int threads) {
                  {"threads", threads},
                  {"config", to_json(config)}};
   if (!config.no_privacy) report["epsilon"] = engine.epsilon(config.delta);
+  if (world > 1) {
+    const int64_t n = std::max<int64_t>(allreduce.steps, 1);
+    report["processes"] = world;
+    report["allreduce_seconds"] = allreduce.seconds;
+    report["allreduce_share"] = allreduce.seconds / std::max(train_seconds, 1e-9);
+    report["allreduce_bytes_per_step"] = allreduce.bytes / n;
+  }
   write_file(out / "report.json", report.dump(2) + "\n");
   write_file(out / "plot.svg", svg_plot(epochs_log, config.no_privacy ? 0 : config.epsilon));
 
@@ -473,10 +529,117 @@ int run(const Config& config, const fs::path& out, bool resume, int threads) {
             << training.loader.position() << " steps\n"
             << "time            " << std::setprecision(1) << wall << " s wall, "
             << std::setprecision(0) << examples_seen / std::max(train_seconds, 1e-9)
-            << " examples/s\n"
-            << "outputs         " << out.string() << "/{report.json, metrics.jsonl, plot.svg, "
+            << " examples/s\n";
+  if (world > 1) {
+    std::cout << "processes       " << world << ", all-reduce " << std::setprecision(1)
+              << 100 * allreduce.seconds / std::max(train_seconds, 1e-9) << "% of training time, "
+              << std::setprecision(0) << allreduce.bytes / std::max<int64_t>(allreduce.steps, 1)
+              << " bytes per step\n";
+  }
+  std::cout << "outputs         " << out.string() << "/{report.json, metrics.jsonl, plot.svg, "
             << (config.no_privacy ? "model.pt" : "checkpoint.pt") << "}\n";
   return 0;
+}
+
+// A TCP port on 127.0.0.1 that was free a moment ago (the kernel's choice for port 0).
+int free_port() {
+  const int fd = ::socket(AF_INET, SOCK_STREAM, 0);
+  sockaddr_in addr{};
+  addr.sin_family = AF_INET;
+  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  socklen_t len = sizeof addr;
+  if (fd < 0 || ::bind(fd, reinterpret_cast<sockaddr*>(&addr), sizeof addr) != 0 ||
+      ::getsockname(fd, reinterpret_cast<sockaddr*>(&addr), &len) != 0) {
+    throw std::runtime_error("cannot find a free port on 127.0.0.1; give --master-port");
+  }
+  ::close(fd);
+  return ntohs(addr.sin_port);
+}
+
+// dptrain --nproc N: starts N copies of this program as the ranks of one job on 127.0.0.1
+// (torchrun's variables in their environment, `args` without --nproc), and waits for them. When
+// a rank fails, the others stop on their own within the collectives' timeout; any still running
+// `grace` later are killed. Exits as the first rank that failed did (0 if none did).
+int launch(int nproc, const std::vector<std::string>& args, int port,
+           std::chrono::milliseconds grace) {
+  const std::string self = fs::read_symlink("/proc/self/exe").string();
+  std::vector<std::string> env_base;
+  for (char** e = environ; *e != nullptr; ++e) {
+    const std::string kv = *e;
+    const std::string key = kv.substr(0, kv.find('='));
+    if (key != "RANK" && key != "WORLD_SIZE" && key != "LOCAL_RANK" && key != "MASTER_ADDR" &&
+        key != "MASTER_PORT") {
+      env_base.push_back(kv);
+    }
+  }
+  std::signal(SIGINT, SIG_IGN);  // Ctrl-C reaches the ranks, which save and stop together
+  std::vector<pid_t> pids;
+  for (int rank = 0; rank < nproc; ++rank) {
+    auto env = env_base;
+    for (const auto& kv :
+         {"RANK=" + std::to_string(rank), "LOCAL_RANK=" + std::to_string(rank),
+          "WORLD_SIZE=" + std::to_string(nproc), std::string("MASTER_ADDR=127.0.0.1"),
+          "MASTER_PORT=" + std::to_string(port)}) {
+      env.push_back(kv);
+    }
+    std::vector<std::string> argv_s{self};
+    argv_s.insert(argv_s.end(), args.begin(), args.end());
+    std::vector<char*> argv, envp;
+    for (auto& a : argv_s) argv.push_back(a.data());
+    argv.push_back(nullptr);
+    for (auto& kv : env) envp.push_back(kv.data());
+    envp.push_back(nullptr);
+    const pid_t pid = ::fork();
+    if (pid < 0) throw std::runtime_error("cannot start rank " + std::to_string(rank));
+    if (pid == 0) {
+      std::signal(SIGINT, SIG_DFL);
+      ::prctl(PR_SET_PDEATHSIG, SIGTERM);  // a rank never outlives its launcher
+      ::execve(argv[0], argv.data(), envp.data());
+      ::_exit(127);
+    }
+    pids.push_back(pid);
+  }
+  int result = 0;
+  int failed_rank = -1;
+  size_t running = pids.size();
+  bool counting = false;  // a rank failed: the others have until `deadline`
+  auto deadline = Clock::now();
+  while (running > 0) {
+    int raw = 0;
+    const pid_t pid = ::waitpid(-1, &raw, counting ? WNOHANG : 0);
+    if (pid > 0) {
+      --running;
+      const int rank = static_cast<int>(std::find(pids.begin(), pids.end(), pid) - pids.begin());
+      const int status = WIFEXITED(raw) ? WEXITSTATUS(raw) : 128 + WTERMSIG(raw);
+      if (status != 0 && result == 0) {
+        result = status;
+        failed_rank = rank;
+      }
+      if (status != 0 && status != 130 && !counting) {
+        counting = true;
+        deadline = Clock::now() + grace;
+      }
+      pids[static_cast<size_t>(rank)] = -1;
+      continue;
+    }
+    if (counting && Clock::now() > deadline) {
+      for (size_t r = 0; r < pids.size(); ++r) {
+        if (pids[r] <= 0) continue;
+        std::cerr << "dptrain: rank " << r << " did not stop within "
+                  << std::chrono::duration<double>(grace).count() << " s of rank " << failed_rank
+                  << "'s failure; killing it\n";
+        ::kill(pids[r], SIGKILL);
+      }
+      counting = false;
+    } else {
+      std::this_thread::sleep_for(std::chrono::milliseconds(50));
+    }
+  }
+  if (result != 0 && result != 130) {
+    std::cerr << "dptrain: rank " << failed_rank << " of " << nproc << " exited with status "
+              << result << "\n";
+  }
+  return result;
 }
 
 }  // namespace
@@ -550,6 +713,20 @@ int main(int argc, char** argv) {
       ->check(CLI::NonNegativeNumber);
   app.add_option("--data-dir", config.data_dir, "Fashion-MNIST directory (gzip IDX files)")
       ->capture_default_str();
+  int nproc = 1, master_port = 0;
+  double timeout_s = 60;
+  app.add_option("--nproc", nproc,
+                 "train with N processes on this host (a distributed job over c10d on 127.0.0.1); "
+                 "on several hosts, start dptrain with torchrun's environment instead")
+      ->capture_default_str()
+      ->check(CLI::Range(1, 256));
+  app.add_option("--master-port", master_port,
+                 "TCP port of the job's store with --nproc (default: a free one)")
+      ->check(CLI::Range(1, 65535));
+  app.add_option("--timeout", timeout_s,
+                 "seconds a rank waits for the others before the job stops with an error")
+      ->capture_default_str()
+      ->check(CLI::PositiveNumber);
   app.add_option("--stop-after-steps", g_stop_after_steps,
                  "testing: stop as on Ctrl-C after this many steps")
       ->group("");  // hidden
@@ -567,19 +744,62 @@ int main(int argc, char** argv) {
   if (config.no_privacy && app.count("--lr") == 0) config.lr = 0.05;  // no clipping: a usual lr
   config.clipping = clipping;
 
+  if (nproc > 1 && config.no_privacy) {
+    std::cerr << "dptrain: error: --nproc trains privately; run --no-privacy in one process\n";
+    return 2;
+  }
+  const auto timeout = std::chrono::milliseconds(static_cast<int64_t>(timeout_s * 1000));
+  const bool is_rank = dptorch::distributed::environment_is_distributed();
+  if (nproc > 1 && !is_rank) {
+    // The launcher: the ranks get the same arguments without --nproc (and a share of the cores).
+    std::vector<std::string> args;
+    for (int i = 1; i < argc; ++i) {
+      const std::string a = argv[i];
+      if (a == "--nproc") {
+        ++i;
+        continue;
+      }
+      if (a.rfind("--nproc=", 0) == 0) continue;
+      args.push_back(a);
+    }
+    if (app.count("--threads") == 0) {
+      const unsigned cores = std::max(1u, std::thread::hardware_concurrency());
+      args.push_back("--threads");
+      args.push_back(std::to_string(std::max(1u, cores / static_cast<unsigned>(nproc))));
+    }
+    try {
+      const int port = master_port > 0 ? master_port : free_port();
+      return launch(nproc, args, port, timeout + std::chrono::seconds(15));
+    } catch (const std::exception& e) {
+      std::cerr << "dptrain: error: " << e.what() << "\n";
+      return 1;
+    }
+  }
+
   std::signal(SIGINT, [](int) { g_interrupted = true; });
   std::signal(SIGTERM, [](int) { g_interrupted = true; });
+  std::shared_ptr<dptorch::distributed::Group> group;
   try {
+    if (is_rank) {
+      TORCH_CHECK_VALUE(!config.no_privacy,
+                        "a distributed job trains privately; run --no-privacy in one process");
+      auto group_options = dptorch::distributed::options_from_environment(timeout);
+      TORCH_CHECK_VALUE(nproc == 1 || nproc == group_options.world_size(), "--nproc ", nproc,
+                        " differs from WORLD_SIZE ", group_options.world_size());
+      group = dptorch::distributed::Group::connect(group_options);
+    }
     bool resume = false;
     if (*resume_opt) {
       bool others = false;
       for (const auto* opt : app.get_options()) {
         const std::string name = opt->get_name();
-        others = others || (opt->count() > 0 && name != "--resume" && name != "--threads");
+        others = others || (opt->count() > 0 && name != "--resume" && name != "--threads" &&
+                            name != "--nproc" && name != "--master-port" && name != "--timeout" &&
+                            name != "--stop-after-steps");
       }
       if (others) {
         std::cerr << "dptrain: error: --resume takes the run's saved settings; give only "
-                     "--resume DIR (and --threads)\n";
+                     "--resume DIR (and --threads, --nproc, --master-port, --timeout)\n";
         return 2;
       }
       std::ifstream in(fs::path(resume_dir) / "config.json");
@@ -592,17 +812,26 @@ int main(int argc, char** argv) {
       config = from_json(json::parse(in));
       out = resume_dir;
       resume = true;
-    } else {
+    } else if (!group || group->rank() == 0) {
       fs::create_directories(out);
       write_file(fs::path(out) / "config.json", to_json(config).dump(2) + "\n");
     }
-    return run(config, out, resume, threads);
+    return run(config, out, resume, threads, group);
+  } catch (const dptorch::distributed::RankFailure& e) {
+    // Another rank failed: this one stops too, naming it.
+    std::cerr << "dptrain: error (rank " << group->rank() << "): " << e.what() << "\n";
+    return 1;
   } catch (const c10::Error& e) {
     std::string what = e.what_without_backtrace();
-    std::cerr << "dptrain: error: " << what.substr(0, what.find('\n')) << "\n";
+    what = what.substr(0, what.find('\n'));
+    if (group) group->fail(what);
+    std::cerr << "dptrain: error" << (group ? " (rank " + std::to_string(group->rank()) + ")" : "")
+              << ": " << what << "\n";
     return 2;
   } catch (const std::exception& e) {
-    std::cerr << "dptrain: error: " << e.what() << "\n";
+    if (group) group->fail(e.what());
+    std::cerr << "dptrain: error" << (group ? " (rank " + std::to_string(group->rank()) + ")" : "")
+              << ": " << e.what() << "\n";
     return 2;
   }
 }

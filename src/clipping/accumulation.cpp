@@ -15,21 +15,66 @@ double l2_norm(const std::vector<double>& v) {
   return std::sqrt(sq);
 }
 
-void Accumulation::begin(const std::vector<torch::Tensor>& params, AccumulationStart start) {
-  TORCH_CHECK(!active_, "an accumulation is already under way; finish or reset it first");
-  sums_.resize(params.size());
+bool Accumulation::reusable(const std::vector<torch::Tensor>& params, int64_t extra) const {
+  if (sums_.size() != params.size() || extra != extra_ || buckets_.empty()) return false;
   for (size_t k = 0; k < params.size(); ++k) {
     const auto& p = params[k];
-    auto& acc = sums_[k];
-    const bool reusable = acc.defined() && acc.sizes() == p.sizes() &&
-                          acc.scalar_type() == p.scalar_type() && acc.device() == p.device() &&
-                          !(p.grad().defined() && p.grad().is_alias_of(acc));
-    if (!reusable) acc = torch::empty(p.sizes(), p.options().requires_grad(false));
+    const auto& acc = sums_[k];
+    if (acc.sizes() != p.sizes() || acc.scalar_type() != p.scalar_type() ||
+        acc.device() != p.device()) {
+      return false;
+    }
+    if (p.grad().defined() && p.grad().is_alias_of(acc)) return false;
+  }
+  return true;
+}
+
+void Accumulation::begin(const std::vector<torch::Tensor>& params, AccumulationStart start) {
+  TORCH_CHECK(!active_, "an accumulation is already under way; finish or reset it first");
+  TORCH_CHECK(start.extra >= 0, "AccumulationStart::extra must be >= 0, got ", start.extra);
+  if (!reusable(params, start.extra)) {
+    // One flat bucket per (dtype, device), in the order the parameters first use them; each
+    // accumulator is a view of its bucket.
+    std::vector<int64_t> sizes;
+    std::vector<torch::TensorOptions> kinds;
+    bucket_of_.assign(params.size(), 0);
+    for (size_t k = 0; k < params.size(); ++k) {
+      const auto& p = params[k];
+      size_t b = 0;
+      while (b < kinds.size() &&
+             !(kinds[b].dtype() == p.dtype() && kinds[b].device() == p.device())) {
+        ++b;
+      }
+      if (b == kinds.size()) {
+        kinds.push_back(p.options().requires_grad(false));
+        sizes.push_back(0);
+      }
+      bucket_of_[k] = b;
+      sizes[b] += p.numel();
+    }
+    if (kinds.empty() && start.extra > 0) {
+      kinds.push_back(torch::TensorOptions().dtype(torch::kDouble));
+      sizes.push_back(0);
+    }
+    if (!sizes.empty()) sizes[0] += start.extra;
+    buckets_.clear();
+    for (size_t b = 0; b < kinds.size(); ++b)
+      buckets_.push_back(torch::empty({sizes[b]}, kinds[b]));
+    std::vector<int64_t> offset(kinds.size(), 0);
+    sums_.resize(params.size());
+    for (size_t k = 0; k < params.size(); ++k) {
+      const size_t b = bucket_of_[k];
+      const int64_t n = params[k].numel();
+      sums_[k] = buckets_[b].narrow(0, offset[b], n).view(params[k].sizes());
+      offset[b] += n;
+    }
+    extra_ = start.extra;
   }
   if (start.fill) {
     start.fill(sums_);
+    if (extra_ > 0) extra().zero_();
   } else {
-    for (auto& acc : sums_) acc.zero_();
+    for (auto& bucket : buckets_) bucket.zero_();
   }
   start_ = std::move(start);
   start_.fill = nullptr;
@@ -37,6 +82,11 @@ void Accumulation::begin(const std::vector<torch::Tensor>& params, AccumulationS
   batch_size_ = 0;
   iterations_ = 0;
   active_ = true;
+}
+
+torch::Tensor Accumulation::extra() const {
+  if (extra_ == 0 || buckets_.empty()) return {};
+  return buckets_.front().narrow(0, buckets_.front().numel() - extra_, extra_);
 }
 
 void Accumulation::merge_thresholds(const std::vector<double>& thresholds) {
@@ -101,6 +151,9 @@ void Accumulation::reset() {
 void Accumulation::release() {
   reset();
   sums_.clear();
+  buckets_.clear();
+  bucket_of_.clear();
+  extra_ = 0;
 }
 
 }  // namespace dptorch

@@ -1,18 +1,25 @@
 #include <dptorch/engine/privacy_engine.h>
 
 #include <dptorch/accounting/calibration.h>
+#include <dptorch/distributed/group.h>
 
 #include <torch/torch.h>
 
 #include <cmath>
 #include <cstdio>
+#include <cstring>
 #include <fstream>
+#include <iterator>
+#include <optional>
 #include <sstream>
 
 namespace dptorch {
 namespace {
 
 constexpr const char* kCheckpointFormat = "dptorch-checkpoint-1";
+// A distributed job's checkpoint: one more entry, the job's size and every rank's state.
+constexpr const char* kWorldSizeKey = "world_size";
+constexpr const char* kRankStatesKey = "rank_states";
 // The noise generator's seed is derived from the user's seed, apart from the sampler's.
 constexpr uint64_t kNoiseSeedSalt = 0x9e3779b97f4a7c15ULL;
 
@@ -89,8 +96,33 @@ PrivacySettings resolve(const PrivacyOptions& options, int64_t dataset_size) {
                                                      .steps(s.steps)
                                                      .accountant(s.accountant));
   }
-  s.sampler_seed = options.seed() ? *options.seed() : optim::secure_seed();
+  if (const auto& group = options.group()) {
+    s.rank = group->rank();
+    s.world_size = group->world_size();
+  }
+  if (options.seed()) {
+    s.sampler_seed = *options.seed();
+  } else if (options.group()) {
+    // Every rank must sample with one seed: rank 0's, from its CSPRNG.
+    const uint64_t mine = s.rank == 0 ? optim::secure_seed() : 0;
+    const std::string sent =
+        options.group()->broadcast(std::string(reinterpret_cast<const char*>(&mine), sizeof mine));
+    std::memcpy(&s.sampler_seed, sent.data(), sizeof s.sampler_seed);
+  } else {
+    s.sampler_seed = optim::secure_seed();
+  }
   return s;
+}
+
+std::shared_ptr<const data::BatchSampler> PrivacyEngine::make_sampler(
+    const PrivacySettings& settings) {
+  if (settings.world_size > 1) {
+    return std::make_shared<data::DistributedPoissonSampler>(
+        settings.dataset_size, settings.sample_rate, settings.sampler_seed, settings.rank,
+        settings.world_size);
+  }
+  return std::make_shared<data::PoissonSampler>(settings.dataset_size, settings.sample_rate,
+                                                settings.sampler_seed);
 }
 
 std::shared_ptr<optim::DPOptimizer> PrivacyEngine::make_optimizer(
@@ -99,6 +131,21 @@ std::shared_ptr<optim::DPOptimizer> PrivacyEngine::make_optimizer(
   TORCH_CHECK_VALUE(model != nullptr && optimizer != nullptr,
                     "make_private needs a model and an optimizer");
   validate(*model);
+  if (const auto& group = options.group()) {
+    // Every rank starts from rank 0's model, so that the same steps keep them identical.
+    std::ostringstream out;
+    if (group->rank() == 0) {
+      torch::serialize::OutputArchive archive;
+      model->save(archive);
+      archive.save_to(out);
+    }
+    std::istringstream in(group->broadcast(out.str()));
+    if (group->rank() != 0) {
+      torch::serialize::InputArchive archive;
+      archive.load_from(in);
+      model->load(archive);
+    }
+  }
   std::shared_ptr<NormClipper> norm_clipper;
   switch (settings.clipping) {
     case ClippingMode::kFlat:
@@ -146,7 +193,8 @@ std::shared_ptr<optim::DPOptimizer> PrivacyEngine::make_optimizer(
   return std::make_shared<optim::DPOptimizer>(
       std::move(optimizer), std::move(clipper),
       optim::DPOptimizerOptions(settings.noise_multiplier, settings.expected_batch_size)
-          .sample_rate(settings.sample_rate),
+          .sample_rate(settings.sample_rate)
+          .group(options.group()),
       std::move(noise), accountant_);
 }
 
@@ -154,30 +202,20 @@ double PrivacyEngine::epsilon(double delta) const {
   return accountant_ ? accountant_->epsilon(delta) : 0.0;
 }
 
-void PrivacyEngine::save_checkpoint(const std::string& path, optim::DPOptimizer& optimizer,
-                                    const CheckpointInfo& info) const {
-  TORCH_CHECK_VALUE(accountant_ != nullptr, "save_checkpoint before make_private: nothing to save");
-  auto& module = *optimizer.clipper().grad_sample_module().module();
-  torch::serialize::OutputArchive archive;
-  archive.write("format", c10::IValue(std::string(kCheckpointFormat)));
-  archive.write("fingerprint", c10::IValue(fingerprint(module)));
-  archive.write("accountant", c10::IValue(accountant_->serialize()));
-  archive.write("info", torch::tensor({info.loader_position, info.optimizer_steps,
-                                       static_cast<int64_t>(info.sampler_seed)},
-                                      torch::kLong));
-  if (optimizer.noise().resumable()) {
-    archive.write("noise", c10::IValue(optimizer.noise().state()));
-  }
-  if (auto adaptive =
-          std::dynamic_pointer_cast<AdaptiveClipper>(optimizer.clipper().norm_clipper())) {
-    archive.write("max_norm", c10::IValue(adaptive->max_norm()));
-  }
-  torch::serialize::OutputArchive model_archive, optimizer_archive;
-  module.save(model_archive);
-  optimizer.inner().save(optimizer_archive);
-  archive.write("model", model_archive);
-  archive.write("optimizer", optimizer_archive);
+namespace {
 
+// One rank's part of a job's checkpoint: its loader position and its noise state.
+std::string rank_state(const CheckpointInfo& info, optim::NoiseSource& noise) {
+  torch::serialize::OutputArchive archive;
+  archive.write("position", c10::IValue(info.loader_position));
+  if (noise.resumable()) archive.write("noise", c10::IValue(noise.state()));
+  std::ostringstream out;
+  archive.save_to(out);
+  return out.str();
+}
+
+// Writes `archive` to `path` through a temporary file renamed into place.
+void write_atomically(torch::serialize::OutputArchive& archive, const std::string& path) {
   const std::string tmp = path + ".tmp";
   try {
     archive.save_to(tmp);
@@ -193,10 +231,74 @@ void PrivacyEngine::save_checkpoint(const std::string& path, optim::DPOptimizer&
   }
 }
 
+}  // namespace
+
+void PrivacyEngine::save_checkpoint(const std::string& path, optim::DPOptimizer& optimizer,
+                                    const CheckpointInfo& info) const {
+  TORCH_CHECK_VALUE(accountant_ != nullptr, "save_checkpoint before make_private: nothing to save");
+  const auto& group = optimizer.options().group();
+  // Every rank's state reaches rank 0 (through a barrier: all ranks are at this step).
+  std::vector<std::string> states;
+  if (group) states = group->gather(rank_state(info, optimizer.noise()));
+  std::string error;
+  if (!group || group->rank() == 0) {
+    try {
+      auto& module = *optimizer.clipper().grad_sample_module().module();
+      torch::serialize::OutputArchive archive;
+      archive.write("format", c10::IValue(std::string(kCheckpointFormat)));
+      archive.write("fingerprint", c10::IValue(fingerprint(module)));
+      archive.write("accountant", c10::IValue(accountant_->serialize()));
+      archive.write("info", torch::tensor({info.loader_position, info.optimizer_steps,
+                                           static_cast<int64_t>(info.sampler_seed)},
+                                          torch::kLong));
+      if (optimizer.noise().resumable()) {
+        archive.write("noise", c10::IValue(optimizer.noise().state()));
+      }
+      if (auto adaptive =
+              std::dynamic_pointer_cast<AdaptiveClipper>(optimizer.clipper().norm_clipper())) {
+        archive.write("max_norm", c10::IValue(adaptive->max_norm()));
+      }
+      archive.write(kWorldSizeKey, c10::IValue(group ? group->world_size() : int64_t{1}));
+      if (group) {
+        c10::List<std::string> list;
+        for (auto& state : states) list.push_back(std::move(state));
+        archive.write(kRankStatesKey, c10::IValue(list));
+      }
+      torch::serialize::OutputArchive model_archive, optimizer_archive;
+      module.save(model_archive);
+      optimizer.inner().save(optimizer_archive);
+      archive.write("model", model_archive);
+      archive.write("optimizer", optimizer_archive);
+      write_atomically(archive, path);
+    } catch (const std::exception& e) {
+      if (!group) throw;
+      error = first_line(e.what());
+    }
+  }
+  // No rank returns before the checkpoint is in place, and all learn if it is not.
+  if (group && group->any(!error.empty())) {
+    TORCH_CHECK(false,
+                group->rank() == 0 ? error : "rank 0 could not write the job's checkpoint " + path);
+  }
+}
+
 CheckpointInfo PrivacyEngine::load_checkpoint(const std::string& path,
                                               optim::DPOptimizer& optimizer) {
   TORCH_CHECK_VALUE(accountant_ != nullptr, "load_checkpoint needs make_private first");
-  TORCH_CHECK_VALUE(std::ifstream(path).good(), "checkpoint ", path, " does not exist");
+  const auto& group = optimizer.options().group();
+  // The file's bytes after a '+', read here or by rank 0 and sent to every rank (empty: missing).
+  std::string bytes;
+  if (!group || group->rank() == 0) {
+    std::ifstream in(path, std::ios::binary);
+    if (in) {
+      bytes = "+";
+      bytes.append(std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>());
+    }
+  }
+  if (group) bytes = group->broadcast(bytes);
+  TORCH_CHECK_VALUE(!bytes.empty(), "checkpoint ", path, " does not exist",
+                    group && group->rank() != 0 ? " on rank 0" : "");
+  bytes.erase(0, 1);
   torch::serialize::InputArchive archive;
   auto read_string = [&](const char* key) {
     c10::IValue value;
@@ -205,13 +307,43 @@ CheckpointInfo PrivacyEngine::load_checkpoint(const std::string& path,
     return value.toStringRef();
   };
   try {
-    archive.load_from(path);
+    std::istringstream in(bytes);
+    archive.load_from(in);
   } catch (const c10::Error& e) {
     TORCH_CHECK(false, "checkpoint ", path,
                 " is corrupt or not a dptorch checkpoint: ", first_line(e.what()));
   }
   TORCH_CHECK(read_string("format") == kCheckpointFormat, "checkpoint ", path,
               " has an unknown format");
+  c10::IValue value;
+  const int64_t world = group ? group->world_size() : 1;
+  const int64_t saved_world =
+      archive.try_read(kWorldSizeKey, value) && value.isInt() ? value.toInt() : 1;
+  TORCH_CHECK_VALUE(saved_world == world, "checkpoint ", path, " was written by a job of ",
+                    saved_world, saved_world == 1 ? " process" : " processes",
+                    ", but this job has ", world, "; resume it with ", saved_world,
+                    saved_world == 1 ? " process" : " processes", " (dptrain: --nproc ",
+                    saved_world, ")");
+  std::optional<std::string> noise_state;
+  std::optional<int64_t> position;
+  if (group) {
+    TORCH_CHECK(archive.try_read(kRankStatesKey, value) && value.isList() &&
+                    static_cast<int64_t>(value.toListRef().size()) == world,
+                "checkpoint ", path, " has no state for each of its ", world, " ranks");
+    const auto& mine = value.toListRef()[static_cast<size_t>(group->rank())];
+    TORCH_CHECK(mine.isString(), "checkpoint ", path, " has a damaged rank state");
+    torch::serialize::InputArchive rank_archive;
+    std::istringstream in(mine.toStringRef());
+    rank_archive.load_from(in);
+    c10::IValue v;
+    TORCH_CHECK(rank_archive.try_read("position", v) && v.isInt(), "checkpoint ", path,
+                " has a damaged rank state");
+    position = v.toInt();
+    if (rank_archive.try_read("noise", v) && v.isString()) noise_state = v.toStringRef();
+  } else if (archive.try_read("noise", value)) {
+    TORCH_CHECK_VALUE(value.isString(), "checkpoint ", path, " has a damaged noise state");
+    noise_state = value.toStringRef();
+  }
   auto& module = *optimizer.clipper().grad_sample_module().module();
   const auto saved_fingerprint = read_string("fingerprint");
   TORCH_CHECK_VALUE(saved_fingerprint == fingerprint(module), "checkpoint ", path,
@@ -232,11 +364,7 @@ CheckpointInfo PrivacyEngine::load_checkpoint(const std::string& path,
 
   // Everything is checked: restore. The noise state goes first: set_state() refuses a state of
   // another kind of source before anything else has changed.
-  c10::IValue value;
-  if (optimizer.noise().resumable() && archive.try_read("noise", value)) {
-    TORCH_CHECK_VALUE(value.isString(), "checkpoint ", path, " has a damaged noise state");
-    optimizer.noise().set_state(value.toStringRef());
-  }
+  if (optimizer.noise().resumable() && noise_state) optimizer.noise().set_state(*noise_state);
   module.load(model_archive);
   optimizer.inner().load(optimizer_archive);
   accountant_->deserialize(accountant_state);
@@ -246,7 +374,7 @@ CheckpointInfo PrivacyEngine::load_checkpoint(const std::string& path,
   }
   optimizer.zero_grad();
   CheckpointInfo info;
-  info.loader_position = info_tensor[0].item<int64_t>();
+  info.loader_position = position ? *position : info_tensor[0].item<int64_t>();
   info.optimizer_steps = info_tensor[1].item<int64_t>();
   info.sampler_seed = static_cast<uint64_t>(info_tensor[2].item<int64_t>());
   optimizer.set_steps(info.optimizer_steps);

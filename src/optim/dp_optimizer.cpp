@@ -1,5 +1,7 @@
 #include <dptorch/optim/dp_optimizer.h>
 
+#include <dptorch/distributed/group.h>
+
 #include <torch/torch.h>
 
 #include <cmath>
@@ -34,6 +36,10 @@ DPOptimizer::DPOptimizer(std::shared_ptr<torch::optim::Optimizer> inner,
     gradient_sigma_ =
         sigma == 0 ? 0 : std::pow(std::pow(sigma, -2) - std::pow(2 * sigma_b, -2), -0.5);
   }
+  TORCH_CHECK_VALUE(!options_.group() || clipper_->norm_clipper()->thresholds_fixed(),
+                    "a distributed DPOptimizer needs clipping thresholds fixed for each step "
+                    "(flat, per-layer, adaptive or automatic clipping): thresholds computed from "
+                    "each rank's own data would differ between the ranks");
   // Parameters the inner optimiser updates but no dp layer covers would be stepped without
   // privacy: refuse them.
   const auto covered = clipper_->grad_sample_module().parameters();
@@ -62,11 +68,15 @@ double DPOptimizer::gradient_scale() const {
   return mean ? 1.0 / options_.expected_batch_size() : 1.0;
 }
 
+bool DPOptimizer::draws_noise() const { return !options_.group() || options_.group()->rank() == 0; }
+
 void DPOptimizer::begin_accumulation() {
   AccumulationStart start;
   start.scale = gradient_scale();
   start.owner = this;
-  if (clipper_->norm_clipper()->thresholds_fixed()) {
+  // The adaptive clipper's unclipped count travels in the gradients' bucket.
+  start.extra = options_.group() && adaptive_ ? 1 : 0;
+  if (clipper_->norm_clipper()->thresholds_fixed() && draws_noise()) {
     // Noise first: the accumulators start as N(0, σ²C²)·scale and the clipped sums are added with
     // the same factor, so step() has nothing left to do to the gradients.
     start.noise_bound = clipper_->noise_bound();
@@ -98,20 +108,37 @@ void DPOptimizer::step() {
   const double rescale = scale / acc.scale();
   const double bound = clipper_->noise_bound();
   const double drawn = acc.initial_noise_bound();
-  const double missing =
-      bound > drawn ? gradient_sigma_ * std::sqrt(bound * bound - drawn * drawn) * scale : 0.0;
+  const double missing = bound > drawn && draws_noise()
+                             ? gradient_sigma_ * std::sqrt(bound * bound - drawn * drawn) * scale
+                             : 0.0;
   for (const auto& sum : acc.sums()) {
     if (rescale != 1) sum.mul_(rescale);
     if (missing > 0) noise_->add_gaussian_(sum, missing);
   }
-  // The accumulators become the gradients without a copy.
-  acc.finish(clipper_->grad_sample_module().parameters());
-  if (adaptive_) {
-    const double count_noise = noise_
-                                   ->gaussian({1}, adaptive_->options().unclipped_num_std(),
-                                              torch::TensorOptions().dtype(torch::kDouble))
-                                   .item<double>();
-    adaptive_->update(count_noise, options_.expected_batch_size());
+  // The noisy count of unclipped samples (Andrew et al. 2021): drawn where the gradient noise is.
+  const auto count_noise = [&] {
+    return noise_
+        ->gaussian({1}, adaptive_->options().unclipped_num_std(),
+                   torch::TensorOptions().dtype(torch::kDouble))
+        .item<double>();
+  };
+  if (const auto& group = options_.group()) {
+    // One all-reduce per bucket (one bucket unless the parameters mix dtypes or devices): the
+    // ranks' clipped sums, rank 0's noise, and the unclipped counts with rank 0's count noise.
+    if (adaptive_)
+      acc.extra().fill_(adaptive_->pending_count() + (draws_noise() ? count_noise() : 0));
+    std::vector<torch::Tensor> buckets = acc.buckets();
+    group->all_reduce_sum(buckets);
+    // update() adds its own pending count to the noise it is given: pass it the rest of the sum.
+    const double released = adaptive_ ? acc.extra().item<double>() : 0.0;
+    acc.finish(clipper_->grad_sample_module().parameters());
+    if (adaptive_) {
+      adaptive_->update(released - adaptive_->pending_count(), options_.expected_batch_size());
+    }
+  } else {
+    // The accumulators become the gradients without a copy.
+    acc.finish(clipper_->grad_sample_module().parameters());
+    if (adaptive_) adaptive_->update(count_noise(), options_.expected_batch_size());
   }
   inner_->step();
   ++steps_;

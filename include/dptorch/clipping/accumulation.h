@@ -21,6 +21,9 @@ struct AccumulationStart {
   double scale = 1;
   /// Who began the accumulation (a DPOptimizer passes itself; nullptr: the clipper).
   const void* owner = nullptr;
+  /// Scalars appended to the first bucket after the sums, zeroed at begin(): values that must
+  /// travel with the gradients (a distributed DPOptimizer puts the unclipped count there).
+  int64_t extra = 0;
 };
 
 /// The clipped sums of one logical batch while they are gathered (docs/design.md §3: one owner of
@@ -28,7 +31,8 @@ struct AccumulationStart {
 /// clipping thresholds seen, the samples and the calls so far, and what the sums began with.
 /// PerSampleGradientClipper adds to it after each backward; pre_step() or a DPOptimizer finish
 /// it. The accumulator tensors are kept from one accumulation to the next, so a step allocates
-/// no parameter-sized tensors.
+/// no parameter-sized tensors. The accumulators of all parameters of one dtype and device are
+/// views of one flat bucket, so the whole sum can be sent in one collective (docs/design.md §6).
 class Accumulation {
  public:
   /// Whether an accumulation is under way (begun and not finished or reset).
@@ -48,6 +52,11 @@ class Accumulation {
 
   /// The accumulators, one per parameter (valid while active()).
   [[nodiscard]] const std::vector<torch::Tensor>& sums() const { return sums_; }
+  /// The flat buckets the accumulators are views of, one per (dtype, device) in the order the
+  /// parameters first use them; the first ends with the extra() scalars.
+  [[nodiscard]] const std::vector<torch::Tensor>& buckets() const { return buckets_; }
+  /// The AccumulationStart::extra scalars at the end of the first bucket (empty if none).
+  [[nodiscard]] torch::Tensor extra() const;
   /// The element-wise largest thresholds over the calls (empty before the first).
   [[nodiscard]] const std::vector<double>& max_thresholds() const { return max_thresholds_; }
   /// ‖max_thresholds()‖₂: the norm bound the noise of this logical batch must be scaled with.
@@ -73,7 +82,13 @@ class Accumulation {
  private:
   void merge_thresholds(const std::vector<double>& thresholds);
 
+  // Whether the buckets fit `params` with `extra` trailing scalars and no .grad holds one.
+  [[nodiscard]] bool reusable(const std::vector<torch::Tensor>& params, int64_t extra) const;
+
   std::vector<torch::Tensor> sums_;
+  std::vector<torch::Tensor> buckets_;
+  std::vector<size_t> bucket_of_;  // per parameter: the index of its bucket
+  int64_t extra_ = 0;
   std::vector<double> max_thresholds_;
   AccumulationStart start_;
   int64_t batch_size_ = 0;

@@ -16,6 +16,10 @@
 #include <string>
 #include <vector>
 
+namespace dptorch::distributed {
+class Group;
+}  // namespace dptorch::distributed
+
 namespace dptorch {
 
 /// How per-sample gradients are clipped.
@@ -72,6 +76,12 @@ struct PrivacyOptions {
   TORCH_ARG(bool, batch_first) = true;
   /// Ghost norms, materialisation, or the cheaper per layer.
   TORCH_ARG(NormMethod, norm_method) = NormMethod::kAuto;
+  /// The ranks of a distributed job (distributed::Group::connect), or null for one process.
+  /// Every rank calls make_private with the same options and the whole dataset: the model
+  /// starts from rank 0's parameters, the seed is rank 0's, each rank samples its own shard
+  /// (data::DistributedPoissonSampler) and the optimiser sums the ranks' clipped gradients
+  /// (optim::DPOptimizerOptions::group); checkpoints hold the whole job.
+  TORCH_ARG(std::shared_ptr<distributed::Group>, group) = nullptr;
 };
 
 /// What make_private settled on: every value a run (and its report) needs.
@@ -88,6 +98,8 @@ struct PrivacySettings {
   uint64_t sampler_seed = 0;
   std::string accountant;
   ClippingMode clipping = ClippingMode::kFlat;
+  int64_t rank = 0;        // this process's rank in a distributed job
+  int64_t world_size = 1;  // the job's processes
 };
 
 /// Checks `options` and settles them for a dataset of `dataset_size` examples: the sample rate,
@@ -141,8 +153,7 @@ class PrivacyEngine {
                       "known size");
     auto settings = resolve(options, static_cast<int64_t>(*size));
     auto dp = make_optimizer(std::move(model), std::move(optimizer), options, settings);
-    auto sampler = std::make_shared<data::PoissonSampler>(
-        settings.dataset_size, settings.sample_rate, settings.sampler_seed);
+    auto sampler = make_sampler(settings);
     return {std::move(dp), data::PoissonDataLoader<Dataset>(std::move(dataset), sampler), settings};
   }
   template <typename M, typename Dataset>
@@ -171,6 +182,9 @@ class PrivacyEngine {
 
   /// Writes model, optimiser (inner state, step count, noise state, adaptive threshold),
   /// accountant history and loader position to `path`, atomically (temporary file, then rename).
+  /// In a distributed job every rank calls it at the same step: after a barrier, rank 0 writes
+  /// one checkpoint of the whole job (with every rank's loader position and noise state), and
+  /// no rank returns before it is in place.
   template <typename Dataset>
   void save_checkpoint(const std::string& path, const PrivateTraining<Dataset>& run) const {
     save_checkpoint(
@@ -179,16 +193,15 @@ class PrivacyEngine {
   }
   /// Restores what save_checkpoint wrote into `run` (same model architecture and accountant);
   /// the run continues exactly where the saved one was. Nothing changes if the checkpoint is
-  /// refused.
+  /// refused. In a distributed job every rank calls it: rank 0 reads the file and sends it to
+  /// the others; a checkpoint of a job with another number of processes is refused.
   template <typename Dataset>
   CheckpointInfo load_checkpoint(const std::string& path, PrivateTraining<Dataset>& run) {
     auto info = load_checkpoint(path, *run.optimizer);
     if (info.sampler_seed != run.settings.sampler_seed) {
-      run.loader = data::PoissonDataLoader<Dataset>(
-          run.loader.dataset(),
-          std::make_shared<data::PoissonSampler>(run.settings.dataset_size,
-                                                 run.settings.sample_rate, info.sampler_seed));
       run.settings.sampler_seed = info.sampler_seed;
+      run.loader =
+          data::PoissonDataLoader<Dataset>(run.loader.dataset(), make_sampler(run.settings));
     }
     run.loader.set_position(info.loader_position);
     return info;
@@ -198,6 +211,11 @@ class PrivacyEngine {
   void save_checkpoint(const std::string& path, optim::DPOptimizer& optimizer,
                        const CheckpointInfo& info) const;
   CheckpointInfo load_checkpoint(const std::string& path, optim::DPOptimizer& optimizer);
+
+  /// The sampler `settings` describe: a PoissonSampler, or in a distributed job this rank's
+  /// DistributedPoissonSampler.
+  [[nodiscard]] static std::shared_ptr<const data::BatchSampler> make_sampler(
+      const PrivacySettings& settings);
 
  private:
   std::shared_ptr<optim::DPOptimizer> make_optimizer(

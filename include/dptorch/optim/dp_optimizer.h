@@ -9,6 +9,10 @@
 
 #include <memory>
 
+namespace dptorch::distributed {
+class Group;
+}  // namespace dptorch::distributed
+
 namespace dptorch::optim {
 
 /// Settings of a DPOptimizer.
@@ -23,6 +27,12 @@ struct DPOptimizerOptions {
   TORCH_ARG(double, expected_batch_size);
   /// q: the sample rate reported to the accountant with each step (0: no accountant).
   TORCH_ARG(double, sample_rate) = 0;
+  /// The ranks of a distributed job (null: one process). Each rank clips its own part of the
+  /// logical batch; step() sums the ranks' clipped sums with one all-reduce over a flat bucket
+  /// (and the adaptive clipper's unclipped count in the same bucket); rank 0 alone adds the
+  /// noise, so the sum carries N(0, σ²C²) once; every rank then takes the same inner step.
+  /// expected_batch_size and sample_rate are the whole job's.
+  TORCH_ARG(std::shared_ptr<distributed::Group>, group) = nullptr;
 };
 
 /// DP-SGD around any torch::optim optimiser (docs/design.md): step() clips and accumulates the
@@ -33,6 +43,8 @@ struct DPOptimizerOptions {
 /// for the step, the noise is drawn when the accumulation begins and the clipped sums are added
 /// onto it, already divided: the same sum without a zeroing pass and a division pass over the
 /// gradients. Otherwise (dynamic clipping, a user's clipper) the noise is added at the step.
+/// With a distributed group, see DPOptimizerOptions::group: rank 0's noise is the noise one process
+/// with the same seed would draw, so W ranks and one take the same steps (to float rounding).
 ///
 /// Example:
 ///   auto clipper = std::make_shared<dptorch::PerSampleGradientClipper>(
@@ -83,6 +95,8 @@ class DPOptimizer {
   void begin_accumulation();
   // The factor between a clipped sum and the gradient: 1/E[B] for a mean loss, else 1.
   [[nodiscard]] double gradient_scale() const;
+  // Whether this process draws the noise: always with one process, rank 0 of a group.
+  [[nodiscard]] bool draws_noise() const;
 
   std::shared_ptr<torch::optim::Optimizer> inner_;
   std::shared_ptr<PerSampleGradientClipper> clipper_;
