@@ -456,10 +456,21 @@ int run(const Config& config, const fs::path& out, bool resume, int threads,
       ++steps_this_process;
       const double secs = std::chrono::duration<double>(Clock::now() - epoch_start).count();
       progress.update(epoch, epochs_total, training.loader.position() - (epoch - 1) * per_epoch,
-                      epoch_end - (epoch - 1) * per_epoch, epoch_examples / std::max(secs, 1e-9),
+                      epoch_end - (epoch - 1) * per_epoch,
+                      static_cast<double>(epoch_examples * world) / std::max(secs, 1e-9),
                       loss_sum / std::max<int64_t>(loss_count, 1), eps_before);
     }
     const double secs = std::chrono::duration<double>(Clock::now() - epoch_start).count();
+    if (group) {
+      // The job's examples and loss, not this rank's part alone (one small all-reduce an epoch).
+      std::vector<torch::Tensor> totals{torch::tensor(
+          {static_cast<double>(epoch_examples), loss_sum, static_cast<double>(loss_count)},
+          torch::kDouble)};
+      group->all_reduce_sum(totals);
+      epoch_examples = static_cast<int64_t>(totals[0][0].item<double>());
+      loss_sum = totals[0][1].item<double>();
+      loss_count = static_cast<int64_t>(totals[0][2].item<double>());
+    }
     train_seconds += secs;
     examples_seen += epoch_examples;
     if (!lead) {
@@ -572,6 +583,9 @@ int launch(int nproc, const std::vector<std::string>& args, int port,
       env_base.push_back(kv);
     }
   }
+  // c10d logs through glog: keep its warnings off the ranks' stderr (the ranks' own errors say
+  // what failed) unless the user asked for them.
+  if (std::getenv("GLOG_minloglevel") == nullptr) env_base.push_back("GLOG_minloglevel=3");
   std::signal(SIGINT, SIG_IGN);  // Ctrl-C reaches the ranks, which save and stop together
   std::vector<pid_t> pids;
   for (int rank = 0; rank < nproc; ++rank) {

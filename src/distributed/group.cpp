@@ -7,9 +7,9 @@
 #ifndef USE_C10D_GLOO
 #define USE_C10D_GLOO
 #endif
+#include <torch/torch.h>
 #include <torch/csrc/distributed/c10d/ProcessGroupGloo.hpp>
 #include <torch/csrc/distributed/c10d/TCPStore.hpp>
-#include <torch/torch.h>
 
 #include <cerrno>
 #include <cstdlib>
@@ -142,8 +142,8 @@ std::shared_ptr<Group> Group::connect(const GroupOptions& options) {
     group = c10::make_intrusive<c10d::ProcessGroupGloo>(store, static_cast<int>(rank),
                                                         static_cast<int>(world), gloo_options);
   } catch (const std::exception& e) {
-    TORCH_CHECK(false, "rank ", rank, " could not connect to the other ranks of the job at ",
-                where, " within ", seconds(options.timeout()), ": ", first_line(e.what()));
+    TORCH_CHECK(false, "rank ", rank, " could not connect to the other ranks of the job at ", where,
+                " within ", seconds(options.timeout()), ": ", first_line(e.what()));
   }
   // The heartbeat has its own connection, so that it never waits behind a long store call.
   c10d::TCPStoreOptions beat_options;
@@ -169,7 +169,15 @@ Group::Group(c10::intrusive_ptr<c10d::Store> store, c10::intrusive_ptr<c10d::Pro
   if (heartbeat_store_) {
     heartbeat_ = std::thread([this] {
       try {
+        int64_t published = 0;
         while (!stop_.load()) {
+          // The collective this rank reached, published here rather than by the collective
+          // itself, so that a collective costs no store round trip.
+          const int64_t reached = reached_.load();
+          if (reached != published) {
+            heartbeat_store_->set(arrived_key(rank_), bytes_of(std::to_string(reached)));
+            published = reached;
+          }
           heartbeat_store_->add(beat_key(rank_), 1);
           std::this_thread::sleep_for(kBeat);
         }
@@ -187,6 +195,8 @@ Group::~Group() {
 
 int64_t Group::arrive(const char* what) {
   const int64_t seq = ++seq_;
+  reached_ = seq;
+  if (heartbeat_store_) return seq;  // the heartbeat publishes it
   try {
     store_->set(arrived_key(rank_), bytes_of(std::to_string(seq)));
   } catch (const std::exception& e) {
@@ -226,7 +236,8 @@ RankFailure Group::diagnose(const char* what, int64_t seq, const std::string& ca
       }
     }
     // A rank whose heartbeat stands still died or hangs; one that is alive but did not arrive
-    // is stuck elsewhere.
+    // is stuck elsewhere. (Watching the beats for kWatch also lets each live rank's heartbeat
+    // publish the collective it reached.)
     auto beats = [&] {
       std::vector<int64_t> b(static_cast<size_t>(world_size_), -1);
       for (int64_t r = 0; r < world_size_; ++r) {
@@ -240,8 +251,8 @@ RankFailure Group::diagnose(const char* what, int64_t seq, const std::string& ca
     for (int64_t r = 0; r < world_size_; ++r) {
       if (r == rank_) continue;
       const int64_t reached = std::stoll(string_of(store_->get(arrived_key(r))));
-      const bool silent = heartbeat_store_ && before[static_cast<size_t>(r)] ==
-                                                  after[static_cast<size_t>(r)];
+      const bool silent =
+          heartbeat_store_ && before[static_cast<size_t>(r)] == after[static_cast<size_t>(r)];
       if (silent || reached < seq) {
         std::string state = silent ? "died or hangs (no heartbeat for " + seconds(kWatch) + ")"
                                    : "is alive but did not arrive within " + seconds(timeout_);
@@ -253,10 +264,11 @@ RankFailure Group::diagnose(const char* what, int64_t seq, const std::string& ca
     }
   } catch (const std::exception&) {
     if (rank_ != 0) {
-      return RankFailure("rank 0, which serves the job's store, died or hangs (the store does "
-                         "not answer) [at " +
-                             here + ": " + first_line(cause) + "]",
-                         0);
+      return RankFailure(
+          "rank 0, which serves the job's store, died or hangs (the store does "
+          "not answer) [at " +
+              here + ": " + first_line(cause) + "]",
+          0);
     }
   }
   return RankFailure("the job failed at " + here + ": " + first_line(cause), -1);

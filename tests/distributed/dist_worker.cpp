@@ -4,8 +4,8 @@
 // Rank 0 (or the only process) saves the parameters after make_private (to OUT.init) and at
 // the end (to OUT) with torch::save; every rank prints a
 // line "rank=R empty_local_batches=K steps=S" on success. Errors go to stderr as one line, exit 1.
-#include <dptorch/dptorch.h>
 #include <dptorch/distributed/group.h>
+#include <dptorch/dptorch.h>
 
 #include <chrono>
 #include <cstdlib>
@@ -26,7 +26,7 @@ struct Args {
   std::string out;          // rank 0 writes the final parameters here
   std::string checkpoint;   // saved after every step when set
   bool resume = false;
-  int64_t delay_ms = 0;     // sleep per step (to give a test time to kill a rank mid-run)
+  int64_t delay_ms = 0;  // sleep per step (to give a test time to kill a rank mid-run)
   int64_t timeout_ms = 10000;
 };
 
@@ -38,19 +38,32 @@ Args parse(int argc, char** argv) {
       if (i + 1 >= argc) throw std::invalid_argument(k + " needs a value");
       return argv[++i];
     };
-    if (k == "--steps") a.steps = std::stoll(next());
-    else if (k == "--physical") a.physical = std::stoll(next());
-    else if (k == "--dataset") a.dataset = std::stoll(next());
-    else if (k == "--batch") a.batch = std::stod(next());
-    else if (k == "--seed") a.seed = std::stoull(next());
-    else if (k == "--clipping") a.clipping = next();
-    else if (k == "--noise-only") a.noise_only = true;
-    else if (k == "--out") a.out = next();
-    else if (k == "--checkpoint") a.checkpoint = next();
-    else if (k == "--resume") a.resume = true;
-    else if (k == "--delay-ms") a.delay_ms = std::stoll(next());
-    else if (k == "--timeout-ms") a.timeout_ms = std::stoll(next());
-    else throw std::invalid_argument("unknown argument " + k);
+    if (k == "--steps")
+      a.steps = std::stoll(next());
+    else if (k == "--physical")
+      a.physical = std::stoll(next());
+    else if (k == "--dataset")
+      a.dataset = std::stoll(next());
+    else if (k == "--batch")
+      a.batch = std::stod(next());
+    else if (k == "--seed")
+      a.seed = std::stoull(next());
+    else if (k == "--clipping")
+      a.clipping = next();
+    else if (k == "--noise-only")
+      a.noise_only = true;
+    else if (k == "--out")
+      a.out = next();
+    else if (k == "--checkpoint")
+      a.checkpoint = next();
+    else if (k == "--resume")
+      a.resume = true;
+    else if (k == "--delay-ms")
+      a.delay_ms = std::stoll(next());
+    else if (k == "--timeout-ms")
+      a.timeout_ms = std::stoll(next());
+    else
+      throw std::invalid_argument("unknown argument " + k);
   }
   return a;
 }
@@ -77,8 +90,8 @@ int run(const Args& a, const std::shared_ptr<dptorch::distributed::Group>& group
     for (auto& p : model->parameters()) p.normal_();
   }
   auto sgd = std::make_shared<torch::optim::SGD>(
-      model->parameters(), torch::optim::SGDOptions(a.noise_only ? 1.0 : 0.2).momentum(
-                               a.noise_only ? 0.0 : 0.5));
+      model->parameters(),
+      torch::optim::SGDOptions(a.noise_only ? 1.0 : 0.2).momentum(a.noise_only ? 0.0 : 0.5));
   dptorch::PrivacyOptions options;
   options.noise_multiplier(1.0)
       .max_grad_norm(a.noise_only ? 1.0 : 0.5)

@@ -53,8 +53,8 @@ int free_port() {
 }
 
 fs::path scratch(const std::string& name) {
-  const fs::path dir = fs::path(::testing::TempDir()) /
-                       ("dptorch_dist_" + std::to_string(::getpid()) + "_" + name);
+  const fs::path dir =
+      fs::path(::testing::TempDir()) / ("dptorch_dist_" + std::to_string(::getpid()) + "_" + name);
   fs::remove_all(dir);
   fs::create_directories(dir);
   return dir;
@@ -191,8 +191,8 @@ class DistributedTest : public ::testing::TestWithParam<std::string> {};
 // some steps leave a rank's part of the batch empty (asserted).
 TEST_P(DistributedTest, TwoRanksTrainAsOneProcess) {
   const auto dir = scratch("same_" + GetParam());
-  const std::vector<std::string> common{"--steps", "12", "--physical", "2", "--clipping",
-                                        GetParam()};
+  const std::vector<std::string> common{"--steps", "12",         "--physical",
+                                        "2",       "--clipping", GetParam()};
   auto solo_args = common;
   solo_args.insert(solo_args.end(), {"--out", (dir / "solo.pt").string()});
   auto job_args = common;
@@ -206,8 +206,8 @@ TEST_P(DistributedTest, TwoRanksTrainAsOneProcess) {
   EXPECT_EQ(field(out0, "digest"), field(out1, "digest"));
   EXPECT_EQ(field(out0, "epsilon"), field(solo[0].stdout_text(), "epsilon"));
   EXPECT_EQ(field(out0, "steps"), "12");
-  const int empty = std::stoi(field(out0, "empty_local_batches")) +
-                    std::stoi(field(out1, "empty_local_batches"));
+  const int empty =
+      std::stoi(field(out0, "empty_local_batches")) + std::stoi(field(out1, "empty_local_batches"));
   EXPECT_GT(empty, 0) << "the seed gives no step with an empty local batch; the test needs one";
 }
 
@@ -220,10 +220,10 @@ INSTANTIATE_TEST_SUITE_P(Clipping, DistributedTest,
 // tolerance of 0.015 (6.7 standard errors) tells σC from √2·σC and σC/√2 (0.41 and 0.29 away).
 TEST(DistributedNoiseTest, SummedNoiseHasStdSigmaC) {
   const auto dir = scratch("noise");
-  const auto job = run_job(
-      dir, {"--noise-only", "--steps", "1", "--dataset", "20", "--batch", "5", "--out",
-            (dir / "after.pt").string(), "--seed", "7"},
-      2);
+  const auto job = run_job(dir,
+                           {"--noise-only", "--steps", "1", "--dataset", "20", "--batch", "5",
+                            "--out", (dir / "after.pt").string(), "--seed", "7"},
+                           2);
   const auto after = load_params(dir / "after.pt");
   const auto before = load_params(dir / "after.pt.init");
   ASSERT_EQ(after.size(), 1u);
@@ -277,6 +277,26 @@ TEST(DistributedFaultTest, KilledRankStopsTheOtherAndTheJobResumes) {
   fs::create_directories(dir / "resume");
   (void)run_job(dir / "resume", resume_args, 2);
   expect_same_params(dir / "full.pt", dir / "resumed.pt", 0.0);
+}
+
+// Rank 1 stopped (SIGSTOP: alive to the kernel, silent to the job): rank 0 stops within its
+// 5 s collective timeout (plus the 1 s watch of the heartbeats) with an error naming rank 1.
+TEST(DistributedFaultTest, HungRankStopsTheOtherWithinTheTimeout) {
+  const auto dir = scratch("hang");
+  const std::vector<std::string> args{"--steps", "400", "--delay-ms", "20", "--timeout-ms", "5000"};
+  const int port = free_port();
+  std::vector<Worker> job{spawn(dir, args, 0, 2, port), spawn(dir, args, 1, 2, port)};
+  std::this_thread::sleep_for(std::chrono::seconds(3));
+  ::kill(job[1].pid, SIGSTOP);
+  const auto stopped = Clock::now();
+  const int status = reap(job[0], std::chrono::seconds(30));
+  const double waited = std::chrono::duration<double>(Clock::now() - stopped).count();
+  ::kill(job[1].pid, SIGKILL);
+  (void)reap(job[1], std::chrono::seconds(5));
+  EXPECT_EQ(status, 1) << job[0].stderr_text();
+  EXPECT_LT(waited, 5.0 + 1.0 + 4.0);
+  const auto err = job[0].stderr_text();
+  EXPECT_NE(err.find("rank 1 died or hangs"), std::string::npos) << err;
 }
 
 // A job's checkpoint is refused by a job of another size, with the reason.
@@ -365,11 +385,9 @@ TEST(DistributedInputTest, PortInUseIsNamed) {
   ::getsockname(fd, reinterpret_cast<sockaddr*>(&addr), &len);
   const int port = ntohs(addr.sin_port);
   try {
-    (void)dptorch::distributed::Group::connect(dptorch::distributed::GroupOptions()
-                                                   .rank(0)
-                                                   .world_size(2)
-                                                   .master_port(port)
-                                                   .timeout(std::chrono::seconds(2)));
+    (void)dptorch::distributed::Group::connect(
+        dptorch::distributed::GroupOptions().rank(0).world_size(2).master_port(port).timeout(
+            std::chrono::seconds(2)));
     FAIL() << "no error";
   } catch (const c10::Error& e) {
     EXPECT_NE(std::string(e.what()).find("port is in use"), std::string::npos) << e.what();

@@ -109,6 +109,38 @@ TEST_F(DptrainTest, SequenceModelsTrain) {
   }
 }
 
+// --nproc 2: two processes of one thread each train the run that one process trains (the same
+// seed gives the same batches and noise; the sums differ in float rounding only), stop together
+// when interrupted, and resume with the same number of processes only.
+TEST_F(DptrainTest, TwoProcessesTrainTheOneProcessRun) {
+  auto one = run_tool("dptrain", kQuick + " --epsilon 50 --out " + out("one"));
+  ASSERT_EQ(one.status, 0) << one.err;
+  auto two = run_tool("dptrain", kQuick + " --epsilon 50 --nproc 2 --out " + out("two"));
+  ASSERT_EQ(two.status, 0) << two.err;
+  EXPECT_THAT(two.out, HasSubstr("threads in each of 2 processes"));
+  auto a = read_json(dir_ / "one" / "report.json");
+  auto b = read_json(dir_ / "two" / "report.json");
+  EXPECT_EQ(a["epsilon"], b["epsilon"]);
+  EXPECT_EQ(a["steps"], b["steps"]);
+  EXPECT_NEAR(a["test_accuracy"].get<double>(), b["test_accuracy"].get<double>(), 0.01);
+  EXPECT_EQ(b["processes"], 2);
+  // One gradient's worth per step: the cnn's 26 010 float parameters.
+  EXPECT_EQ(b["allreduce_bytes_per_step"], 26010 * 4);
+
+  auto part = run_tool(
+      "dptrain", kQuick + " --epsilon 50 --nproc 2 --stop-after-steps 5 --out " + out("part"));
+  ASSERT_EQ(part.status, 130) << part.err;
+  EXPECT_THAT(part.out, HasSubstr("--nproc 2"));
+  auto wrong = run_tool("dptrain", "--resume " + out("part") + " --threads 1");
+  EXPECT_EQ(wrong.status, 2);
+  EXPECT_THAT(wrong.err, HasSubstr("written by a job of 2 processes, but this job has 1"));
+  auto rest = run_tool("dptrain", "--resume " + out("part") + " --nproc 2");
+  ASSERT_EQ(rest.status, 0) << rest.err;
+  auto c = read_json(dir_ / "part" / "report.json");
+  EXPECT_EQ(b["test_accuracy"], c["test_accuracy"]);
+  EXPECT_EQ(b["epsilon"], c["epsilon"]);
+}
+
 TEST_F(DptrainTest, InterruptedRunResumesToTheSameResult) {
   auto whole = run_tool("dptrain", kQuick + " --epsilon 50 --out " + out("whole"));
   ASSERT_EQ(whole.status, 0) << whole.err;
