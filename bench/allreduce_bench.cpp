@@ -5,12 +5,9 @@
 // Group::all_reduce_sum (the same plus the arrival mark that lets a failure name its rank).
 #include <dptorch/distributed/group.h>
 
-#include <CLI/CLI.hpp>
 #include <torch/torch.h>
+#include <CLI/CLI.hpp>
 
-#include <arpa/inet.h>
-#include <netinet/in.h>
-#include <sys/socket.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -23,20 +20,6 @@
 namespace {
 
 using Clock = std::chrono::steady_clock;
-
-int free_port() {
-  const int fd = ::socket(AF_INET, SOCK_STREAM, 0);
-  sockaddr_in addr{};
-  addr.sin_family = AF_INET;
-  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  socklen_t len = sizeof addr;
-  if (fd < 0 || ::bind(fd, reinterpret_cast<sockaddr*>(&addr), sizeof addr) != 0 ||
-      ::getsockname(fd, reinterpret_cast<sockaddr*>(&addr), &len) != 0) {
-    throw std::runtime_error("no free port on 127.0.0.1");
-  }
-  ::close(fd);
-  return ntohs(addr.sin_port);
-}
 
 double median(std::vector<double> v) {
   std::sort(v.begin(), v.end());
@@ -62,9 +45,8 @@ int rank_main(int rank, int world, int port, int rounds) {
       ours.push_back(std::chrono::duration<double, std::micro>(Clock::now() - t0).count());
     }
     if (rank == 0) {
-      std::printf("| %d | %lld | %.0f | %.0f | %.2f |\n", world,
-                  static_cast<long long>(n * 4), median(raw), median(ours),
-                  static_cast<double>(n * 4) / median(raw) / 1e3);
+      std::printf("| %d | %lld | %.0f | %.0f | %.2f |\n", world, static_cast<long long>(n * 4),
+                  median(raw), median(ours), static_cast<double>(n * 4) / median(raw) / 1e3);
     }
   }
   return 0;
@@ -78,9 +60,10 @@ int main(int argc, char** argv) {
   app.add_option("--nproc", nproc, "ranks (processes)")->check(CLI::Range(2, 64));
   app.add_option("--rounds", rounds, "timed all-reduces per size")->check(CLI::PositiveNumber);
   CLI11_PARSE(app, argc, argv);
-  const int port = free_port();
-  std::printf("| ranks | bucket bytes | c10d all-reduce µs (median) | Group::all_reduce_sum µs | "
-              "GB/s |\n|---|---|---|---|---|\n");
+  const int port = static_cast<int>(dptorch::distributed::free_port());
+  std::printf(
+      "| ranks | bucket bytes | c10d all-reduce µs (median) | Group::all_reduce_sum µs | "
+      "GB/s |\n|---|---|---|---|---|\n");
   std::fflush(stdout);
   std::vector<pid_t> children;
   for (int rank = 1; rank < nproc; ++rank) {

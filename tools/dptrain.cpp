@@ -6,10 +6,7 @@
 #include <CLI/CLI.hpp>
 #include <nlohmann/json.hpp>
 
-#include <arpa/inet.h>
-#include <netinet/in.h>
 #include <sys/prctl.h>
-#include <sys/socket.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -18,6 +15,7 @@
 #include <chrono>
 #include <csignal>
 #include <cstdio>
+#include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <iomanip>
@@ -178,17 +176,28 @@ constexpr double kMean = 0.2860, kStd = 0.3530;
 
 torch::Tensor normalise(const torch::Tensor& images) { return (images - kMean) / kStd; }
 
-double accuracy(tnn::Sequential& model, const torch::Tensor& images, const torch::Tensor& labels) {
+// Test accuracy; in a distributed job each rank evaluates its share of the test set and the
+// counts are summed, so every rank gets the job's accuracy.
+double accuracy(tnn::Sequential& model, const torch::Tensor& images, const torch::Tensor& labels,
+                const std::shared_ptr<dptorch::distributed::Group>& group) {
   torch::NoGradGuard no_grad;
   model->eval();
+  const int64_t n = images.size(0);
+  const int64_t world = group ? group->world_size() : 1;
+  const int64_t rank = group ? group->rank() : 0;
   int64_t correct = 0;
-  for (int64_t begin = 0; begin < images.size(0); begin += 2000) {
-    const int64_t end = std::min<int64_t>(begin + 2000, images.size(0));
+  for (int64_t begin = rank * n / world; begin < (rank + 1) * n / world; begin += 2000) {
+    const int64_t end = std::min<int64_t>(begin + 2000, (rank + 1) * n / world);
     auto pred = model->forward(images.slice(0, begin, end)).argmax(1);
     correct += pred.eq(labels.slice(0, begin, end)).sum().item<int64_t>();
   }
   model->train();
-  return static_cast<double>(correct) / static_cast<double>(images.size(0));
+  if (group) {
+    std::vector<torch::Tensor> total{torch::tensor({static_cast<double>(correct)}, torch::kDouble)};
+    group->all_reduce_sum(total);
+    correct = static_cast<int64_t>(total[0].item<double>());
+  }
+  return static_cast<double>(correct) / static_cast<double>(n);
 }
 
 // One line of progress: a bar on a terminal, plain lines otherwise (CI logs).
@@ -473,11 +482,11 @@ int run(const Config& config, const fs::path& out, bool resume, int threads,
     }
     train_seconds += secs;
     examples_seen += epoch_examples;
+    const double acc = accuracy(model, test_x, test_y, group);
     if (!lead) {
       save();
       continue;
     }
-    const double acc = accuracy(model, test_x, test_y);
     const double eps = config.no_privacy ? -1 : engine.epsilon(config.delta);
     json entry = {{"epoch", epoch},
                   {"steps", training.loader.position()},
@@ -496,8 +505,16 @@ int run(const Config& config, const fs::path& out, bool resume, int threads,
     save();
   }
 
+  // Each rank's time in the gradients' all-reduce (waiting for slower ranks included).
+  std::vector<double> allreduce_per_rank;
+  if (group) {
+    std::vector<torch::Tensor> mine{torch::zeros({world}, torch::kDouble)};
+    mine[0][group->rank()] = allreduce.seconds;
+    group->all_reduce_sum(mine);
+    for (int64_t r = 0; r < world; ++r) allreduce_per_rank.push_back(mine[0][r].item<double>());
+  }
+  const double acc = accuracy(model, test_x, test_y, group);
   if (!lead) return 0;
-  const double acc = accuracy(model, test_x, test_y);
   const double wall = std::chrono::duration<double>(Clock::now() - start).count();
   json report = {{"test_accuracy", acc},
                  {"private", !config.no_privacy},
@@ -520,6 +537,7 @@ int run(const Config& config, const fs::path& out, bool resume, int threads,
     report["processes"] = world;
     report["allreduce_seconds"] = allreduce.seconds;
     report["allreduce_share"] = allreduce.seconds / std::max(train_seconds, 1e-9);
+    report["allreduce_seconds_per_rank"] = allreduce_per_rank;
     report["allreduce_bytes_per_step"] = allreduce.bytes / n;
   }
   write_file(out / "report.json", report.dump(2) + "\n");
@@ -543,7 +561,8 @@ int run(const Config& config, const fs::path& out, bool resume, int threads,
             << " examples/s\n";
   if (world > 1) {
     std::cout << "processes       " << world << ", all-reduce " << std::setprecision(1)
-              << 100 * allreduce.seconds / std::max(train_seconds, 1e-9) << "% of training time, "
+              << 100 * allreduce.seconds / std::max(train_seconds, 1e-9)
+              << "% of rank 0's training time (waiting for slower ranks included), "
               << std::setprecision(0) << allreduce.bytes / std::max<int64_t>(allreduce.steps, 1)
               << " bytes per step\n";
   }
@@ -552,25 +571,13 @@ int run(const Config& config, const fs::path& out, bool resume, int threads,
   return 0;
 }
 
-// A TCP port on 127.0.0.1 that was free a moment ago (the kernel's choice for port 0).
-int free_port() {
-  const int fd = ::socket(AF_INET, SOCK_STREAM, 0);
-  sockaddr_in addr{};
-  addr.sin_family = AF_INET;
-  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  socklen_t len = sizeof addr;
-  if (fd < 0 || ::bind(fd, reinterpret_cast<sockaddr*>(&addr), sizeof addr) != 0 ||
-      ::getsockname(fd, reinterpret_cast<sockaddr*>(&addr), &len) != 0) {
-    throw std::runtime_error("cannot find a free port on 127.0.0.1; give --master-port");
-  }
-  ::close(fd);
-  return ntohs(addr.sin_port);
-}
+std::atomic<bool> g_launcher_terminated{false};
 
 // dptrain --nproc N: starts N copies of this program as the ranks of one job on 127.0.0.1
 // (torchrun's variables in their environment, `args` without --nproc), and waits for them. When
-// a rank fails, the others stop on their own within the collectives' timeout; any still running
-// `grace` later are killed. Exits as the first rank that failed did (0 if none did).
+// a rank fails, the others stop on their own (at once, or within the collectives' timeout if one
+// hangs); any still running `grace` after a rank failed are killed. SIGTERM to the launcher is
+// passed on to the ranks. Exits as the rank that caused the failure did (0 if none failed).
 int launch(int nproc, const std::vector<std::string>& args, int port,
            std::chrono::milliseconds grace) {
   const std::string self = fs::read_symlink("/proc/self/exe").string();
@@ -587,7 +594,16 @@ int launch(int nproc, const std::vector<std::string>& args, int port,
   // what failed) unless the user asked for them.
   if (std::getenv("GLOG_minloglevel") == nullptr) env_base.push_back("GLOG_minloglevel=3");
   std::signal(SIGINT, SIG_IGN);  // Ctrl-C reaches the ranks, which save and stop together
+  struct sigaction term {};
+  term.sa_handler = [](int) { g_launcher_terminated = true; };  // no SA_RESTART: wakes waitpid
+  ::sigaction(SIGTERM, &term, nullptr);
+  const pid_t launcher = ::getpid();
   std::vector<pid_t> pids;
+  auto signal_all = [&](int sig) {
+    for (pid_t pid : pids) {
+      if (pid > 0) ::kill(pid, sig);
+    }
+  };
   for (int rank = 0; rank < nproc; ++rank) {
     auto env = env_base;
     for (const auto& kv :
@@ -604,56 +620,83 @@ int launch(int nproc, const std::vector<std::string>& args, int port,
     for (auto& kv : env) envp.push_back(kv.data());
     envp.push_back(nullptr);
     const pid_t pid = ::fork();
-    if (pid < 0) throw std::runtime_error("cannot start rank " + std::to_string(rank));
+    if (pid < 0) {
+      signal_all(SIGKILL);
+      throw std::runtime_error("cannot start rank " + std::to_string(rank) + " of " +
+                               std::to_string(nproc) + ": " + std::strerror(errno));
+    }
     if (pid == 0) {
       std::signal(SIGINT, SIG_DFL);
-      ::prctl(PR_SET_PDEATHSIG, SIGTERM);  // a rank never outlives its launcher
+      std::signal(SIGTERM, SIG_DFL);
+      ::prctl(PR_SET_PDEATHSIG, SIGTERM);       // a rank never outlives its launcher,
+      if (::getppid() != launcher) ::_exit(1);  // even one that died before the line above
       ::execve(argv[0], argv.data(), envp.data());
       ::_exit(127);
     }
     pids.push_back(pid);
   }
-  int result = 0;
-  int failed_rank = -1;
+  std::vector<int> status(pids.size(), 0);
+  std::vector<bool> killed(pids.size(), false);
   size_t running = pids.size();
-  bool counting = false;  // a rank failed: the others have until `deadline`
+  bool failing = false;  // a rank failed: the others have until `deadline`
   auto deadline = Clock::now();
+  bool forwarded = false;
   while (running > 0) {
+    if (g_launcher_terminated && !forwarded) {
+      signal_all(SIGTERM);
+      forwarded = true;
+    }
     int raw = 0;
-    const pid_t pid = ::waitpid(-1, &raw, counting ? WNOHANG : 0);
-    if (pid > 0) {
+    const pid_t pid = ::waitpid(-1, &raw, failing ? WNOHANG : 0);
+    const auto it = std::find(pids.begin(), pids.end(), pid);
+    if (pid > 0 && it != pids.end()) {
       --running;
-      const int rank = static_cast<int>(std::find(pids.begin(), pids.end(), pid) - pids.begin());
-      const int status = WIFEXITED(raw) ? WEXITSTATUS(raw) : 128 + WTERMSIG(raw);
-      if (status != 0 && result == 0) {
-        result = status;
-        failed_rank = rank;
-      }
-      if (status != 0 && status != 130 && !counting) {
-        counting = true;
+      const auto rank = static_cast<size_t>(it - pids.begin());
+      status[rank] = WIFEXITED(raw) ? WEXITSTATUS(raw) : 128 + WTERMSIG(raw);
+      *it = -1;
+      if (status[rank] != 0 && status[rank] != 130 && !failing) {
+        failing = true;
         deadline = Clock::now() + grace;
       }
-      pids[static_cast<size_t>(rank)] = -1;
       continue;
     }
-    if (counting && Clock::now() > deadline) {
+    if (failing && Clock::now() > deadline) {
       for (size_t r = 0; r < pids.size(); ++r) {
         if (pids[r] <= 0) continue;
         std::cerr << "dptrain: rank " << r << " did not stop within "
-                  << std::chrono::duration<double>(grace).count() << " s of rank " << failed_rank
-                  << "'s failure; killing it\n";
+                  << std::chrono::duration<double>(grace).count()
+                  << " s of the job's failure; killing it\n";
         ::kill(pids[r], SIGKILL);
+        killed[r] = true;
       }
-      counting = false;
-    } else {
+      failing = false;
+    } else if (failing) {
       std::this_thread::sleep_for(std::chrono::milliseconds(50));
     }
   }
-  if (result != 0 && result != 130) {
-    std::cerr << "dptrain: rank " << failed_rank << " of " << nproc << " exited with status "
-              << result << "\n";
+  // The rank to report: one that failed on its own (status 1 is a rank stopping because another
+  // failed), else one that had to be killed, else the first that failed.
+  int culprit = -1;
+  for (size_t r = 0; r < status.size() && culprit < 0; ++r) {
+    if (status[r] != 0 && status[r] != 1 && status[r] != 130 && !killed[r])
+      culprit = static_cast<int>(r);
   }
-  return result;
+  for (size_t r = 0; r < status.size() && culprit < 0; ++r) {
+    if (killed[r]) culprit = static_cast<int>(r);
+  }
+  for (size_t r = 0; r < status.size() && culprit < 0; ++r) {
+    if (status[r] != 0) culprit = static_cast<int>(r);
+  }
+  if (culprit < 0) return 0;
+  const int result = status[static_cast<size_t>(culprit)];
+  if (result != 130) {
+    std::cerr << "dptrain: the job failed: rank " << culprit << " of " << nproc
+              << (killed[static_cast<size_t>(culprit)]
+                      ? " hung and was killed"
+                      : " exited with status " + std::to_string(result))
+              << "\n";
+  }
+  return result == 130 ? 130 : (result == 0 ? 1 : result);
 }
 
 }  // namespace
@@ -782,8 +825,9 @@ int main(int argc, char** argv) {
       args.push_back(std::to_string(std::max(1u, cores / static_cast<unsigned>(nproc))));
     }
     try {
-      const int port = master_port > 0 ? master_port : free_port();
-      return launch(nproc, args, port, timeout + std::chrono::seconds(15));
+      const int port =
+          master_port > 0 ? master_port : static_cast<int>(dptorch::distributed::free_port());
+      return launch(nproc, args, port, std::chrono::seconds(10));
     } catch (const std::exception& e) {
       std::cerr << "dptrain: error: " << e.what() << "\n";
       return 1;
@@ -832,20 +876,26 @@ int main(int argc, char** argv) {
     }
     return run(config, out, resume, threads, group);
   } catch (const dptorch::distributed::RankFailure& e) {
-    // Another rank failed: this one stops too, naming it.
+    // Another rank failed: this one stops too, naming it, without waiting on the dead.
     std::cerr << "dptrain: error (rank " << group->rank() << "): " << e.what() << "\n";
-    return 1;
+    dptorch::distributed::exit_after_failure(group, 1);
   } catch (const c10::Error& e) {
     std::string what = e.what_without_backtrace();
     what = what.substr(0, what.find('\n'));
-    if (group) group->fail(what);
-    std::cerr << "dptrain: error" << (group ? " (rank " + std::to_string(group->rank()) + ")" : "")
-              << ": " << what << "\n";
-    return 2;
+    if (!group) {
+      std::cerr << "dptrain: error: " << what << "\n";
+      return 2;
+    }
+    group->fail(what);
+    std::cerr << "dptrain: error (rank " << group->rank() << "): " << what << "\n";
+    dptorch::distributed::exit_after_failure(group, 2);
   } catch (const std::exception& e) {
-    if (group) group->fail(e.what());
-    std::cerr << "dptrain: error" << (group ? " (rank " + std::to_string(group->rank()) + ")" : "")
-              << ": " << e.what() << "\n";
-    return 2;
+    if (!group) {
+      std::cerr << "dptrain: error: " << e.what() << "\n";
+      return 2;
+    }
+    group->fail(e.what());
+    std::cerr << "dptrain: error (rank " << group->rank() << "): " << e.what() << "\n";
+    dptorch::distributed::exit_after_failure(group, 2);
   }
 }

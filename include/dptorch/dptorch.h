@@ -17,6 +17,7 @@
 #include <dptorch/data/physical_batches.h>
 #include <dptorch/data/poisson_data_loader.h>
 #include <dptorch/data/samplers.h>
+#include <dptorch/distributed/group.h>
 #include <dptorch/engine/privacy_engine.h>
 #include <dptorch/grad_sample/grad_sample_module.h>
 #include <dptorch/grad_sample/rules.h>

@@ -11,9 +11,16 @@
 #include <torch/csrc/distributed/c10d/ProcessGroupGloo.hpp>
 #include <torch/csrc/distributed/c10d/TCPStore.hpp>
 
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
 #include <cerrno>
+#include <csignal>
 #include <cstdlib>
 #include <cstring>
+#include <iostream>
 #include <sstream>
 
 namespace dptorch::distributed {
@@ -23,6 +30,8 @@ using Clock = std::chrono::steady_clock;
 // The heartbeat's period, and how long a diagnosis watches for beats.
 constexpr auto kBeat = std::chrono::milliseconds(200);
 constexpr auto kWatch = std::chrono::milliseconds(1000);
+// How long the heartbeat and a diagnosis wait for the store to answer (its host may hang).
+constexpr auto kStoreReply = std::chrono::milliseconds(3000);
 
 std::string first_line(const std::string& text) {
   const auto end = text.find('\n');
@@ -41,6 +50,8 @@ std::string string_of(const std::vector<uint8_t>& v) { return {v.begin(), v.end(
 std::string arrived_key(int64_t rank) { return "dptorch/arrived/" + std::to_string(rank); }
 std::string beat_key(int64_t rank) { return "dptorch/beat/" + std::to_string(rank); }
 std::string failed_key(int64_t rank) { return "dptorch/failed/" + std::to_string(rank); }
+// The first diagnosis of a failure: "<rank> <message>", so that every rank names the same one.
+const char* const kCulpritKey = "dptorch/culprit";
 
 int64_t env_int(const char* name, int64_t lo, int64_t hi) {
   const char* value = std::getenv(name);
@@ -80,6 +91,22 @@ GroupOptions options_from_environment(std::chrono::milliseconds timeout) {
   return options;
 }
 
+int64_t free_port(const std::string& host) {
+  sockaddr_in addr{};
+  addr.sin_family = AF_INET;
+  TORCH_CHECK_VALUE(::inet_pton(AF_INET, host.c_str(), &addr.sin_addr) == 1, "free_port: '", host,
+                    "' is not an IPv4 address of this machine");
+  const int fd = ::socket(AF_INET, SOCK_STREAM, 0);
+  TORCH_CHECK(fd >= 0, "free_port: cannot open a socket: ", std::strerror(errno));
+  socklen_t len = sizeof addr;
+  const bool ok = ::bind(fd, reinterpret_cast<sockaddr*>(&addr), sizeof addr) == 0 &&
+                  ::getsockname(fd, reinterpret_cast<sockaddr*>(&addr), &len) == 0;
+  const int err = errno;
+  ::close(fd);
+  TORCH_CHECK(ok, "free_port: cannot bind a port on ", host, ": ", std::strerror(err));
+  return ntohs(addr.sin_port);
+}
+
 uint64_t rank_seed(uint64_t seed, int64_t rank) {
   // splitmix64 of the seed, mixed with the rank, mixed again: rank 0 does not get `seed` itself.
   auto mix = [](uint64_t z) {
@@ -100,6 +127,12 @@ std::shared_ptr<Group> Group::connect(const GroupOptions& options) {
   TORCH_CHECK_VALUE(options.master_port() >= 1 && options.master_port() <= 65535,
                     "master_port must be in [1, 65535], got ", options.master_port());
   TORCH_CHECK_VALUE(options.timeout().count() > 0, "timeout must be positive");
+  // Gloo writes to sockets without MSG_NOSIGNAL: a peer that dies would kill this process with
+  // SIGPIPE, silently, instead of failing the collective with an error that names it.
+  struct sigaction pipe_action {};
+  if (::sigaction(SIGPIPE, nullptr, &pipe_action) == 0 && pipe_action.sa_handler == SIG_DFL) {
+    std::signal(SIGPIPE, SIG_IGN);
+  }
   const std::string& addr = options.master_addr();
   const auto where = addr + ":" + std::to_string(options.master_port());
 
@@ -167,6 +200,10 @@ Group::Group(c10::intrusive_ptr<c10d::Store> store, c10::intrusive_ptr<c10d::Pro
   TORCH_CHECK_VALUE(store_ && group_, "Group needs a store and a process group");
   store_->set(arrived_key(rank_), bytes_of("0"));
   if (heartbeat_store_) {
+    // A wait on a key that exists returns at once and leaves this connection's receive timeout
+    // at kStoreReply (torch's TCPStore sets it only in waits): a hung store host then fails the
+    // heartbeat's calls instead of blocking them, and the destructor's join, forever.
+    heartbeat_store_->wait({arrived_key(rank_)}, kStoreReply);
     heartbeat_ = std::thread([this] {
       try {
         int64_t published = 0;
@@ -182,7 +219,7 @@ Group::Group(c10::intrusive_ptr<c10d::Store> store, c10::intrusive_ptr<c10d::Pro
           std::this_thread::sleep_for(kBeat);
         }
       } catch (const std::exception&) {
-        // The store is gone (rank 0 ended): nothing left to beat for.
+        // The store is gone (rank 0 ended) or does not answer: nothing left to beat for.
       }
     });
   }
@@ -225,14 +262,35 @@ void Group::collective(const char* what, int64_t bytes, Work&& work) {
 RankFailure Group::diagnose(const char* what, int64_t seq, const std::string& cause) {
   const std::string here = std::string(what) + " #" + std::to_string(seq) + " (rank " +
                            std::to_string(rank_) + " of " + std::to_string(world_size_) + ")";
+  // Publishes the culprit found here, so that ranks that fail later (not neighbours of the
+  // culprit in Gloo's ring) name the same one.
+  auto found = [&](int64_t culprit, const std::string& message) {
+    try {
+      if (!store_->check({kCulpritKey})) {
+        store_->set(kCulpritKey, bytes_of(std::to_string(culprit) + " " + message));
+      }
+    } catch (const std::exception&) {
+      // The store went away meanwhile: the others will name rank 0 or find the culprit alone.
+    }
+    return RankFailure(message, culprit);
+  };
   try {
-    store_->setTimeout(std::chrono::milliseconds(3000));
+    // As in the constructor: the store's answers must come within kStoreReply from here on.
+    store_->wait({arrived_key(rank_)}, kStoreReply);
+    // Another rank found the culprit first.
+    if (store_->check({kCulpritKey})) {
+      const std::string entry = string_of(store_->get(kCulpritKey));
+      const auto space = entry.find(' ');
+      const int64_t culprit = std::stoll(entry.substr(0, space));
+      return RankFailure(entry.substr(space + 1) + " [seen from rank " + std::to_string(rank_) +
+                             " at " + here + "]",
+                         culprit);
+    }
     // A rank that stopped with an error said so.
     for (int64_t r = 0; r < world_size_; ++r) {
       if (r != rank_ && store_->check({failed_key(r)})) {
-        return RankFailure("rank " + std::to_string(r) + " stopped with an error: " +
-                               string_of(store_->get(failed_key(r))) + " [at " + here + "]",
-                           r);
+        return found(r, "rank " + std::to_string(r) + " stopped with an error: " +
+                            string_of(store_->get(failed_key(r))) + " [at " + here + "]");
       }
     }
     // A rank whose heartbeat stands still died or hangs; one that is alive but did not arrive
@@ -256,10 +314,10 @@ RankFailure Group::diagnose(const char* what, int64_t seq, const std::string& ca
       if (silent || reached < seq) {
         std::string state = silent ? "died or hangs (no heartbeat for " + seconds(kWatch) + ")"
                                    : "is alive but did not arrive within " + seconds(timeout_);
-        return RankFailure("rank " + std::to_string(r) + " " + state + "; it last reached " +
-                               "collective #" + std::to_string(reached) + ", this rank waited at " +
-                               here + ": " + first_line(cause),
-                           r);
+        return found(r, "rank " + std::to_string(r) + " " + state +
+                            "; its heartbeat last reported " + "collective #" +
+                            std::to_string(reached) + ", this rank waited at " + here + ": " +
+                            first_line(cause));
       }
     }
   } catch (const std::exception&) {
@@ -337,6 +395,17 @@ void Group::fail(const std::string& message) noexcept {
   } catch (...) {
     // The store is gone too: the others find this rank silent instead.
   }
+}
+
+void exit_after_failure(const std::shared_ptr<Group>& group, int status) {
+  std::cout.flush();
+  std::cerr.flush();
+  // Rank 0 serves the store: keep it up while the others diagnose (kWatch of watching beats,
+  // with margin), so that they name the culprit rather than rank 0.
+  if (group && group->rank() == 0 && group->world_size() > 1) {
+    std::this_thread::sleep_for(2 * kWatch + kStoreReply);
+  }
+  std::_Exit(status);
 }
 
 }  // namespace dptorch::distributed

@@ -9,6 +9,7 @@
 #include <cstdio>
 #include <cstring>
 #include <fstream>
+#include <functional>
 #include <iterator>
 #include <optional>
 #include <sstream>
@@ -132,6 +133,24 @@ std::shared_ptr<optim::DPOptimizer> PrivacyEngine::make_optimizer(
                     "make_private needs a model and an optimizer");
   validate(*model);
   if (const auto& group = options.group()) {
+    // The ranks must run one job: the same data set size, sampling, noise, clipping, accountant,
+    // seed and model architecture (different data set sizes would put an example in two ranks'
+    // shards, different seeds would make the shards' draws overlap).
+    std::ostringstream job;
+    job.precision(17);
+    job << settings.dataset_size << ' ' << settings.sample_rate << ' ' << settings.steps << ' '
+        << settings.noise_multiplier << ' ' << settings.max_grad_norm << ' '
+        << settings.sampler_seed << ' ' << settings.accountant << ' '
+        << static_cast<int>(settings.clipping) << ' ' << options.loss_reduction() << ' '
+        << options.secure_mode() << ' ' << fingerprint(*model);
+    for (double c : settings.max_grad_norms) job << ' ' << c;
+    const auto digest = static_cast<int64_t>(std::hash<std::string>{}(job.str()) >> 2);
+    auto both = torch::tensor({digest, -digest}, torch::kLong);
+    group->all_reduce_max(both);
+    TORCH_CHECK_VALUE(both[0].item<int64_t>() == digest && -both[1].item<int64_t>() == digest,
+                      "the ranks of the job were given different settings (data set size, "
+                      "sampling, noise, clipping, accountant, seed or model); start every rank "
+                      "with the same options, data set and model");
     // Every rank starts from rank 0's model, so that the same steps keep them identical.
     std::ostringstream out;
     if (group->rank() == 0) {
@@ -299,68 +318,85 @@ CheckpointInfo PrivacyEngine::load_checkpoint(const std::string& path,
   TORCH_CHECK_VALUE(!bytes.empty(), "checkpoint ", path, " does not exist",
                     group && group->rank() != 0 ? " on rank 0" : "");
   bytes.erase(0, 1);
-  torch::serialize::InputArchive archive;
-  auto read_string = [&](const char* key) {
-    c10::IValue value;
-    TORCH_CHECK(archive.try_read(key, value) && value.isString(), "checkpoint ", path,
-                " is not a dptorch checkpoint (no ", key, ")");
-    return value.toStringRef();
-  };
-  try {
-    std::istringstream in(bytes);
-    archive.load_from(in);
-  } catch (const c10::Error& e) {
-    TORCH_CHECK(false, "checkpoint ", path,
-                " is corrupt or not a dptorch checkpoint: ", first_line(e.what()));
-  }
-  TORCH_CHECK(read_string("format") == kCheckpointFormat, "checkpoint ", path,
-              " has an unknown format");
+  auto& module = *optimizer.clipper().grad_sample_module().module();
+  torch::serialize::InputArchive archive, model_archive, optimizer_archive;
   c10::IValue value;
-  const int64_t world = group ? group->world_size() : 1;
-  const int64_t saved_world =
-      archive.try_read(kWorldSizeKey, value) && value.isInt() ? value.toInt() : 1;
-  TORCH_CHECK_VALUE(saved_world == world, "checkpoint ", path, " was written by a job of ",
-                    saved_world, saved_world == 1 ? " process" : " processes",
-                    ", but this job has ", world, "; resume it with ", saved_world,
-                    saved_world == 1 ? " process" : " processes", " (dptrain: --nproc ",
-                    saved_world, ")");
   std::optional<std::string> noise_state;
   std::optional<int64_t> position;
-  if (group) {
-    TORCH_CHECK(archive.try_read(kRankStatesKey, value) && value.isList() &&
-                    static_cast<int64_t>(value.toListRef().size()) == world,
-                "checkpoint ", path, " has no state for each of its ", world, " ranks");
-    const auto& mine = value.toListRef()[static_cast<size_t>(group->rank())];
-    TORCH_CHECK(mine.isString(), "checkpoint ", path, " has a damaged rank state");
-    torch::serialize::InputArchive rank_archive;
-    std::istringstream in(mine.toStringRef());
-    rank_archive.load_from(in);
-    c10::IValue v;
-    TORCH_CHECK(rank_archive.try_read("position", v) && v.isInt(), "checkpoint ", path,
-                " has a damaged rank state");
-    position = v.toInt();
-    if (rank_archive.try_read("noise", v) && v.isString()) noise_state = v.toStringRef();
-  } else if (archive.try_read("noise", value)) {
-    TORCH_CHECK_VALUE(value.isString(), "checkpoint ", path, " has a damaged noise state");
-    noise_state = value.toStringRef();
-  }
-  auto& module = *optimizer.clipper().grad_sample_module().module();
-  const auto saved_fingerprint = read_string("fingerprint");
-  TORCH_CHECK_VALUE(saved_fingerprint == fingerprint(module), "checkpoint ", path,
-                    " is from a different model (parameters and shapes differ); build the same "
-                    "model to resume it");
-  const auto accountant_state = read_string("accountant");
-  auto saved = accounting::load_accountant(accountant_state);
-  TORCH_CHECK_VALUE(saved->mechanism() == accountant_->mechanism(), "checkpoint ", path,
-                    " was written with the ", saved->mechanism(), " accountant, but this run uses ",
-                    accountant_->mechanism(), "; resume with the same accountant");
+  std::string accountant_state;
   torch::Tensor info_tensor;
-  TORCH_CHECK(archive.try_read("info", info_tensor) && info_tensor.numel() == 3, "checkpoint ",
-              path, " is not a dptorch checkpoint (no info)");
-  torch::serialize::InputArchive model_archive, optimizer_archive;
-  TORCH_CHECK(
-      archive.try_read("model", model_archive) && archive.try_read("optimizer", optimizer_archive),
-      "checkpoint ", path, " is not a dptorch checkpoint (no model or optimizer state)");
+  // Everything is read and checked before anything changes.
+  auto check = [&] {
+    auto read_string = [&](const char* key) {
+      c10::IValue value;
+      TORCH_CHECK(archive.try_read(key, value) && value.isString(), "checkpoint ", path,
+                  " is not a dptorch checkpoint (no ", key, ")");
+      return value.toStringRef();
+    };
+    try {
+      std::istringstream in(bytes);
+      archive.load_from(in);
+    } catch (const c10::Error& e) {
+      TORCH_CHECK(false, "checkpoint ", path,
+                  " is corrupt or not a dptorch checkpoint: ", first_line(e.what()));
+    }
+    TORCH_CHECK(read_string("format") == kCheckpointFormat, "checkpoint ", path,
+                " has an unknown format");
+    const int64_t world = group ? group->world_size() : 1;
+    const int64_t saved_world =
+        archive.try_read(kWorldSizeKey, value) && value.isInt() ? value.toInt() : 1;
+    TORCH_CHECK_VALUE(saved_world == world, "checkpoint ", path, " was written by a job of ",
+                      saved_world, saved_world == 1 ? " process" : " processes",
+                      ", but this job has ", world, "; resume it with ", saved_world,
+                      saved_world == 1 ? " process" : " processes", " (dptrain: --nproc ",
+                      saved_world, ")");
+    if (group) {
+      TORCH_CHECK(archive.try_read(kRankStatesKey, value) && value.isList() &&
+                      static_cast<int64_t>(value.toListRef().size()) == world,
+                  "checkpoint ", path, " has no state for each of its ", world, " ranks");
+      const auto& mine = value.toListRef()[static_cast<size_t>(group->rank())];
+      TORCH_CHECK(mine.isString(), "checkpoint ", path, " has a damaged rank state");
+      torch::serialize::InputArchive rank_archive;
+      std::istringstream in(mine.toStringRef());
+      rank_archive.load_from(in);
+      c10::IValue v;
+      TORCH_CHECK(rank_archive.try_read("position", v) && v.isInt(), "checkpoint ", path,
+                  " has a damaged rank state");
+      position = v.toInt();
+      if (rank_archive.try_read("noise", v) && v.isString()) noise_state = v.toStringRef();
+    } else if (archive.try_read("noise", value)) {
+      TORCH_CHECK_VALUE(value.isString(), "checkpoint ", path, " has a damaged noise state");
+      noise_state = value.toStringRef();
+    }
+    const auto saved_fingerprint = read_string("fingerprint");
+    TORCH_CHECK_VALUE(saved_fingerprint == fingerprint(module), "checkpoint ", path,
+                      " is from a different model (parameters and shapes differ); build the same "
+                      "model to resume it");
+    accountant_state = read_string("accountant");
+    auto saved = accounting::load_accountant(accountant_state);
+    TORCH_CHECK_VALUE(saved->mechanism() == accountant_->mechanism(), "checkpoint ", path,
+                      " was written with the ", saved->mechanism(),
+                      " accountant, but this run uses ", accountant_->mechanism(),
+                      "; resume with the same accountant");
+    TORCH_CHECK(archive.try_read("info", info_tensor) && info_tensor.numel() == 3, "checkpoint ",
+                path, " is not a dptorch checkpoint (no info)");
+    TORCH_CHECK(archive.try_read("model", model_archive) &&
+                    archive.try_read("optimizer", optimizer_archive),
+                "checkpoint ", path, " is not a dptorch checkpoint (no model or optimizer state)");
+  };
+  if (!group) {
+    check();
+  } else {
+    // Every rank checks the same bytes, but its own state too: all accept or all refuse.
+    std::string error;
+    try {
+      check();
+    } catch (const std::exception& e) {
+      error = first_line(e.what());
+    }
+    TORCH_CHECK_VALUE(!group->any(!error.empty()),
+                      error.empty() ? "another rank of the job refused checkpoint " + path : error);
+  }
 
   // Everything is checked: restore. The noise state goes first: set_state() refuses a state of
   // another kind of source before anything else has changed.

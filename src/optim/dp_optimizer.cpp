@@ -125,6 +125,10 @@ void DPOptimizer::step() {
   if (const auto& group = options_.group()) {
     // One all-reduce per bucket (one bucket unless the parameters mix dtypes or devices): the
     // ranks' clipped sums, rank 0's noise, and the unclipped counts with rank 0's count noise.
+    TORCH_CHECK(!adaptive_ || acc.extra().defined(),
+                "a distributed DPOptimizer with adaptive clipping must begin the accumulation "
+                "itself: call optimizer.accumulate() (or step()) after backward, not the "
+                "clipper's clip_and_accumulate()");
     if (adaptive_)
       acc.extra().fill_(adaptive_->pending_count() + (draws_noise() ? count_noise() : 0));
     std::vector<torch::Tensor> buckets = acc.buckets();

@@ -156,11 +156,16 @@ int main(int argc, char** argv) {
           std::chrono::milliseconds(args.timeout_ms)));
     }
     return run(args, group);
+  } catch (const dptorch::distributed::RankFailure& e) {
+    std::cerr << "dist_worker: error: " << e.what() << " (failed rank " << e.failed_rank() << ")"
+              << std::endl;
+    dptorch::distributed::exit_after_failure(group, 1);
   } catch (const std::exception& e) {
     std::string what = e.what();
     what = what.substr(0, what.find('\n'));
     if (group) group->fail(what);
     std::cerr << "dist_worker: error: " << what << std::endl;
+    if (group) dptorch::distributed::exit_after_failure(group, 1);
     return 1;
   }
 }

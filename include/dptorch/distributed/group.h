@@ -68,7 +68,8 @@ struct GroupStats {
 /// collective names the rank that is missing when it fails: each rank's heartbeat thread
 /// publishes in the store which collective the rank reached and a beat counter (every 0.2 s, on
 /// a connection of its own, so that a collective itself costs no store round trip), and a
-/// failure is told apart as a rank that stopped with an error, died, or hangs.
+/// failure is told apart as a rank that stopped with an error, died, or hangs. The first rank to
+/// name a culprit publishes it, and the ranks that fail after it name the same one.
 ///
 /// All ranks must call the collectives in the same order, as with any process group.
 ///
@@ -81,7 +82,8 @@ class Group {
  public:
   /// Rendezvous over a c10d::TCPStore served by rank 0 at master_addr:master_port, then a
   /// ProcessGroupGloo over TCP. Errors name what went wrong: the port in use on rank 0, rank 0
-  /// unreachable, or ranks missing after `timeout`.
+  /// unreachable, or ranks missing after `timeout`. Ignores SIGPIPE if it has its default action
+  /// (Gloo's sockets would otherwise kill this process silently when a peer dies).
   [[nodiscard]] static std::shared_ptr<Group> connect(const GroupOptions& options);
 
   /// Wraps an existing process group (any backend) and the store its ranks share; `heartbeat`
@@ -147,6 +149,17 @@ class Group {
   std::atomic<bool> stop_{false};
   std::thread heartbeat_;
 };
+
+/// Ends this process after a distributed failure, with `status`, without running destructors
+/// (a process group's may wait on peers that are gone): flushes std::cout and std::cerr and, on
+/// rank 0 of a job, first keeps the job's store up for a few seconds so that the other ranks can
+/// still name the culprit. For a program's error handler, after printing the error.
+[[noreturn]] void exit_after_failure(const std::shared_ptr<Group>& group, int status);
+
+/// A TCP port on `host` (an address of this machine) that was free a moment ago: the kernel's
+/// choice for port 0. For starting a job on one host (dptrain --nproc); another program may take
+/// it before the job's store binds it, and then Group::connect says the port is in use.
+[[nodiscard]] int64_t free_port(const std::string& host = "127.0.0.1");
 
 /// A seed for rank `rank`'s own randomness (dropout, augmentation) derived from the job's `seed`:
 /// distinct per rank, and the same whichever order the ranks start in.
