@@ -878,7 +878,7 @@ int main(int argc, char** argv) {
   } catch (const dptorch::distributed::RankFailure& e) {
     // Another rank failed: this one stops too, naming it, without waiting on the dead.
     std::cerr << "dptrain: error (rank " << group->rank() << "): " << e.what() << "\n";
-    dptorch::distributed::exit_after_failure(group, 1);
+    dptorch::distributed::exit_after_failure(group, 1, e.failed_rank());
   } catch (const c10::Error& e) {
     std::string what = e.what_without_backtrace();
     what = what.substr(0, what.find('\n'));
@@ -888,7 +888,7 @@ int main(int argc, char** argv) {
     }
     group->fail(what);
     std::cerr << "dptrain: error (rank " << group->rank() << "): " << what << "\n";
-    dptorch::distributed::exit_after_failure(group, 2);
+    dptorch::distributed::exit_after_failure(group, 2, group->rank());
   } catch (const std::exception& e) {
     if (!group) {
       std::cerr << "dptrain: error: " << e.what() << "\n";
@@ -896,6 +896,6 @@ int main(int argc, char** argv) {
     }
     group->fail(e.what());
     std::cerr << "dptrain: error (rank " << group->rank() << "): " << e.what() << "\n";
-    dptorch::distributed::exit_after_failure(group, 2);
+    dptorch::distributed::exit_after_failure(group, 2, group->rank());
   }
 }

@@ -397,13 +397,28 @@ void Group::fail(const std::string& message) noexcept {
   }
 }
 
-void exit_after_failure(const std::shared_ptr<Group>& group, int status) {
+void exit_after_failure(const std::shared_ptr<Group>& group, int status, int64_t culprit) {
   std::cout.flush();
   std::cerr.flush();
-  // Rank 0 serves the store: keep it up while the others diagnose (kWatch of watching beats,
-  // with margin), so that they name the culprit rather than rank 0.
-  if (group && group->rank() == 0 && group->world_size() > 1) {
-    std::this_thread::sleep_for(2 * kWatch + kStoreReply);
+  if (group && group->world_size() > 1) {
+    try {
+      group->store().set("dptorch/left/" + std::to_string(group->rank()), bytes_of("1"));
+      // Rank 0 serves the store: keep it up until every other rank but the culprit has left (at
+      // most the time a diagnosis takes), so that they can still name the culprit.
+      if (group->rank() == 0) {
+        const auto deadline = Clock::now() + 2 * kWatch + kStoreReply;
+        while (Clock::now() < deadline) {
+          bool all_left = true;
+          for (int64_t r = 1; r < group->world_size() && all_left; ++r) {
+            all_left = r == culprit || group->store().check({"dptorch/left/" + std::to_string(r)});
+          }
+          if (all_left) break;
+          std::this_thread::sleep_for(std::chrono::milliseconds(50));
+        }
+      }
+    } catch (const std::exception&) {
+      // The store is gone: nothing to keep up.
+    }
   }
   std::_Exit(status);
 }

@@ -159,13 +159,13 @@ int main(int argc, char** argv) {
   } catch (const dptorch::distributed::RankFailure& e) {
     std::cerr << "dist_worker: error: " << e.what() << " (failed rank " << e.failed_rank() << ")"
               << std::endl;
-    dptorch::distributed::exit_after_failure(group, 1);
+    dptorch::distributed::exit_after_failure(group, 1, e.failed_rank());
   } catch (const std::exception& e) {
     std::string what = e.what();
     what = what.substr(0, what.find('\n'));
     if (group) group->fail(what);
     std::cerr << "dist_worker: error: " << what << std::endl;
-    if (group) dptorch::distributed::exit_after_failure(group, 1);
+    if (group) dptorch::distributed::exit_after_failure(group, 1, group->rank());
     return 1;
   }
 }

@@ -151,10 +151,12 @@ class Group {
 };
 
 /// Ends this process after a distributed failure, with `status`, without running destructors
-/// (a process group's may wait on peers that are gone): flushes std::cout and std::cerr and, on
-/// rank 0 of a job, first keeps the job's store up for a few seconds so that the other ranks can
-/// still name the culprit. For a program's error handler, after printing the error.
-[[noreturn]] void exit_after_failure(const std::shared_ptr<Group>& group, int status);
+/// (a process group's may wait on peers that are gone): flushes std::cout and std::cerr, marks
+/// this rank as gone in the store, and on rank 0 first keeps the job's store up until every rank
+/// but `culprit` (RankFailure::failed_rank(), or this rank for its own error) has gone, for at
+/// most 5 s, so that they can still name the culprit. For a program's error handler.
+[[noreturn]] void exit_after_failure(const std::shared_ptr<Group>& group, int status,
+                                     int64_t culprit);
 
 /// A TCP port on `host` (an address of this machine) that was free a moment ago: the kernel's
 /// choice for port 0. For starting a job on one host (dptrain --nproc); another program may take
