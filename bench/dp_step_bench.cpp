@@ -77,6 +77,9 @@ struct TorchLayers {
   using Embedding = tnn::Embedding;
   using LSTM = tnn::LSTM;
   using TransformerEncoderLayer = tnn::TransformerEncoderLayer;
+  using Conv1d = tnn::Conv1d;
+  using Conv2d = tnn::Conv2d;
+  using GroupNorm = tnn::GroupNorm;
 };
 struct DpLayers {
   using Linear = dptorch::nn::Linear;
@@ -84,6 +87,9 @@ struct DpLayers {
   using Embedding = dptorch::nn::Embedding;
   using LSTM = dptorch::nn::LSTM;
   using TransformerEncoderLayer = dptorch::nn::TransformerEncoderLayer;
+  using Conv1d = dptorch::nn::Conv1d;
+  using Conv2d = dptorch::nn::Conv2d;
+  using GroupNorm = dptorch::nn::GroupNorm;
 };
 
 // Embedding(20000, 64) over [B, 128] tokens → mean over the sequence → Linear(64, 2).
@@ -156,6 +162,104 @@ struct EncoderModelImpl : tnn::Module {
   typename L::Linear fc;
 };
 
+// A residual block of two 3x3 convolutions with GroupNorm(8) and ReLU; a 1x1 convolution of
+// stride 2 on the shortcut where the block halves the resolution and widens.
+template <typename L>
+struct ResidualBlockImpl : tnn::Module {
+  ResidualBlockImpl(int64_t in, int64_t out, int64_t stride)
+      : conv1(register_module(
+            "conv1", typename L::Conv2d(
+                         tnn::Conv2dOptions(in, out, 3).stride(stride).padding(1).bias(false)))),
+        gn1(register_module("gn1", typename L::GroupNorm(tnn::GroupNormOptions(8, out)))),
+        conv2(register_module(
+            "conv2", typename L::Conv2d(tnn::Conv2dOptions(out, out, 3).padding(1).bias(false)))),
+        gn2(register_module("gn2", typename L::GroupNorm(tnn::GroupNormOptions(8, out)))) {
+    if (stride != 1 || in != out) {
+      shortcut = register_module(
+          "shortcut",
+          typename L::Conv2d(tnn::Conv2dOptions(in, out, 1).stride(stride).bias(false)));
+    }
+  }
+  torch::Tensor forward(const torch::Tensor& x) {
+    auto h = torch::relu(gn1(conv1(x)));
+    h = gn2(conv2(h));
+    return torch::relu(h + (shortcut.is_empty() ? x : shortcut(x)));
+  }
+  typename L::Conv2d conv1;
+  typename L::GroupNorm gn1;
+  typename L::Conv2d conv2;
+  typename L::GroupNorm gn2;
+  typename L::Conv2d shortcut{nullptr};
+};
+// A small ResNet on 3x32x32: conv 3x3 (3->16), GroupNorm, ReLU, three stages of two residual
+// blocks (16, 32, 64 channels; stride 2 between stages), global average pool, Linear(64, 10).
+template <typename L>
+struct ResNetModelImpl : tnn::Module {
+  ResNetModelImpl()
+      : stem(register_module(
+            "stem", typename L::Conv2d(tnn::Conv2dOptions(3, 16, 3).padding(1).bias(false)))),
+        gn(register_module("gn", typename L::GroupNorm(tnn::GroupNormOptions(8, 16)))),
+        fc(register_module("fc", typename L::Linear(64, 10))) {
+    const int64_t widths[] = {16, 32, 64};
+    int64_t in = 16;
+    for (int stage = 0; stage < 3; ++stage) {
+      for (int b = 0; b < 2; ++b) {
+        const int64_t stride = stage > 0 && b == 0 ? 2 : 1;
+        blocks.push_back(
+            register_module("block" + std::to_string(stage) + "_" + std::to_string(b),
+                            std::make_shared<ResidualBlockImpl<L>>(in, widths[stage], stride)));
+        in = widths[stage];
+      }
+    }
+  }
+  torch::Tensor forward(const torch::Tensor& x) {
+    auto h = torch::relu(gn(stem(x)));
+    for (auto& block : blocks) h = block->forward(h);
+    return fc(h.mean({2, 3}));
+  }
+  typename L::Conv2d stem;
+  typename L::GroupNorm gn;
+  std::vector<std::shared_ptr<ResidualBlockImpl<L>>> blocks;
+  typename L::Linear fc;
+};
+
+// A text CNN: Embedding(20000, 128) over [B, 256] tokens, Conv1d(128, 256, 3), ReLU, the maximum
+// over time, Linear(256, 2).
+template <typename L>
+struct TextCnnModelImpl : tnn::Module {
+  TextCnnModelImpl()
+      : embedding(register_module("embedding", typename L::Embedding(20000, 128))),
+        conv(register_module("conv", typename L::Conv1d(tnn::Conv1dOptions(128, 256, 3)))),
+        fc(register_module("fc", typename L::Linear(256, 2))) {}
+  torch::Tensor forward(const torch::Tensor& tokens) {
+    auto h = torch::relu(conv(embedding(tokens).transpose(1, 2)));
+    return fc(std::get<0>(h.max(2)));
+  }
+  typename L::Embedding embedding;
+  typename L::Conv1d conv;
+  typename L::Linear fc;
+};
+
+// A CIFAR-style CNN on 3x32x32: three 3x3 convolutions (32, 64, 128) each with GroupNorm(8) and
+// ReLU, max pooling after the first two, adaptive average pooling to 2x2, Linear(512, 10).
+tnn::Sequential make_cifar_cnn() {
+  auto block = [](tnn::Sequential& seq, int64_t in, int64_t out) {
+    seq->push_back(tnn::Conv2d(tnn::Conv2dOptions(in, out, 3).padding(1)));
+    seq->push_back(tnn::GroupNorm(tnn::GroupNormOptions(8, out)));
+    seq->push_back(tnn::ReLU());
+  };
+  tnn::Sequential seq;
+  block(seq, 3, 32);
+  seq->push_back(tnn::MaxPool2d(tnn::MaxPool2dOptions(2)));
+  block(seq, 32, 64);
+  seq->push_back(tnn::MaxPool2d(tnn::MaxPool2dOptions(2)));
+  block(seq, 64, 128);
+  seq->push_back(tnn::AdaptiveAvgPool2d(tnn::AdaptiveAvgPool2dOptions(2)));
+  seq->push_back(tnn::Flatten());
+  seq->push_back(tnn::Linear(512, 10));
+  return seq;
+}
+
 tnn::Sequential make_mlp() {
   return tnn::Sequential(tnn::Linear(784, 512), tnn::ReLU(), tnn::Linear(512, 512), tnn::ReLU(),
                          tnn::Linear(512, 10));
@@ -213,6 +317,9 @@ const std::vector<Row>& all_rows() {
       {"block-64", "block", 64, "transformer block [B,64,128] (Linear+LayerNorm), mean, Linear"},
       {"lstm-128", "lstm", 128, "Embedding(10000,128) x 64 steps, LSTM 128->256, last h, Linear"},
       {"encoder-32", "encoder", 32, "TransformerEncoderLayer(256, 4 heads, ff 1024) x 128, mean"},
+      {"resnet-64", "resnet", 64, "ResNet 3x32x32: 3 stages x 2 blocks (16,32,64), GroupNorm"},
+      {"cifar-cnn-256", "cifar-cnn", 256, "3x32x32: 3 convs 3x3 (32,64,128)+GroupNorm, Linear"},
+      {"textcnn-64", "textcnn", 64, "Embedding(20000,128) x 256, Conv1d(128,256,3), max, Linear"},
   };
   return rows;
 }
@@ -229,13 +336,15 @@ std::pair<Model, Model> make_pair_of() {
 // The non-private and the private model of a row, with identical weights.
 std::pair<Model, Model> make_models(const std::string& kind) {
   torch::manual_seed(kSeed);
-  if (kind == "mlp" || kind == "cnn") {
-    auto plain = kind == "mlp" ? make_mlp() : make_cnn();
+  if (kind == "mlp" || kind == "cnn" || kind == "cifar-cnn") {
+    auto plain = kind == "mlp" ? make_mlp() : kind == "cnn" ? make_cnn() : make_cifar_cnn();
     return {as_model(plain), as_model(dptorch::nn::convert(plain))};
   }
   if (kind == "text") return make_pair_of<TextModelImpl>();
   if (kind == "lstm") return make_pair_of<LstmModelImpl>();
   if (kind == "encoder") return make_pair_of<EncoderModelImpl>();
+  if (kind == "resnet") return make_pair_of<ResNetModelImpl>();
+  if (kind == "textcnn") return make_pair_of<TextCnnModelImpl>();
   return make_pair_of<BlockModelImpl>();
 }
 
@@ -251,6 +360,12 @@ std::pair<torch::Tensor, torch::Tensor> make_batch(const std::string& kind, int6
     return {torch::randint(10000, {B, 64}, torch::kLong), torch::randint(2, {B}, torch::kLong)};
   }
   if (kind == "encoder") return {torch::randn({B, 128, 256}), torch::randint(2, {B}, torch::kLong)};
+  if (kind == "resnet" || kind == "cifar-cnn") {
+    return {torch::randn({B, 3, 32, 32}), torch::randint(10, {B}, torch::kLong)};
+  }
+  if (kind == "textcnn") {
+    return {torch::randint(20000, {B, 256}, torch::kLong), torch::randint(2, {B}, torch::kLong)};
+  }
   return {torch::randn({B, 64, 128}), torch::randint(2, {B}, torch::kLong)};
 }
 
@@ -887,7 +1002,7 @@ int main(int argc, char** argv) {
   app.add_flag("--quick", o.quick, "fewer repetitions (~20-40 s in all)");
   app.add_option("--rows", o.rows,
                  "comma-separated rows: mlp-256, mlp-1024, cnn-256, cnn-1024, text-256, block-64, "
-                 "lstm-128, encoder-32");
+                 "lstm-128, encoder-32, resnet-64, cifar-cnn-256, textcnn-64");
   app.add_option("--norm-method", o.norm_method,
                  "auto|ghost|materialize: the clipper's norm method (GradSampleOptions; "
                  "default auto)")
