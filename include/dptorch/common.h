@@ -38,6 +38,11 @@ enum class NormMethod {
 
 namespace detail {
 
+/// The first line of an error message (c10::Error's what() goes on with a backtrace).
+[[nodiscard]] inline std::string first_line(const std::string& text) {
+  return text.substr(0, text.find('\n'));
+}
+
 // One phrasing for every option check: "<name> must be <condition>, but is <value>".
 
 /// Which ends of a range belong to it.

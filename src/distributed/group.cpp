@@ -27,16 +27,12 @@ namespace dptorch::distributed {
 namespace {
 
 using Clock = std::chrono::steady_clock;
+using dptorch::detail::first_line;
 // The heartbeat's period, and how long a diagnosis watches for beats.
 constexpr auto kBeat = std::chrono::milliseconds(200);
 constexpr auto kWatch = std::chrono::milliseconds(1000);
 // How long the heartbeat and a diagnosis wait for the store to answer (its host may hang).
 constexpr auto kStoreReply = std::chrono::milliseconds(3000);
-
-std::string first_line(const std::string& text) {
-  const auto end = text.find('\n');
-  return text.substr(0, end);
-}
 
 std::string seconds(std::chrono::milliseconds ms) {
   std::ostringstream out;

@@ -33,11 +33,6 @@ std::string fingerprint(const torch::nn::Module& module) {
   return out.str();
 }
 
-std::string first_line(const char* what) {
-  std::string s(what);
-  return s.substr(0, s.find('\n'));
-}
-
 }  // namespace
 
 PrivacySettings resolve(const PrivacyOptions& options, int64_t dataset_size) {
@@ -240,7 +235,7 @@ void write_atomically(torch::serialize::OutputArchive& archive, const std::strin
     archive.save_to(tmp);
   } catch (const c10::Error& e) {
     std::remove(tmp.c_str());
-    TORCH_CHECK(false, "could not write checkpoint ", path, ": ", first_line(e.what()),
+    TORCH_CHECK(false, "could not write checkpoint ", path, ": ", detail::first_line(e.what()),
                 "; check that its directory exists and is writable");
   }
   if (std::rename(tmp.c_str(), path.c_str()) != 0) {
@@ -291,7 +286,7 @@ void PrivacyEngine::save_checkpoint(const std::string& path, optim::DPOptimizer&
       write_atomically(archive, path);
     } catch (const std::exception& e) {
       if (!group) throw;
-      error = first_line(e.what());
+      error = detail::first_line(e.what());
     }
   }
   // No rank returns before the checkpoint is in place, and all learn if it is not.
@@ -338,7 +333,7 @@ CheckpointInfo PrivacyEngine::load_checkpoint(const std::string& path,
       archive.load_from(in);
     } catch (const c10::Error& e) {
       TORCH_CHECK(false, "checkpoint ", path,
-                  " is corrupt or not a dptorch checkpoint: ", first_line(e.what()));
+                  " is corrupt or not a dptorch checkpoint: ", detail::first_line(e.what()));
     }
     TORCH_CHECK(read_string("format") == kCheckpointFormat, "checkpoint ", path,
                 " has an unknown format");
@@ -392,7 +387,7 @@ CheckpointInfo PrivacyEngine::load_checkpoint(const std::string& path,
     try {
       check();
     } catch (const std::exception& e) {
-      error = first_line(e.what());
+      error = detail::first_line(e.what());
     }
     TORCH_CHECK_VALUE(!group->any(!error.empty()),
                       error.empty() ? "another rank of the job refused checkpoint " + path : error);
