@@ -19,6 +19,8 @@
 #include "optim/philox.h"
 
 #include <algorithm>
+#include <chrono>
+#include <cmath>
 #include <cstdio>
 #include <ctime>
 #include <functional>
@@ -75,11 +77,11 @@ void conv_cases() {
     auto g = torch::randn_like(at::convolution(x, weight, {}, st, pad, dil, false, {0, 0}, 1));
     auto w = torch::rand({c.batch});
     const int64_t T = g.size(2) * g.size(3), d = c.channels * c.kernel * c.kernel;
-    std::printf("%s, B=%lld: T=%lld d=%lld p=%lld, kAuto %s\n", c.name,
+    gs::ConvShape shape{c.batch, T, d, c.out_channels, 1, c.channels, true};
+    std::printf("%s, B=%lld: T=%lld d=%lld p=%lld, kAuto takes %s\n", c.name,
                 static_cast<long long>(c.batch), static_cast<long long>(T),
                 static_cast<long long>(d), static_cast<long long>(c.out_channels),
-                gs::fused_conv_is_cheaper(T, d, c.out_channels) ? "takes the fused loop"
-                                                                : "uses ghost norms");
+                gs::to_string(gs::plan_conv(shape, dptorch::NormMethod::kAuto, false).path));
     gs::ConvGeometry geo{k, st, pad, dil, 1};
     auto library = [&] {
       gs::ConvGrads rule({x}, {g}, weight, true, false, geo, dptorch::NormMethod::kAuto);
@@ -181,18 +183,140 @@ void page_fault_cases() {
   }
 }
 
+// ------------------------------------------------------------------------------- conv paths
+
+// One convolution layer of a bench row: B samples of [C, H, W] (H = 1: a 1-D convolution),
+// p output channels, a k×k kernel (1×k in 1-D).
+struct ConvLayer {
+  const char* row;
+  const char* layer;
+  int64_t batch, channels, height, width, out_channels, kernel, stride, padding;
+};
+
+// Median wall time in ms of `f` over g_reps calls after one warm-up call.
+double wall_ms(const std::function<void()>& f) {
+  f();
+  std::vector<double> t;
+  for (int i = 0; i < g_reps; ++i) {
+    const auto t0 = std::chrono::steady_clock::now();
+    f();
+    t.push_back(
+        std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count());
+  }
+  return median(t);
+}
+
+// Every convolution layer of the rows of bench/dp_step_bench, each path timed (norms and the
+// clipped sum), next to the cost model's estimates and choice.
+void conv_path_cases() {
+  const std::vector<ConvLayer> layers{
+      {"cnn-256", "conv1 1→16 8×8 s2 p2, 28×28", 256, 1, 28, 28, 16, 8, 2, 2},
+      {"cnn-256", "conv2 16→32 4×4 s2, 12×12", 256, 16, 12, 12, 32, 4, 2, 0},
+      {"resnet-64", "stem 3→16 3×3, 32×32", 64, 3, 32, 32, 16, 3, 1, 1},
+      {"resnet-64", "stage 1 16→16 3×3, 32×32 (×4)", 64, 16, 32, 32, 16, 3, 1, 1},
+      {"resnet-64", "stage 2 16→32 3×3 s2, 32×32", 64, 16, 32, 32, 32, 3, 2, 1},
+      {"resnet-64", "shortcut 16→32 1×1 s2, 32×32", 64, 16, 32, 32, 32, 1, 2, 0},
+      {"resnet-64", "stage 2 32→32 3×3, 16×16 (×3)", 64, 32, 16, 16, 32, 3, 1, 1},
+      {"resnet-64", "stage 3 32→64 3×3 s2, 16×16", 64, 32, 16, 16, 64, 3, 2, 1},
+      {"resnet-64", "shortcut 32→64 1×1 s2, 16×16", 64, 32, 16, 16, 64, 1, 2, 0},
+      {"resnet-64", "stage 3 64→64 3×3, 8×8 (×3)", 64, 64, 8, 8, 64, 3, 1, 1},
+      {"cifar-cnn-256", "conv1 3→32 3×3, 32×32", 256, 3, 32, 32, 32, 3, 1, 1},
+      {"cifar-cnn-256", "conv2 32→64 3×3, 16×16", 256, 32, 16, 16, 64, 3, 1, 1},
+      {"cifar-cnn-256", "conv3 64→128 3×3, 8×8", 256, 64, 8, 8, 128, 3, 1, 1},
+      {"textcnn-64", "Conv1d 128→256 k3, 256", 64, 128, 1, 256, 256, 3, 1, 0},
+  };
+  std::printf(
+      "| row | layer | T | d | p | non-private weight gradient | materialize (kept) | "
+      "materialize (not kept) | fused | ghost | model: kept allowed | model: not allowed | "
+      "fastest (kept allowed) | choice within 3%% |\n|---|---|---:|---:|---:|---:|---:|---:|---:|"
+      "---:|---|---|---|---|\n");
+  for (const auto& c : layers) {
+    torch::manual_seed(0);
+    const bool one_d = c.height == 1;
+    auto x = one_d ? torch::randn({c.batch, c.channels, c.width})
+                   : torch::randn({c.batch, c.channels, c.height, c.width});
+    std::vector<int64_t> k, st, pad, dil;
+    if (!one_d)
+      k.push_back(c.kernel), st.push_back(c.stride), pad.push_back(c.padding), dil.push_back(1);
+    k.push_back(c.kernel);
+    st.push_back(c.stride);
+    pad.push_back(c.padding);
+    dil.push_back(1);
+    std::vector<int64_t> wshape{c.out_channels, c.channels};
+    wshape.insert(wshape.end(), k.begin(), k.end());
+    auto weight = torch::randn(wshape);
+    const std::vector<int64_t> out_pad(k.size(), 0);
+    auto g = torch::randn_like(at::convolution(x, weight, {}, st, pad, dil, false, out_pad, 1));
+    auto w = torch::rand({c.batch});
+    const gs::ConvGeometry geo{k, st, pad, dil, 1};
+    auto acc = torch::zeros_like(weight);
+    const double np = wall_ms([&] {
+      (void)at::convolution_backward(g, x, weight, c10::nullopt, st, pad, dil, false, out_pad, 1,
+                                     {false, true, false});
+    });
+    const double kept = wall_ms([&] {
+      std::vector<std::vector<torch::Tensor>> samples{
+          gs::conv_weight_sample_chunks(x, g, weight, geo, gs::ConvGrads::kChunkBytes)};
+      gs::MaterializedGrads rule({"weight"}, std::move(samples));
+      (void)rule.norm_sq();
+      rule.add_weighted_sum_to({w}, {acc});
+    });
+    auto path_ms = [&](gs::ConvPath path) {
+      return wall_ms([&] {
+        gs::ConvGrads rule({x}, {g}, weight, true, false, geo, path);
+        (void)rule.norm_sq();
+        rule.add_weighted_sum_to({w}, {acc});
+      });
+    };
+    const double mat = path_ms(gs::ConvPath::kMaterialize);
+    const double fused = path_ms(gs::ConvPath::kFused);
+    const double ghost = path_ms(gs::ConvPath::kGhost);
+    gs::ConvGrads probe({x}, {g}, weight, true, false, geo, gs::ConvPath::kGhost);
+    const auto shape = probe.shape();
+    const auto with_keep = gs::plan_conv(shape, dptorch::NormMethod::kAuto, true);
+    const auto without = gs::plan_conv(shape, dptorch::NormMethod::kAuto, false);
+    auto measured = [&](const gs::ConvPlan& plan) {
+      switch (plan.path) {
+        case gs::ConvPath::kMaterialize: return plan.keep ? kept : mat;
+        case gs::ConvPath::kFused: return fused;
+        case gs::ConvPath::kGhost: return ghost;
+      }
+      return std::nan("");
+    };
+    const double best = std::min({kept, fused, ghost});
+    const char* fastest = best == kept ? "materialize" : best == fused ? "fused" : "ghost";
+    const double best_nokeep = std::min({mat, fused, ghost});
+    std::printf(
+        "| %s | %s | %lld | %lld | %lld | %.2f | %.2f | %.2f | %.2f | %.2f | %s (%.2f) | %s "
+        "(%.2f) | %s | %s, %s |\n",
+        c.row, c.layer, static_cast<long long>(shape.positions),
+        static_cast<long long>(shape.patch), static_cast<long long>(shape.out_channels), np, kept,
+        mat, fused, ghost, gs::to_string(with_keep.path), measured(with_keep),
+        gs::to_string(without.path), measured(without), fastest,
+        measured(with_keep) <= 1.03 * best ? "yes" : "NO",
+        measured(without) <= 1.03 * best_nokeep ? "yes" : "NO");
+    std::fflush(stdout);
+  }
+  std::printf(
+      "\nms per call (median wall time): norms and the clipped sum of one layer's weight; "
+      "materialize (kept): G_i by the grouped convolution, norms and Σ w_i G_i from them; (not "
+      "kept): norms from G_i a chunk at a time, the sum by the non-private kernel; fused and "
+      "ghost: their norms, the sum by the non-private kernel. The last column: whether the "
+      "model's choice with keeping allowed, then without, is within 3%% of the fastest path.\n");
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
   int threads = 1;
   bool no_mmap = false;
-  std::string cases = "conv,embedding,pages";
+  std::string cases = "conv,embedding,pages";  // conv-paths on request
   CLI::App app{"The per-sample gradient rules next to the non-private kernels of the same layers"};
   app.add_option("--threads", threads, "torch::set_num_threads (default 1)")
       ->check(CLI::PositiveNumber);
   app.add_option("--reps", g_reps, "timed calls per measurement (default 11)")
       ->check(CLI::PositiveNumber);
-  app.add_option("--cases", cases, "comma-separated: conv, embedding, pages");
+  app.add_option("--cases", cases, "comma-separated: conv, conv-paths, embedding, pages");
   app.add_flag("--malloc-no-mmap", no_mmap,
                "call dptorch::keep_freed_memory() first (glibc: no mmap, no trimming)");
   CLI11_PARSE(app, argc, argv);
@@ -202,9 +326,9 @@ int main(int argc, char** argv) {
   std::set<std::string> chosen;
   std::istringstream in(cases);
   for (std::string c; std::getline(in, c, ',');) {
-    if (c != "conv" && c != "embedding" && c != "pages") {
+    if (c != "conv" && c != "conv-paths" && c != "embedding" && c != "pages") {
       std::cerr << "grad_sample_rules_bench: error: unknown case '" << c
-                << "'; choose from conv, embedding, pages\n";
+                << "'; choose from conv, conv-paths, embedding, pages\n";
       return 2;
     }
     chosen.insert(c);
@@ -213,6 +337,7 @@ int main(int argc, char** argv) {
   std::printf("threads %d, allocator: glibc malloc%s, %d timed calls each\n\n", threads,
               no_mmap ? " without mmap or trimming" : " (default settings)", g_reps);
   if (chosen.count("conv")) conv_cases();
+  if (chosen.count("conv-paths")) conv_path_cases();
   if (chosen.count("embedding")) embedding_cases();
   if (chosen.count("pages")) page_fault_cases();
   return 0;

@@ -6,6 +6,7 @@
 #include "grad_sample/rules_internal.h"
 
 #include <algorithm>
+#include <limits>
 #include <optional>
 #include <vector>
 
@@ -126,7 +127,103 @@ torch::Tensor fused_conv_norm_sq(const std::vector<torch::Tensor>& inputs,
 
 }  // namespace
 
-bool fused_conv_is_cheaper(int64_t T, int64_t d, int64_t p) { return d * p <= 2 * T * (d + p); }
+const char* to_string(ConvPath path) {
+  switch (path) {
+    case ConvPath::kMaterialize: return "materialize";
+    case ConvPath::kFused: return "fused";
+    case ConvPath::kGhost: return "ghost";
+  }
+  return "?";
+}
+
+namespace {
+
+// The cost model's speeds, in multiply-adds per ns (GMAC/s) on one core, calibrated with
+// bench/grad_sample_rules_bench --cases conv-paths (docs/performance.md has the table). Only
+// their ratios matter for the choice.
+// The weight-gradient kernel of the non-private backward (the clipped sum of kFused and kGhost).
+constexpr double kWeightGradSpeed = 90;
+// kFused's tile loop.
+constexpr double kFusedSpeed = 25;
+// kGhost's Gram products (batched, small).
+constexpr double kGramSpeed = 35;
+// Bytes per ns streamed by the norms and the sum over kept per-sample gradients, and by copies.
+constexpr double kStreamSpeed = 15;
+
+// kMaterialize's grouped convolution: a group of few input channels leaves the kernel's vector
+// lanes idle, which it pays for in speed.
+double grouped_speed(int64_t channels_per_group) {
+  if (channels_per_group >= 16) return 65;
+  if (channels_per_group >= 8) return 35;
+  return 10;
+}
+
+}  // namespace
+
+ConvPlan plan_conv(const ConvShape& s, NormMethod method, bool may_keep) {
+  const double B = static_cast<double>(s.batch), T = static_cast<double>(s.positions);
+  const double d = static_cast<double>(s.patch), p = static_cast<double>(s.out_channels);
+  const double G = static_cast<double>(std::max<int64_t>(1, s.groups));
+  const int64_t per_group = s.in_channels / std::max<int64_t>(1, s.groups);
+  const double macs = B * T * d * p;  // the weight gradient's multiply-adds (all groups)
+  const double to_ms = 1e-6;          // MAC / (MAC per ns) = ns
+  const double sum_ms = macs / kWeightGradSpeed * to_ms;
+  ConvPlan plan;
+  const double samples_bytes = B * p * d * 4;
+  plan.keep = may_keep;
+  plan.materialize_ms = macs / grouped_speed(per_group) * to_ms +
+                        (may_keep ? 2 * samples_bytes / kStreamSpeed * to_ms : sum_ms);
+  plan.fused_ms = s.fused_available ? macs / kFusedSpeed * to_ms + sum_ms
+                                    : std::numeric_limits<double>::infinity();
+  // Gram matrices of one group's patches [T, d] and output gradients [T, p/G], plus the unfold.
+  plan.ghost_ms = (B * G * T * T * (d + p / G)) / kGramSpeed * to_ms +
+                  B * T * d * G * 4 / kStreamSpeed * to_ms + sum_ms;
+  switch (method) {
+    case NormMethod::kMaterialize: plan.path = ConvPath::kMaterialize; break;
+    case NormMethod::kGhost: plan.path = ConvPath::kGhost; break;
+    case NormMethod::kAuto:
+      plan.path = ConvPath::kMaterialize;
+      if (plan.fused_ms < plan.materialize_ms) plan.path = ConvPath::kFused;
+      if (plan.ghost_ms < std::min(plan.materialize_ms, plan.fused_ms))
+        plan.path = ConvPath::kGhost;
+      break;
+  }
+  plan.keep = may_keep && plan.path == ConvPath::kMaterialize;
+  return plan;
+}
+
+bool fused_conv_available(const torch::Tensor& input, int64_t spatial_dims, int64_t groups) {
+  return groups == 1 && (spatial_dims == 1 || spatial_dims == 2) && cpu_kernel_dtype(input);
+}
+
+torch::Tensor conv_weight_samples(const torch::Tensor& input, const torch::Tensor& grad_output,
+                                  const torch::Tensor& weight, const ConvGeometry& geometry) {
+  const int64_t B = input.size(0), C = input.size(1), p = grad_output.size(1);
+  TORCH_CHECK(grad_output.size(0) == B && p == weight.size(0), "conv_weight_samples: input ",
+              input.sizes(), ", output gradient ", grad_output.sizes(), " and weight ",
+              weight.sizes(), " do not fit together");
+  // [B, C, S...] -> [1, B·C, S...] and [B, p, L...] -> [1, B·p, L...]: sample b's channels form
+  // groups b·G .. b·G + G - 1 of a convolution with B·G groups, whose weight gradient
+  // [B·p, C/G, k...] is every sample's own.
+  auto folded = [B](const torch::Tensor& t) {
+    std::vector<int64_t> shape{1, B * t.size(1)};
+    for (int64_t i = 2; i < t.dim(); ++i) shape.push_back(t.size(i));
+    return t.contiguous().view(shape);
+  };
+  std::vector<int64_t> weight_shape{B * p};
+  for (int64_t i = 1; i < weight.dim(); ++i) weight_shape.push_back(weight.size(i));
+  // The kernel reads only the weight's shape when it computes the weight gradient alone.
+  const auto weight_like = torch::zeros({1}, weight.options()).expand(weight_shape);
+  const std::vector<int64_t> output_padding(geometry.kernel.size(), 0);
+  auto samples = std::get<1>(at::convolution_backward(
+      folded(grad_output), folded(input), weight_like, c10::nullopt, geometry.stride,
+      geometry.padding, geometry.dilation, /*transposed=*/false, output_padding,
+      geometry.groups * B, {false, true, false}));
+  std::vector<int64_t> shape{B};
+  for (int64_t i = 0; i < weight.dim(); ++i) shape.push_back(weight.size(i));
+  (void)C;
+  return samples.view(shape);
+}
 
 torch::Tensor unfold_patches(const torch::Tensor& input, at::IntArrayRef kernel,
                              at::IntArrayRef stride, at::IntArrayRef padding,
@@ -144,20 +241,75 @@ torch::Tensor unfold_patches(const torch::Tensor& input, at::IntArrayRef kernel,
   return out.transpose(1, 2);
 }
 
+std::vector<torch::Tensor> conv_weight_sample_chunks(const torch::Tensor& input,
+                                                     const torch::Tensor& grad_output,
+                                                     const torch::Tensor& weight,
+                                                     const ConvGeometry& geometry,
+                                                     int64_t chunk_bytes) {
+  const int64_t B = input.size(0);
+  const int64_t sample_bytes = std::max<int64_t>(1, weight.numel() * weight.element_size());
+  const int64_t step = std::clamp<int64_t>(chunk_bytes / sample_bytes, 1, std::max<int64_t>(1, B));
+  std::vector<torch::Tensor> chunks;
+  for (int64_t b = 0; b < B; b += step) {
+    const int64_t n = std::min(step, B - b);
+    chunks.push_back(
+        conv_weight_samples(input.narrow(0, b, n), grad_output.narrow(0, b, n), weight, geometry));
+  }
+  return chunks;
+}
+
 ConvGrads::ConvGrads(std::vector<torch::Tensor> inputs, std::vector<torch::Tensor> grad_outputs,
                      torch::Tensor weight, bool train_weight, bool has_bias, ConvGeometry geometry,
-                     NormMethod method, int64_t chunk_bytes)
+                     ConvPath path, int64_t chunk_bytes)
     : inputs_(std::move(inputs)),
       grad_outputs_(std::move(grad_outputs)),
       weight_(std::move(weight)),
       train_weight_(train_weight),
       has_bias_(has_bias),
       geometry_(std::move(geometry)),
-      method_(method),
+      path_(path),
       chunk_bytes_(chunk_bytes) {
   TORCH_CHECK(!inputs_.empty() && inputs_.size() == grad_outputs_.size(),
               "ConvGrads needs one output gradient per recorded input, got ", inputs_.size(),
               " inputs and ", grad_outputs_.size(), " output gradients");
+  if (path_ == ConvPath::kFused &&
+      !fused_conv_available(inputs_.front(), static_cast<int64_t>(geometry_.kernel.size()),
+                            geometry_.groups)) {
+    path_ = ConvPath::kMaterialize;
+  }
+}
+
+ConvGrads::ConvGrads(std::vector<torch::Tensor> inputs, std::vector<torch::Tensor> grad_outputs,
+                     torch::Tensor weight, bool train_weight, bool has_bias, ConvGeometry geometry,
+                     NormMethod method, int64_t chunk_bytes)
+    : ConvGrads(std::move(inputs), std::move(grad_outputs), std::move(weight), train_weight,
+                has_bias, std::move(geometry), ConvPath::kMaterialize, chunk_bytes) {
+  path_ = plan_conv(shape(), method, /*may_keep=*/false).path;
+}
+
+ConvShape ConvGrads::shape() const {
+  ConvShape s;
+  s.batch = inputs_.front().size(0);
+  s.out_channels = weight_.size(0);
+  s.patch = weight_.numel() / std::max<int64_t>(1, weight_.size(0));
+  s.groups = geometry_.groups;
+  s.in_channels = inputs_.front().size(1);
+  for (const auto& g : grad_outputs_) {
+    s.positions += g.numel() / std::max<int64_t>(1, g.size(0) * g.size(1));
+  }
+  s.fused_available = fused_conv_available(
+      inputs_.front(), static_cast<int64_t>(geometry_.kernel.size()), geometry_.groups);
+  return s;
+}
+
+torch::Tensor ConvGrads::samples(int64_t begin, int64_t end) const {
+  torch::Tensor sum;
+  for (size_t r = 0; r < inputs_.size(); ++r) {
+    auto part = conv_weight_samples(inputs_[r].slice(0, begin, end),
+                                    grad_outputs_[r].slice(0, begin, end), weight_, geometry_);
+    sum = sum.defined() ? sum.add_(part) : part;
+  }
+  return sum;
 }
 
 std::vector<std::string> ConvGrads::names() const {
@@ -179,7 +331,7 @@ LinearLikeGrads ConvGrads::chunk(int64_t begin, int64_t end, bool with_bias) con
   };
   return {cat(a),           cat(g),
           geometry_.groups, train_weight_ ? weight_.sizes().vec() : std::vector<int64_t>{},
-          with_bias,        method_};
+          with_bias,        NormMethod::kGhost};
 }
 
 int64_t ConvGrads::chunk_size() const {
@@ -187,10 +339,11 @@ int64_t ConvGrads::chunk_size() const {
   int64_t T = 0;
   for (const auto& g : grad_outputs_) T += g.numel() / std::max<int64_t>(1, g.size(0) * g.size(1));
   const int64_t p = weight_.size(0) / G, d = weight_.numel() / weight_.size(0);
-  const bool mat = method_ == NormMethod::kMaterialize ||
-                   (method_ == NormMethod::kAuto && materialize_is_cheaper(T, d, p));
-  // Patches and output gradients, plus the per-sample gradients or the two Gram matrices.
-  const int64_t per_sample = T * G * (d + p) + (mat ? G * p * d : 2 * G * T * T);
+  // kMaterialize: the per-sample gradients (and the kernel's copies of input and output
+  // gradient); kGhost: patches and output gradients, plus the two Gram matrices.
+  const int64_t per_sample = path_ == ConvPath::kMaterialize
+                                 ? G * p * d + inputs_.front()[0].numel() + T * G * p
+                                 : T * G * (d + p) + 2 * G * T * T;
   const int64_t bytes = per_sample * static_cast<int64_t>(weight_.element_size());
   return std::clamp<int64_t>(chunk_bytes_ / std::max<int64_t>(1, bytes), 1,
                              std::max<int64_t>(1, B));
@@ -220,16 +373,20 @@ torch::Tensor ConvGrads::by_chunks(
 std::vector<torch::Tensor> ConvGrads::norm_sq() {
   std::vector<torch::Tensor> out;
   if (train_weight_) {
-    const int64_t p = weight_.size(0), d = weight_.numel() / p;
-    int64_t T = 0;
-    for (const auto& g : grad_outputs_) T += g.numel() / std::max<int64_t>(1, g.size(0) * p);
-    torch::Tensor fused;
-    if (method_ == NormMethod::kMaterialize ||
-        (method_ == NormMethod::kAuto && fused_conv_is_cheaper(T, d, p))) {
-      fused = fused_conv_norm_sq(inputs_, grad_outputs_, weight_, geometry_);
+    torch::Tensor norms;
+    if (path_ == ConvPath::kFused)
+      norms = fused_conv_norm_sq(inputs_, grad_outputs_, weight_, geometry_);
+    if (!norms.defined() && path_ == ConvPath::kGhost) {
+      norms = by_chunks([](LinearLikeGrads& g) { return g.norm_sq().at(0); });
     }
-    out.push_back(
-        fused.defined() ? fused : by_chunks([](LinearLikeGrads& g) { return g.norm_sq().at(0); }));
+    if (!norms.defined()) {
+      const int64_t B = inputs_.front().size(0), step = chunk_size();
+      std::vector<torch::Tensor> parts;
+      for (int64_t b = 0; b < B; b += step)
+        parts.push_back(row_norm_sq(samples(b, std::min(B, b + step))));
+      norms = parts.size() == 1 ? parts.front() : torch::cat(parts);
+    }
+    out.push_back(norms);
   }
   if (has_bias_) out.push_back(at::linalg_vector_norm(bias_samples(), 2, {1}).square());
   return out;
@@ -258,9 +415,7 @@ std::vector<torch::Tensor> ConvGrads::weighted_sum(const std::vector<torch::Tens
 
 std::vector<torch::Tensor> ConvGrads::materialize() {
   std::vector<torch::Tensor> out;
-  if (train_weight_) {
-    out.push_back(by_chunks([](LinearLikeGrads& g) { return g.materialize().at(0); }));
-  }
+  if (train_weight_) out.push_back(samples(0, inputs_.front().size(0)));
   if (has_bias_) out.push_back(bias_samples());
   return out;
 }

@@ -404,13 +404,76 @@ void embedding_add_weighted(const int64_t* index, const int64_t* sample, const R
   });
 }
 
+namespace {
+
+// Σ g·(x − m) and Σ g over one row; omp simd keeps partial sums in vector lanes.
+template <typename T>
+inline __attribute__((always_inline)) void row_moments(const T* g, const T* x, T m, int64_t n,
+                                                       T* dot, T* sum) {
+  T d = 0, s = 0;
+#pragma omp simd reduction(+ : d, s)
+  for (int64_t i = 0; i < n; ++i) {
+    d += g[i] * (x[i] - m);
+    s += g[i];
+  }
+  *dot = d;
+  *sum = s;
+}
+
+template <typename T>
+inline __attribute__((always_inline)) void rows_moments(const T* g, const T* x, const T* mean,
+                                                        const T* rstd, int64_t begin, int64_t end,
+                                                        int64_t n, int64_t channels,
+                                                        int64_t per_group, T* w, T* b) {
+  for (int64_t r = begin; r < end; ++r) {
+    const int64_t stat = (r / channels) * (channels / per_group) + (r % channels) / per_group;
+    T dot, sum;
+    row_moments(g + r * n, x + r * n, mean[stat], n, &dot, &sum);
+    w[r] = dot * rstd[stat];
+    b[r] = sum;
+  }
+}
+
+#if defined(__x86_64__) && defined(__GNUC__)
+template <typename T>
+__attribute__((target("arch=x86-64-v3"))) void rows_moments_v3(const T* g, const T* x,
+                                                               const T* mean, const T* rstd,
+                                                               int64_t begin, int64_t end,
+                                                               int64_t n, int64_t channels,
+                                                               int64_t per_group, T* w, T* b) {
+  rows_moments(g, x, mean, rstd, begin, end, n, channels, per_group, w, b);
+}
+#endif
+
+}  // namespace
+
+template <typename T>
+void group_norm_affine_samples(const T* grad_output, const T* input, const T* mean, const T* rstd,
+                               int64_t rows, int64_t length, int64_t channels,
+                               int64_t channels_per_group, T* weight, T* bias) {
+  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, length));
+  at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
+#if defined(__x86_64__) && defined(__GNUC__)
+    if (dptorch::detail::has_x86_64_v3()) {
+      rows_moments_v3(grad_output, input, mean, rstd, begin, end, length, channels,
+                      channels_per_group, weight, bias);
+      return;
+    }
+#endif
+    rows_moments(grad_output, input, mean, rstd, begin, end, length, channels, channels_per_group,
+                 weight, bias);
+  });
+}
+
 #define DPTORCH_INSTANTIATE(T)                                                                   \
   template void unfold_patches_2d<T>(const T*, int64_t, const PatchGeometry&, T*);               \
   template void conv_weight_norm_sq<T>(const std::vector<ConvRecord<T>>&, int64_t, int64_t, T*); \
   template void embedding_norm_sq<T>(const int64_t*, const int64_t*, const Rows<T>&, int64_t,    \
                                      int64_t, T*);                                               \
   template void embedding_add_weighted<T>(const int64_t*, const int64_t*, const Rows<T>&,        \
-                                          const T*, int64_t, int64_t, T*);
+                                          const T*, int64_t, int64_t, T*);                       \
+  template void group_norm_affine_samples<T>(const T*, const T*, const T*, const T*, int64_t,    \
+                                             int64_t, int64_t, int64_t, T*, T*);
 DPTORCH_INSTANTIATE(float)
 DPTORCH_INSTANTIATE(double)
 #undef DPTORCH_INSTANTIATE

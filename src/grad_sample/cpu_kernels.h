@@ -68,4 +68,14 @@ template <typename T>
 void embedding_add_weighted(const int64_t* index, const int64_t* sample, const Rows<T>& g,
                             const T* w, int64_t batch_size, int64_t num_embeddings, T* out);
 
+/// Per-sample affine gradients of a group norm from its input: for every row r = b·C + c of
+/// `rows` rows of `length` contiguous elements of `grad_output` and `input` ([B, C, S]),
+/// weight[r] = rstd·Σ_s g_s·(x_s − mean) and bias[r] = Σ_s g_s, with mean and rstd those of row
+/// r's (sample, group): index b·G + c / channels_per_group of `mean` and `rstd` ([B, G]).
+/// Parallel over rows; the result does not depend on the number of threads.
+template <typename T>
+void group_norm_affine_samples(const T* grad_output, const T* input, const T* mean, const T* rstd,
+                               int64_t rows, int64_t length, int64_t channels,
+                               int64_t channels_per_group, T* weight, T* bias);
+
 }  // namespace dptorch::grad_sample::cpu

@@ -122,7 +122,7 @@ std::string GradSampleModule::unrecorded_layer() const {
 void GradSampleModule::clear() {
   pass_.reset();
   for (auto& [path, layer] : layers_) layer->clear_records();
-  tape_->filed = 0;
+  tape_->reset();
 }
 
 GradSampleModule::Pass& GradSampleModule::pass() {

@@ -186,34 +186,59 @@ std::vector<torch::Tensor> LinearLikeGrads::materialize() {
 
 MaterializedGrads::MaterializedGrads(std::vector<std::string> names,
                                      std::vector<torch::Tensor> samples)
-    : names_(std::move(names)), samples_(std::move(samples)) {}
+    : names_(std::move(names)) {
+  for (auto& s : samples) chunks_.push_back({std::move(s)});
+}
+
+MaterializedGrads::MaterializedGrads(std::vector<std::string> names,
+                                     std::vector<std::vector<torch::Tensor>> chunks)
+    : names_(std::move(names)), chunks_(std::move(chunks)) {
+  TORCH_CHECK(names_.size() == chunks_.size(), "MaterializedGrads: ", names_.size(), " names for ",
+              chunks_.size(), " parameters");
+  for (const auto& c : chunks_) {
+    TORCH_CHECK(!c.empty(), "MaterializedGrads: a parameter without per-sample gradients");
+  }
+}
 
 std::vector<torch::Tensor> MaterializedGrads::norm_sq() {
   std::vector<torch::Tensor> out;
-  for (const auto& s : samples_) out.push_back(row_norm_sq(s));
+  for (const auto& chunks : chunks_) {
+    std::vector<torch::Tensor> parts;
+    for (const auto& c : chunks) parts.push_back(row_norm_sq(c));
+    out.push_back(parts.size() == 1 ? parts.front() : torch::cat(parts));
+  }
   return out;
 }
 
 void MaterializedGrads::add_weighted_sum_to(const std::vector<torch::Tensor>& w,
                                             const std::vector<torch::Tensor>& out) {
-  for (size_t k = 0; k < samples_.size(); ++k) {
-    const auto& s = samples_[k];
+  for (size_t k = 0; k < chunks_.size(); ++k) {
     const auto& o = out.at(k);
-    const auto wk = w.at(k).to(s.scalar_type());
-    if (o.is_contiguous()) {
-      o.view({-1}).addmv_(s.flatten(1).t(), wk);
-    } else {
-      o.add_(torch::mv(s.flatten(1).t(), wk).view(o.sizes()));
+    const auto wk = w.at(k).to(chunks_[k].front().scalar_type());
+    auto target = o.is_contiguous() ? o.view({-1}) : torch::zeros({o.numel()}, o.options());
+    int64_t begin = 0;
+    for (const auto& c : chunks_[k]) {
+      target.addmv_(c.flatten(1).t(), wk.narrow(0, begin, c.size(0)));
+      begin += c.size(0);
     }
+    if (!o.is_contiguous()) o.add_(target.view(o.sizes()));
   }
 }
 
 std::vector<torch::Tensor> MaterializedGrads::weighted_sum(const std::vector<torch::Tensor>& w) {
   std::vector<torch::Tensor> out;
-  for (size_t k = 0; k < samples_.size(); ++k) {
-    const auto& s = samples_[k];
-    out.push_back(
-        torch::mv(s.flatten(1).t(), w.at(k).to(s.scalar_type())).view(s.sizes().slice(1)));
+  for (const auto& chunks : chunks_) {
+    const auto& first = chunks.front();
+    out.push_back(torch::zeros(first.sizes().slice(1), first.options()));
+  }
+  add_weighted_sum_to(w, out);
+  return out;
+}
+
+std::vector<torch::Tensor> MaterializedGrads::materialize() {
+  std::vector<torch::Tensor> out;
+  for (const auto& chunks : chunks_) {
+    out.push_back(chunks.size() == 1 ? chunks.front() : torch::cat(chunks));
   }
   return out;
 }

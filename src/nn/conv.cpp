@@ -4,6 +4,8 @@
 
 #include "nn/layers_internal.h"
 
+#include <algorithm>
+
 namespace dptorch::nn {
 
 namespace F = torch::nn::functional;
@@ -63,10 +65,48 @@ torch::Tensor ConvImpl<D>::forward(const torch::Tensor& input) {
   const std::vector<int64_t> dilation(options.dilation()->begin(), options.dilation()->end());
   const std::vector<int64_t> output_padding(D, 0);
   const int64_t groups = options.groups();
-  ConvSaved record{x.detach(), conv_pad};
+  ConvSaved record;
+  record.input = x.detach();
+  record.padding = conv_pad;
   const int64_t B = x.size(0);
   const auto w = weight.detach();
   const auto saved = record.input;
+  // When backward files the call, the cost model decides whether to form the per-sample
+  // gradients now and keep them (freeing the input and output gradient) or to leave the call
+  // to the rule after backward.
+  grad_sample::ConvGeometry geometry{at::IntArrayRef(options.kernel_size()).vec(), stride, conv_pad,
+                                     dilation, groups};
+  FileHook<ConvSaved> on_file =
+      [geometry, w, train_weight = detail::trainable(weight), train_bias = detail::trainable(bias),
+       method = this->norm_method(),
+       tape = std::weak_ptr<detail::Tape>(this->tape())](Call<ConvSaved>& call) {
+        const auto& g = call.grad_outputs.at(0);
+        const auto& input = call.saved.input;
+        if (!g.defined()) return;
+        const int64_t Bc = input.size(0);
+        grad_sample::ConvShape shape;
+        shape.batch = Bc;
+        shape.out_channels = w.size(0);
+        shape.patch = w.numel() / w.size(0);
+        shape.groups = geometry.groups;
+        shape.in_channels = input.size(1);
+        shape.positions = g.numel() / std::max<int64_t>(1, Bc * w.size(0));
+        shape.fused_available = grad_sample::fused_conv_available(
+            input, static_cast<int64_t>(geometry.kernel.size()), geometry.groups);
+        const int64_t bytes = (train_weight ? w.numel() : 0) * Bc * w.element_size();
+        const auto t = tape.lock();
+        const bool may_keep = t && bytes <= t->recorded_bytes.load() - t->kept_bytes.load();
+        const auto plan = grad_sample::plan_conv(shape, method, may_keep);
+        if (train_weight && !(plan.keep && t->try_keep(bytes))) return;
+        if (train_weight) {
+          call.saved.weight_samples = grad_sample::conv_weight_sample_chunks(
+              input, g, w, geometry, grad_sample::ConvGrads::kChunkBytes);
+        }
+        if (train_bias) call.saved.bias_samples = g.flatten(2).sum(2);
+        call.saved.reduced = true;
+        call.saved.input = torch::Tensor();
+        call.grad_outputs.clear();
+      };
   return this->record(
       x, {weight, bias},
       [&] {
@@ -78,28 +118,65 @@ torch::Tensor ConvImpl<D>::forward(const torch::Tensor& input) {
                                                     dilation, false, output_padding, groups,
                                                     {true, false, false}));
       },
-      std::move(record), B);
+      std::move(record), B, std::move(on_file));
 }
 
 template <size_t D>
 std::unique_ptr<PerSampleGrads> ConvImpl<D>::make_grads(std::vector<Call<ConvSaved>> calls) {
   const auto& options = this->options;
-  std::vector<torch::Tensor> inputs, grad_outputs;
   // Every call pads alike: the padding passed to the convolution is the first call's.
-  const auto pad = calls.front().saved.padding;
-  for (auto& c : calls) {
-    inputs.push_back(std::move(c.saved.input));
-    grad_outputs.push_back(std::move(c.grad_outputs.at(0)));
-  }
   grad_sample::ConvGeometry geometry;
   geometry.kernel = at::IntArrayRef(options.kernel_size()).vec();
   geometry.stride = at::IntArrayRef(options.stride()).vec();
-  geometry.padding = pad;
+  geometry.padding = calls.front().saved.padding;
   geometry.dilation = at::IntArrayRef(options.dilation()).vec();
   geometry.groups = options.groups();
-  return std::make_unique<grad_sample::ConvGrads>(
-      std::move(inputs), std::move(grad_outputs), weight.detach(), detail::trainable(weight),
-      detail::trainable(bias), std::move(geometry), this->norm_method());
+  const bool train_weight = detail::trainable(weight), train_bias = detail::trainable(bias);
+  bool any_reduced = false;
+  for (const auto& c : calls) any_reduced = any_reduced || c.saved.reduced;
+  if (!any_reduced) {
+    std::vector<torch::Tensor> inputs, grad_outputs;
+    for (auto& c : calls) {
+      inputs.push_back(std::move(c.saved.input));
+      grad_outputs.push_back(std::move(c.grad_outputs.at(0)));
+    }
+    return std::make_unique<grad_sample::ConvGrads>(std::move(inputs), std::move(grad_outputs),
+                                                    weight.detach(), train_weight, train_bias,
+                                                    std::move(geometry), this->norm_method());
+  }
+  // Some call kept its per-sample gradients: form the others' too (chunked alike), and add them
+  // up chunk by chunk.
+  std::vector<torch::Tensor> ws;
+  torch::Tensor bs;
+  for (auto& c : calls) {
+    if (!c.saved.reduced) {
+      const auto& g = c.grad_outputs.at(0);
+      if (train_weight) {
+        c.saved.weight_samples = grad_sample::conv_weight_sample_chunks(
+            c.saved.input, g, weight.detach(), geometry, grad_sample::ConvGrads::kChunkBytes);
+      }
+      if (train_bias) c.saved.bias_samples = g.flatten(2).sum(2);
+    }
+    if (train_weight) {
+      if (ws.empty()) {
+        ws = std::move(c.saved.weight_samples);
+      } else {
+        for (size_t i = 0; i < ws.size(); ++i) ws[i].add_(c.saved.weight_samples.at(i));
+      }
+    }
+    if (train_bias) bs = bs.defined() ? bs.add_(c.saved.bias_samples) : c.saved.bias_samples;
+  }
+  std::vector<std::string> names;
+  std::vector<std::vector<torch::Tensor>> samples;
+  if (train_weight) {
+    names.emplace_back("weight");
+    samples.push_back(std::move(ws));
+  }
+  if (train_bias) {
+    names.emplace_back("bias");
+    samples.push_back({std::move(bs)});
+  }
+  return std::make_unique<grad_sample::MaterializedGrads>(std::move(names), std::move(samples));
 }
 
 template class ConvImpl<1>;

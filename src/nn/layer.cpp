@@ -148,6 +148,7 @@ TensorList PerSampleLayer::taped(const TensorList& inputs,
   call->layer = as_module().name();
   for (const auto& t : inputs) {
     if (!t.defined()) continue;
+    if (!t.requires_grad() || !t.is_leaf()) tape_->recorded_bytes += t.numel() * t.element_size();
     call->watched.push_back(t.detach());
     call->versions.push_back(t._version());
   }
@@ -155,7 +156,11 @@ TensorList PerSampleLayer::taped(const TensorList& inputs,
   TensorList defined;
   defined.reserve(inputs.size());
   for (const auto& t : inputs) defined.push_back(t.defined() ? t : torch::empty({0}));
-  return detail::TapedFunction::apply(at::TensorList(defined), compute, call);
+  auto outputs = detail::TapedFunction::apply(at::TensorList(defined), compute, call);
+  for (const auto& t : outputs) {
+    if (t.defined()) tape_->recorded_bytes += t.numel() * t.element_size();
+  }
+  return outputs;
 }
 
 }  // namespace dptorch::nn

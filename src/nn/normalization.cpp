@@ -2,6 +2,8 @@
 
 #include <torch/torch.h>
 
+#include "grad_sample/cpu_kernels.h"
+#include "grad_sample/rules_internal.h"
 #include "nn/layers_internal.h"
 
 #include <functional>
@@ -11,19 +13,32 @@ namespace {
 
 using grad_sample::PerSampleGrads;
 
-// Affine rule of a norm layer: per-sample gradients from the normalised input and grad_output,
-// both as [B, R, P] (sum over R) with the parameters shaped `param_shape`.
-std::unique_ptr<PerSampleGrads> affine_grads(
-    const std::vector<Call<NormSaved>>& calls, const torch::Tensor& weight,
-    const torch::Tensor& bias,
-    const std::function<torch::Tensor(const torch::Tensor&, int64_t)>& to_brp_layout) {
+// Per-sample affine gradients of one call, from its normalised input and output gradient, both
+// seen as [B, R, P] by `to_brp_layout` (summed over R, P the parameters' elements): formed when
+// backward files the call, which then holds [B, P] results instead of two activations.
+using BrpLayout = std::function<torch::Tensor(const torch::Tensor&, int64_t)>;
+FileHook<NormSaved> reduce_affine(BrpLayout to_brp_layout) {
+  return [to_brp_layout = std::move(to_brp_layout)](Call<NormSaved>& call) {
+    auto& saved = call.saved;
+    if (!saved.normalized.defined() || !call.grad_outputs.at(0).defined()) return;
+    auto xh = to_brp_layout(saved.normalized, saved.batch_dim);
+    auto g = to_brp_layout(call.grad_outputs.at(0), saved.batch_dim);
+    saved.weight_samples = (g * xh).sum(1);
+    saved.bias_samples = g.sum(1);
+    saved.normalized = torch::Tensor();
+    call.grad_outputs.clear();
+  };
+}
+
+// Affine rule of a norm layer: the calls' per-sample results added up, shaped as the parameters.
+std::unique_ptr<PerSampleGrads> affine_grads(const std::vector<Call<NormSaved>>& calls,
+                                             const torch::Tensor& weight,
+                                             const torch::Tensor& bias) {
   torch::Tensor gw, gb;
   for (const auto& c : calls) {
-    auto xh = to_brp_layout(c.saved.normalized, c.saved.batch_dim);
-    auto g = to_brp_layout(c.grad_outputs.at(0), c.saved.batch_dim);
-    auto w = (g * xh).sum(1), b = g.sum(1);
-    gw = gw.defined() ? gw + w : w;
-    gb = gb.defined() ? gb + b : b;
+    TORCH_INTERNAL_ASSERT(c.saved.weight_samples.defined(), "a norm layer's call was not reduced");
+    gw = gw.defined() ? gw + c.saved.weight_samples : c.saved.weight_samples;
+    gb = gb.defined() ? gb + c.saved.bias_samples : c.saved.bias_samples;
   }
   std::vector<std::string> names;
   std::vector<torch::Tensor> samples;
@@ -83,19 +98,22 @@ torch::Tensor LayerNormImpl::forward(const torch::Tensor& input) {
   TORCH_CHECK(leading >= 1, "dptorch::nn::LayerNorm needs a batch dimension before the ",
               "normalized shape to record per-sample gradients, but got shape ", input.sizes());
   auto xhat = torch::layer_norm(input, shape, {}, {}, options.eps());
-  NormSaved saved{xhat.detach(), batch_dim(leading)};
+  NormSaved saved;
+  saved.normalized = xhat.detach();
+  saved.batch_dim = batch_dim(leading);
   const int64_t B = input.size(saved.batch_dim);
   const auto w = weight.detach();
+  const auto trailing = static_cast<int64_t>(shape.size());
   return record(
       xhat, {weight, bias}, [&] { return affine(xhat, weight, bias); },
-      [w](const torch::Tensor& g) { return w.defined() ? g * w : g; }, std::move(saved), B);
+      [w](const torch::Tensor& g) { return w.defined() ? g * w : g; }, std::move(saved), B,
+      reduce_affine([trailing](const torch::Tensor& x, int64_t bd) {
+        return detail::to_brp(x, bd, trailing);
+      }));
 }
 
 std::unique_ptr<PerSampleGrads> LayerNormImpl::make_grads(std::vector<Call<NormSaved>> calls) {
-  const auto trailing = static_cast<int64_t>(options.normalized_shape().size());
-  return affine_grads(calls, weight, bias, [trailing](const torch::Tensor& x, int64_t bd) {
-    return detail::to_brp(x, bd, trailing);
-  });
+  return affine_grads(calls, weight, bias);
 }
 
 // ----------------------------------------------------------------------------------- GroupNorm
@@ -114,17 +132,62 @@ torch::Tensor GroupNormImpl::forward(const torch::Tensor& input) {
   if (!recording({&weight, &bias})) return twin().forward(input);
   TORCH_CHECK(input.dim() >= 2, "dptorch::nn::GroupNorm needs input [B, C, *], got shape ",
               input.sizes());
-  auto xhat = torch::group_norm(input, options.num_groups(), {}, {}, options.eps());
-  const auto w = per_channel(weight, input.dim()), b = per_channel(bias, input.dim());
-  const auto wd = w.defined() ? w.detach() : w;
+  const int64_t N = input.size(0), C = input.size(1), G = options.num_groups();
+  TORCH_CHECK(C == options.num_channels(), "dptorch::nn::GroupNorm expected ",
+              options.num_channels(), " channels, but got input of shape ", input.sizes());
+  const int64_t HxW = N * C > 0 ? input.numel() / (N * C) : 1;
+  const double eps = options.eps();
+  const auto x = input.contiguous();
+  // The fused kernel torch::group_norm runs, keeping its statistics: backward needs only the
+  // input (which autograd would hold anyway), the mean and 1/std of each (sample, group).
+  struct Stats {
+    torch::Tensor mean, rstd;
+  };
+  auto stats = std::make_shared<Stats>();
+  const auto xd = x.detach();
+  const auto wd = weight.defined() ? weight.detach() : weight;
+  auto input_grad = [xd, wd, stats, N, C, HxW, G](const torch::Tensor& g) {
+    return std::get<0>(at::native_group_norm_backward(g.contiguous(), xd, stats->mean, stats->rstd,
+                                                      wd, N, C, HxW, G, {true, false, false}));
+  };
+  FileHook<NormSaved> on_file = [xd, stats, N, C, HxW, G](Call<NormSaved>& call) {
+    const auto g = call.grad_outputs.at(0).contiguous();
+    if (!g.defined()) return;
+    auto& saved = call.saved;
+    if (grad_sample::detail::cpu_kernel_dtype(xd) && g.scalar_type() == xd.scalar_type() &&
+        stats->mean.scalar_type() == xd.scalar_type()) {
+      saved.weight_samples = torch::empty({N, C}, xd.options());
+      saved.bias_samples = torch::empty({N, C}, xd.options());
+      const auto mean = stats->mean.contiguous(), rstd = stats->rstd.contiguous();
+      AT_DISPATCH_FLOATING_TYPES(xd.scalar_type(), "group_norm_affine_samples", [&] {
+        grad_sample::cpu::group_norm_affine_samples(
+            g.data_ptr<scalar_t>(), xd.data_ptr<scalar_t>(), mean.data_ptr<scalar_t>(),
+            rstd.data_ptr<scalar_t>(), N * C, HxW, C, C / G,
+            saved.weight_samples.data_ptr<scalar_t>(), saved.bias_samples.data_ptr<scalar_t>());
+      });
+    } else {
+      const auto xhat = ((xd.reshape({N, G, -1}) - stats->mean.reshape({N, G, 1})) *
+                         stats->rstd.reshape({N, G, 1}))
+                            .reshape({N, C, HxW});
+      const auto g3 = g.reshape({N, C, HxW});
+      saved.weight_samples = (g3 * xhat.to(g3.scalar_type())).sum(2);
+      saved.bias_samples = g3.sum(2);
+    }
+    call.grad_outputs.clear();
+  };
   return record(
-      xhat, {weight, bias}, [&] { return affine(xhat, w, b); },
-      [wd](const torch::Tensor& g) { return wd.defined() ? g * wd : g; },
-      NormSaved{xhat.detach(), 0}, input.size(0));
+      x, {weight, bias},
+      [&] {
+        auto [y, mean, rstd] = at::native_group_norm(x, weight, bias, N, C, HxW, G, eps);
+        stats->mean = mean;
+        stats->rstd = rstd;
+        return y;
+      },
+      std::move(input_grad), NormSaved{}, N, std::move(on_file));
 }
 
 std::unique_ptr<PerSampleGrads> GroupNormImpl::make_grads(std::vector<Call<NormSaved>> calls) {
-  return affine_grads(calls, weight, bias, channels_last_brp);
+  return affine_grads(calls, weight, bias);
 }
 
 // ----------------------------------------------------------------------------------- InstanceNorm
@@ -157,16 +220,18 @@ torch::Tensor InstanceNormImpl<D>::forward(const torch::Tensor& input) {
                                    options.momentum(), options.eps(), false);
   const auto w = per_channel(weight, input.dim()), b = per_channel(bias, input.dim());
   const auto wd = w.defined() ? w.detach() : w;
+  NormSaved saved;
+  saved.normalized = xhat.detach();
   return this->record(
       xhat, {weight, bias}, [&] { return affine(xhat, w, b); },
-      [wd](const torch::Tensor& g) { return wd.defined() ? g * wd : g; },
-      NormSaved{xhat.detach(), 0}, input.size(0));
+      [wd](const torch::Tensor& g) { return wd.defined() ? g * wd : g; }, saved, input.size(0),
+      reduce_affine(channels_last_brp));
 }
 
 template <size_t D>
 std::unique_ptr<PerSampleGrads> InstanceNormImpl<D>::make_grads(
     std::vector<Call<NormSaved>> calls) {
-  return affine_grads(calls, weight, bias, channels_last_brp);
+  return affine_grads(calls, weight, bias);
 }
 
 template class InstanceNormImpl<1>;

@@ -266,8 +266,8 @@ TEST(ConvGrads, ChunksOfSamplesGiveTheSameResults) {
     grads.push_back(torch::randn_like(out));
   }
   auto w = torch::rand({7}, opts);
-  for (auto method : {NormMethod::kGhost, NormMethod::kMaterialize}) {
-    SCOPED_TRACE(method == NormMethod::kGhost ? "ghost" : "materialize");
+  for (auto method : {grad_sample::ConvPath::kGhost, grad_sample::ConvPath::kMaterialize}) {
+    SCOPED_TRACE(grad_sample::to_string(method));
     grad_sample::ConvGrads whole(inputs, grads, weight, true, true, geo, method, int64_t{1} << 40);
     for (int64_t bytes : {1, 20000}) {  // one sample per chunk; chunks of 2-3 samples
       grad_sample::ConvGrads chunked(inputs, grads, weight, true, true, geo, method, bytes);

@@ -200,8 +200,9 @@ struct FusedCase {
 
 class FusedConvNorms : public ::testing::TestWithParam<FusedCase> {};
 
-// kMaterialize takes the fused CPU loop (groups 1); kGhost the unfolded chunks. Two records of
-// different sizes, as a layer called on two inputs.
+// The three paths give the same norms: the fused CPU loop (groups 1), the grouped-convolution
+// materialisation, and ghost norms over unfolded chunks. Two records of different sizes, as a
+// layer called on two inputs.
 TEST_P(FusedConvNorms, EqualGhostNorms) {
   const auto& c = GetParam();
   torch::manual_seed(21);
@@ -223,10 +224,14 @@ TEST_P(FusedConvNorms, EqualGhostNorms) {
                                  false, std::vector<int64_t>(geo.kernel.size(), 0), 1);
       grads.push_back(torch::randn_like(out));
     }
-    gs::ConvGrads fused(inputs, grads, weight, true, false, geo, NormMethod::kMaterialize);
-    gs::ConvGrads ghost(inputs, grads, weight, true, false, geo, NormMethod::kGhost);
+    gs::ConvGrads fused(inputs, grads, weight, true, false, geo, gs::ConvPath::kFused);
+    gs::ConvGrads ghost(inputs, grads, weight, true, false, geo, gs::ConvPath::kGhost);
+    gs::ConvGrads mat(inputs, grads, weight, true, false, geo, gs::ConvPath::kMaterialize);
+    ASSERT_EQ(fused.path(), gs::ConvPath::kFused);
     const auto n_fused = fused.norm_sq().at(0), n_ghost = ghost.norm_sq().at(0);
     EXPECT_TRUE(tensors_close(n_fused, n_ghost, dtype == torch::kDouble ? 1e-12 : 1e-5));
+    EXPECT_TRUE(
+        tensors_close(mat.norm_sq().at(0), n_ghost, dtype == torch::kDouble ? 1e-12 : 1e-5));
     // And the norms of the materialised per-sample gradients.
     EXPECT_TRUE(tensors_close(n_fused, fused.materialize().at(0).flatten(1).square().sum(1),
                               dtype == torch::kDouble ? 1e-12 : 1e-5));
@@ -255,10 +260,34 @@ INSTANTIATE_TEST_SUITE_P(
         FusedCase{{4, 3, 20}, {6, 3, 5}, {2}, {1}, {1}},
         FusedCase{{4, 2, 15}, {9, 2, 3}, {1}, {0}, {3}}));
 
-TEST(FusedConvNorms, CostModel) {
-  EXPECT_TRUE(gs::fused_conv_is_cheaper(169, 64, 16));    // the CNN's conv1
-  EXPECT_TRUE(gs::fused_conv_is_cheaper(25, 256, 32));    // and conv2
-  EXPECT_FALSE(gs::fused_conv_is_cheaper(1, 4608, 512));  // 3×3 over 512 channels on 1×1: ghost
+// The cost model on the layers whose timings calibrated it (docs/performance.md, per-layer table).
+TEST(ConvCostModel, PicksThePathsMeasuredFastest) {
+  auto plan = [](int64_t B, int64_t C, int64_t T, int64_t k2, int64_t p, bool may_keep) {
+    gs::ConvShape s;
+    s.batch = B;
+    s.in_channels = C;
+    s.positions = T;
+    s.patch = C * k2;
+    s.out_channels = p;
+    s.fused_available = true;
+    return gs::plan_conv(s, NormMethod::kAuto, may_keep);
+  };
+  EXPECT_EQ(plan(256, 1, 144, 64, 16, false).path, gs::ConvPath::kFused);       // the CNN's conv1
+  EXPECT_EQ(plan(64, 16, 1024, 9, 16, true).path, gs::ConvPath::kMaterialize);  // ResNet stage 1
+  EXPECT_TRUE(plan(64, 16, 1024, 9, 16, true).keep);
+  EXPECT_FALSE(plan(64, 16, 1024, 9, 16, false).keep);
+  EXPECT_EQ(plan(8, 512, 1, 9, 512, false).path, gs::ConvPath::kGhost);  // 3×3 on 1×1, 512 wide
+  // Forced paths are taken whatever they cost; only kMaterialize keeps.
+  gs::ConvShape s;
+  s.batch = 8;
+  s.in_channels = 512;
+  s.positions = 1;
+  s.patch = 512 * 9;
+  s.out_channels = 512;
+  EXPECT_EQ(gs::plan_conv(s, NormMethod::kMaterialize, true).path, gs::ConvPath::kMaterialize);
+  EXPECT_TRUE(gs::plan_conv(s, NormMethod::kMaterialize, true).keep);
+  EXPECT_EQ(gs::plan_conv(s, NormMethod::kGhost, true).path, gs::ConvPath::kGhost);
+  EXPECT_FALSE(gs::plan_conv(s, NormMethod::kGhost, true).keep);
 }
 
 }  // namespace

@@ -18,11 +18,75 @@ namespace dptorch::grad_sample {
 // ---------------------------------------------------------------------------------------------
 // Convolutions: unfolded to the linear-like form, T = output positions.
 
-/// Whether a convolution's (groups = 1, on the CPU) per-sample norms are cheaper by the fused
-/// loop, which forms G_i tile by tile from the input (T·d·p multiply-adds at about twice the
-/// speed of the ghost norms' batched Gram products, measured in bench/grad_sample_rules_bench),
-/// than by ghost norms: d·p <= 2·T·(d + p).
-[[nodiscard]] bool fused_conv_is_cheaper(int64_t T, int64_t d, int64_t p);
+/// How a convolution maps its (already padded) input to its output.
+struct ConvGeometry {
+  std::vector<int64_t> kernel, stride, padding, dilation;
+  int64_t groups = 1;
+};
+
+/// The three ways to a convolution's per-sample weight norms. Each ends in the same clipped
+/// sum Σ_i w_i G_i: from the kept G_i where kMaterialize could keep them, otherwise by the
+/// convolution's own weight-gradient kernel on the per-sample weighted output gradient.
+enum class ConvPath {
+  /// G_i for a chunk of samples at a time, as the weight gradient of one grouped convolution
+  /// (the batch folded into the groups): the library's fastest convolution kernel does the work.
+  kMaterialize,
+  /// ‖G_i‖² by a CPU loop that forms G_i one register tile at a time (groups 1, 1-D or 2-D, float
+  /// or double, on the CPU); no memory beyond one sample's patches per thread.
+  kFused,
+  /// ‖G_i‖² = Σ_{t,s} (a_t·a_s)(g_t·g_s) from the Gram matrices of patches and output gradients.
+  kGhost,
+};
+
+/// The name of a path: "materialize", "fused", "ghost".
+[[nodiscard]] const char* to_string(ConvPath path);
+
+/// The shape of one convolution call, as the cost model sees it.
+struct ConvShape {
+  int64_t batch = 0;         // B
+  int64_t positions = 0;     // T: output positions
+  int64_t patch = 0;         // d: C/G · k1·…·kD, one group's patch
+  int64_t out_channels = 0;  // p, all groups
+  int64_t groups = 1;        // G
+  int64_t in_channels = 0;   // C, all groups
+  bool fused_available = false;
+};
+
+/// The cost model's estimates (ms, on one core of the machine it was calibrated on: see
+/// docs/performance.md) of the norms plus the clipped sum by each path, and its choice.
+struct ConvPlan {
+  ConvPath path = ConvPath::kMaterialize;
+  /// Whether kMaterialize keeps G_i for the clipped sum (it may when memory allows).
+  bool keep = false;
+  double materialize_ms = 0, fused_ms = 0, ghost_ms = 0;
+};
+
+/// Plans one call. `method` forces a path (kGhost; kMaterialize) or leaves it to the cost model
+/// (kAuto); `may_keep` says whether memory allows keeping the B·p·d per-sample gradients.
+[[nodiscard]] ConvPlan plan_conv(const ConvShape& shape, NormMethod method, bool may_keep);
+
+/// Whether a convolution's weight norms can run in the fused CPU loop: groups 1, 1-D or 2-D,
+/// float or double input on the CPU.
+[[nodiscard]] bool fused_conv_available(const torch::Tensor& input, int64_t spatial_dims,
+                                        int64_t groups);
+
+/// Per-sample weight gradients [B, p, C/G, k...] of a convolution: `input` [B, C, S...] (already
+/// padded as the call saw it), `grad_output` [B, p, L...], `weight` the layer's weight (its shape
+/// and dtype). One call of the convolution's own weight-gradient kernel with the batch folded
+/// into the groups, so it runs wherever the convolution runs (any device, dtype, 1-D to 3-D).
+[[nodiscard]] torch::Tensor conv_weight_samples(const torch::Tensor& input,
+                                                const torch::Tensor& grad_output,
+                                                const torch::Tensor& weight,
+                                                const ConvGeometry& geometry);
+
+/// conv_weight_samples a chunk of samples at a time, each chunk's result [n, p, C/G, k...] near
+/// `chunk_bytes` (at least one sample), so that the kernel's own temporaries stay small too.
+/// Calls with the same batch size and weight are chunked alike.
+[[nodiscard]] std::vector<torch::Tensor> conv_weight_sample_chunks(const torch::Tensor& input,
+                                                                   const torch::Tensor& grad_output,
+                                                                   const torch::Tensor& weight,
+                                                                   const ConvGeometry& geometry,
+                                                                   int64_t chunk_bytes);
 
 /// Unfolds a convolution input [B, C, S1..SD] into [B, T, C·k1..kD] patches, T = number of
 /// output positions, columns in the order of the weight's [C, k1..kD] layout. Works for any D.
@@ -33,19 +97,10 @@ namespace dptorch::grad_sample {
                                            at::IntArrayRef stride, at::IntArrayRef padding,
                                            at::IntArrayRef dilation);
 
-/// How a convolution maps its (already padded) input to its output.
-struct ConvGeometry {
-  std::vector<int64_t> kernel, stride, padding, dilation;
-  int64_t groups = 1;
-};
-
-/// Rule for convolutions. On the CPU (float or double, 1-D or 2-D, groups = 1) the weight's
-/// per-sample norms come from a fused loop that forms each G_i one register tile at a time from
-/// the sample's patches and never stores it, when fused_conv_is_cheaper (kAuto) or always
-/// (kMaterialize). Otherwise they unfold the input a few samples at a time (each chunk's
-/// temporaries stay near kChunkBytes), so the [B, T, C·k...] patch tensor is never formed whole.
-/// The clipped sum is the convolution's own weight gradient of the per-sample weighted output
-/// gradient, the same kernel the non-private backward runs.
+/// Rule for convolutions whose per-sample gradients were not kept while backward ran (see
+/// nn::ConvImpl): the weight's norms by the path of `plan`, a chunk of samples at a time (each
+/// chunk's temporaries stay near kChunkBytes); the clipped sum by the convolution's own weight
+/// gradient of the per-sample weighted output gradient, the kernel the non-private backward runs.
 class ConvGrads final : public PerSampleGrads {
  public:
   /// Bytes the temporaries of one chunk of samples aim at, by default.
@@ -58,6 +113,14 @@ class ConvGrads final : public PerSampleGrads {
   ConvGrads(std::vector<torch::Tensor> inputs, std::vector<torch::Tensor> grad_outputs,
             torch::Tensor weight, bool train_weight, bool has_bias, ConvGeometry geometry,
             NormMethod method, int64_t chunk_bytes = kChunkBytes);
+  /// The same with the path given (kFused where unavailable falls back to kMaterialize).
+  ConvGrads(std::vector<torch::Tensor> inputs, std::vector<torch::Tensor> grad_outputs,
+            torch::Tensor weight, bool train_weight, bool has_bias, ConvGeometry geometry,
+            ConvPath path, int64_t chunk_bytes = kChunkBytes);
+  /// The path the weight's norms take.
+  [[nodiscard]] ConvPath path() const { return path_; }
+  /// The shape of the recorded calls (T summed over calls).
+  [[nodiscard]] ConvShape shape() const;
   std::vector<std::string> names() const override;
   std::vector<torch::Tensor> norm_sq() override;
   std::vector<torch::Tensor> weighted_sum(const std::vector<torch::Tensor>& w) override;
@@ -71,13 +134,15 @@ class ConvGrads final : public PerSampleGrads {
       const std::function<torch::Tensor(LinearLikeGrads&)>& weight_result) const;
   /// Samples per chunk, from the per-sample sizes of the largest temporaries.
   [[nodiscard]] int64_t chunk_size() const;
+  /// G_i of samples [begin, end), summed over the recorded calls.
+  [[nodiscard]] torch::Tensor samples(int64_t begin, int64_t end) const;
   const torch::Tensor& bias_samples();
 
   std::vector<torch::Tensor> inputs_, grad_outputs_;
   torch::Tensor weight_;
   bool train_weight_, has_bias_;
   ConvGeometry geometry_;
-  NormMethod method_;
+  ConvPath path_;
   int64_t chunk_bytes_;
   torch::Tensor bias_samples_;  // [B, C_out]
 };

@@ -34,22 +34,25 @@ class PerSampleGrads {
   [[nodiscard]] virtual std::vector<torch::Tensor> materialize() = 0;
 };
 
-/// Rule for parameters whose per-sample gradients are small enough to hold (norm layers'
-/// affine parameters): they are formed once and everything else follows from them.
+/// Rule for per-sample gradients formed once and held (norm layers' affine parameters, and
+/// convolutions whose cost model kept them): norms and sums follow from them.
 class MaterializedGrads final : public PerSampleGrads {
  public:
   /// One [B, param shape...] tensor per named parameter.
   MaterializedGrads(std::vector<std::string> names, std::vector<torch::Tensor> samples);
+  /// Per named parameter, its per-sample gradients as consecutive chunks of samples
+  /// ([B_1, param shape...], [B_2, ...], ...), which are never concatenated for norms and sums.
+  MaterializedGrads(std::vector<std::string> names, std::vector<std::vector<torch::Tensor>> chunks);
   std::vector<std::string> names() const override { return names_; }
   std::vector<torch::Tensor> norm_sq() override;
   std::vector<torch::Tensor> weighted_sum(const std::vector<torch::Tensor>& w) override;
   void add_weighted_sum_to(const std::vector<torch::Tensor>& w,
                            const std::vector<torch::Tensor>& out) override;
-  std::vector<torch::Tensor> materialize() override { return samples_; }
+  std::vector<torch::Tensor> materialize() override;
 
  private:
   std::vector<std::string> names_;
-  std::vector<torch::Tensor> samples_;
+  std::vector<std::vector<torch::Tensor>> chunks_;
 };
 
 }  // namespace dptorch::grad_sample

@@ -20,10 +20,15 @@ using TorchConv =
 }  // namespace detail
 
 /// What a convolution saves per call: its input after explicit padding, and the padding left
-/// to the convolution itself.
+/// to the convolution itself. A call whose per-sample gradients were formed while backward ran
+/// holds them instead (weight: chunks [n, p, C/G, k...] of samples where the weight is
+/// trainable; bias [B, p] where the bias is), and no input.
 struct ConvSaved {
   torch::Tensor input;
   std::vector<int64_t> padding;
+  bool reduced = false;
+  std::vector<torch::Tensor> weight_samples;
+  torch::Tensor bias_samples;
 };
 
 /// Twin of torch::nn::Conv1d/2d/3d: every stride, padding ("same" and "valid" included), padding

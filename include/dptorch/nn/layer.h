@@ -36,6 +36,26 @@ struct Tape {
   NormMethod norm_method = NormMethod::kAuto;
   /// Calls filed by backward since the tape was last cleared.
   std::atomic<int64_t> filed{0};
+  /// Bytes of the inputs and outputs of the calls recorded by forward (the activations the pass
+  /// holds), and bytes of per-sample gradients that
+  /// layers have formed while backward filed their calls (kept for the clipped sum), since the
+  /// tape was last cleared: a layer keeps per-sample gradients only while kept_bytes stays
+  /// within recorded_bytes, so that what it holds never outgrows what the pass recorded.
+  std::atomic<int64_t> recorded_bytes{0}, kept_bytes{0};
+  /// Whether `bytes` more can be kept; if so, counts them as kept.
+  bool try_keep(int64_t bytes) {
+    int64_t kept = kept_bytes.load();
+    while (kept + bytes <= recorded_bytes.load()) {
+      if (kept_bytes.compare_exchange_weak(kept, kept + bytes)) return true;
+    }
+    return false;
+  }
+  /// Forgets filed calls and both byte counts.
+  void reset() {
+    filed = 0;
+    recorded_bytes = 0;
+    kept_bytes = 0;
+  }
 };
 
 }  // namespace detail
@@ -98,6 +118,9 @@ class PerSampleLayer {
   [[nodiscard]] int64_t batch_dim(int64_t leading_dims) const;
   /// The norm method the tape asks for.
   [[nodiscard]] NormMethod norm_method() const;
+  /// The tape the layer is attached to (null when detached): what a call's file hook may
+  /// capture to ask whether it can keep per-sample gradients (Tape::try_keep).
+  [[nodiscard]] const std::shared_ptr<detail::Tape>& tape() const { return tape_; }
 
   /// Runs `compute()` once, now, as one custom autograd function whose inputs are `inputs` (data
   /// and parameters alike; undefined ones allowed). Autograd forms no gradient for a parameter:
@@ -122,6 +145,12 @@ struct Call {
   int64_t batch_size = 0;
 };
 
+/// Runs when backward files a call, before the call is stored: it may reduce the call at once
+/// (form the call's per-sample gradients into its payload and drop the inputs and output
+/// gradients it no longer needs), so that memory is freed as backward proceeds.
+template <class Payload>
+using FileHook = std::function<void(Call<Payload>&)>;
+
 /// A layer that records its calls with a payload of type `Payload` and turns the calls of one
 /// backward pass into a rule. A user's own layer derives from it (with torch::nn::Cloneable):
 /// its forward calls `record(...)` when `recording()` says so, and `make_grads` is its rule
@@ -141,16 +170,19 @@ class RecordingLayer : public PerSampleLayer {
       std::vector<Call<Payload>> calls) = 0;
 
   /// Records a call with any number of inputs and outputs (see PerSampleLayer::taped); `saved`
-  /// is filed with the gradients of the outputs when backward reaches it.
+  /// is filed with the gradients of the outputs when backward reaches it, after `on_file` (if
+  /// any) has run on the call.
   TensorList record(const TensorList& inputs, const std::function<TensorList()>& compute,
-                    InputGradients input_gradients, Payload saved, int64_t batch_size) {
+                    InputGradients input_gradients, Payload saved, int64_t batch_size,
+                    FileHook<Payload> on_file = nullptr) {
     auto call = std::make_shared<Call<Payload>>();
     call->saved = std::move(saved);
     call->batch_size = batch_size;
     std::weak_ptr<Sink> sink = sink_;
     return taped(inputs, compute, std::move(input_gradients),
-                 [sink, call](TensorList grad_outputs) {
+                 [sink, call, on_file = std::move(on_file)](TensorList grad_outputs) {
                    call->grad_outputs = std::move(grad_outputs);
+                   if (on_file && !sink.expired()) on_file(*call);
                    if (auto s = sink.lock()) {
                      std::lock_guard<std::mutex> lock(s->mutex);
                      s->calls.push_back(std::move(*call));
@@ -163,7 +195,7 @@ class RecordingLayer : public PerSampleLayer {
   torch::Tensor record(const torch::Tensor& input, std::initializer_list<torch::Tensor> params,
                        const std::function<torch::Tensor()>& compute,
                        std::function<torch::Tensor(const torch::Tensor&)> input_grad, Payload saved,
-                       int64_t batch_size) {
+                       int64_t batch_size, FileHook<Payload> on_file = nullptr) {
     TensorList inputs{input};
     inputs.insert(inputs.end(), params.begin(), params.end());
     InputGradients grads;
@@ -177,7 +209,7 @@ class RecordingLayer : public PerSampleLayer {
     }
     return record(
                inputs, [&] { return TensorList{compute()}; }, std::move(grads), std::move(saved),
-               batch_size)
+               batch_size, std::move(on_file))
         .front();
   }
 

@@ -26,6 +26,9 @@ using TorchInstanceNorm = std::conditional_t<
 struct NormSaved {
   torch::Tensor normalized;
   int64_t batch_dim = 0;
+  /// Per-sample gradients of the affine weight and bias (flattened to [B, params]), formed when
+  /// backward files the call; `normalized` is then dropped.
+  torch::Tensor weight_samples, bias_samples;
 };
 
 /// Twin of torch::nn::LayerNorm.
