@@ -77,7 +77,8 @@ void conv_cases() {
     auto g = torch::randn_like(at::convolution(x, weight, {}, st, pad, dil, false, {0, 0}, 1));
     auto w = torch::rand({c.batch});
     const int64_t T = g.size(2) * g.size(3), d = c.channels * c.kernel * c.kernel;
-    gs::ConvShape shape{c.batch, T, d, c.out_channels, 1, c.channels, true};
+    gs::ConvShape shape{
+        c.batch, T, d, c.out_channels, 1, c.channels, c.channels * c.size * c.size, c.kernel, true};
     std::printf("%s, B=%lld: T=%lld d=%lld p=%lld, kAuto takes %s\n", c.name,
                 static_cast<long long>(c.batch), static_cast<long long>(T),
                 static_cast<long long>(d), static_cast<long long>(c.out_channels),

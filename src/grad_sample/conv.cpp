@@ -6,6 +6,7 @@
 #include "grad_sample/rules_internal.h"
 
 #include <algorithm>
+#include <cmath>
 #include <limits>
 #include <optional>
 #include <vector>
@@ -138,25 +139,40 @@ const char* to_string(ConvPath path) {
 
 namespace {
 
-// The cost model's speeds, in multiply-adds per ns (GMAC/s) on one core, calibrated with
-// bench/grad_sample_rules_bench --cases conv-paths (docs/performance.md has the table). Only
-// their ratios matter for the choice.
-// The weight-gradient kernel of the non-private backward (the clipped sum of kFused and kGhost).
-constexpr double kWeightGradSpeed = 90;
-// kFused's tile loop.
-constexpr double kFusedSpeed = 25;
-// kGhost's Gram products (batched, small).
-constexpr double kGramSpeed = 35;
-// Bytes per ns streamed by the norms and the sum over kept per-sample gradients, and by copies.
-constexpr double kStreamSpeed = 15;
+// The cost model, fitted to the per-layer timings of bench/grad_sample_rules_bench --cases
+// conv-paths on one core (docs/performance.md has the table). Speeds are multiply-adds per ns
+// (GMAC/s), streams bytes per ns; only their ratios matter for the choice.
+// The weight-gradient kernel of the non-private backward: the clipped sum of kFused, kGhost and
+// of kMaterialize when it could not keep G_i.
+constexpr double kWeightGradSpeed = 80;
+// Gram products of kGhost (batched, small).
+constexpr double kGramSpeed = 38;
+// Reading input and output gradient once more (every path but a kept kMaterialize passes over
+// them twice: norms, then the sum), and the unfold of kGhost.
+constexpr double kReadSpeed = 10, kUnfoldSpeed = 15;
+// The norms and the sum over kept G_i.
+constexpr double kKeptSpeed = 40;
+// Fixed cost of one sample's group in the grouped convolution (ns).
+constexpr double kGroupOverhead = 2000;
 
-// kMaterialize's grouped convolution: a group of few input channels leaves the kernel's vector
-// lanes idle, which it pays for in speed.
-double grouped_speed(int64_t channels_per_group) {
-  if (channels_per_group >= 16) return 65;
-  if (channels_per_group >= 8) return 35;
-  return 10;
+// kMaterialize's grouped convolution: the kernel runs at full speed on groups of 16 input
+// channels or more over 256 output positions or more; fewer positions shorten its inner loops,
+// fewer channels leave vector lanes idle (there, more output channels per group help).
+double grouped_speed(double T, int64_t channels_per_group, double p) {
+  const double full = std::min(65.0, 80.0 * std::sqrt(T / 256.0));
+  if (channels_per_group >= 16) return full;
+  if (channels_per_group >= 8) return 0.6 * full;
+  return 7.0 * std::min(2.0, p / 16.0);
 }
+
+// kFused's register tile: wide tiles of output channels, long kernel rows.
+double fused_speed(double p, int64_t kernel_width) {
+  const double row = kernel_width >= 4 ? 1.5 : kernel_width == 3 ? 0.9 : 0.5;
+  return (p >= 64 ? 40.0 : 20.0) * row;
+}
+
+// kGhost's batched Gram products: tiny [T, T] products below 64 positions run slower.
+double gram_speed(double T) { return kGramSpeed * std::min(1.0, std::sqrt(T / 64.0)); }
 
 }  // namespace
 
@@ -166,26 +182,28 @@ ConvPlan plan_conv(const ConvShape& s, NormMethod method, bool may_keep) {
   const double G = static_cast<double>(std::max<int64_t>(1, s.groups));
   const int64_t per_group = s.in_channels / std::max<int64_t>(1, s.groups);
   const double macs = B * T * d * p;  // the weight gradient's multiply-adds (all groups)
-  const double to_ms = 1e-6;          // MAC / (MAC per ns) = ns
-  const double sum_ms = macs / kWeightGradSpeed * to_ms;
+  const double to_ms = 1e-6;          // ns -> ms
+  // The second pass over input and output gradient, and the sum by the non-private kernel.
+  const double reread_ms = B * (p * T + static_cast<double>(s.input_size)) * 4 / kReadSpeed * to_ms;
+  const double sum_ms = macs / kWeightGradSpeed * to_ms + reread_ms;
   ConvPlan plan;
-  const double samples_bytes = B * p * d * 4;
-  plan.keep = may_keep;
-  plan.materialize_ms = macs / grouped_speed(per_group) * to_ms +
-                        (may_keep ? 2 * samples_bytes / kStreamSpeed * to_ms : sum_ms);
-  plan.fused_ms = s.fused_available ? macs / kFusedSpeed * to_ms + sum_ms
+  const double grouped_ms =
+      (macs / grouped_speed(T, per_group, p / G) + B * kGroupOverhead) * to_ms;
+  plan.materialize_ms = grouped_ms + (may_keep ? 2 * B * p * d * 4 / kKeptSpeed * to_ms : sum_ms);
+  plan.fused_ms = s.fused_available ? macs / fused_speed(p, s.kernel_width) * to_ms + sum_ms
                                     : std::numeric_limits<double>::infinity();
-  // Gram matrices of one group's patches [T, d] and output gradients [T, p/G], plus the unfold.
-  plan.ghost_ms = (B * G * T * T * (d + p / G)) / kGramSpeed * to_ms +
-                  B * T * d * G * 4 / kStreamSpeed * to_ms + sum_ms;
+  // Gram matrices of one group's patches [T, d] and output gradients [T, p/G], and the unfold.
+  plan.ghost_ms = (B * G * T * T * (d + p / G)) / gram_speed(T) * to_ms +
+                  B * T * d * G * 4 / kUnfoldSpeed * to_ms + sum_ms;
   switch (method) {
     case NormMethod::kMaterialize: plan.path = ConvPath::kMaterialize; break;
     case NormMethod::kGhost: plan.path = ConvPath::kGhost; break;
     case NormMethod::kAuto:
       plan.path = ConvPath::kMaterialize;
       if (plan.fused_ms < plan.materialize_ms) plan.path = ConvPath::kFused;
-      if (plan.ghost_ms < std::min(plan.materialize_ms, plan.fused_ms))
+      if (plan.ghost_ms < std::min(plan.materialize_ms, plan.fused_ms)) {
         plan.path = ConvPath::kGhost;
+      }
       break;
   }
   plan.keep = may_keep && plan.path == ConvPath::kMaterialize;
@@ -297,6 +315,8 @@ ConvShape ConvGrads::shape() const {
   for (const auto& g : grad_outputs_) {
     s.positions += g.numel() / std::max<int64_t>(1, g.size(0) * g.size(1));
   }
+  s.input_size = inputs_.front()[0].numel();
+  s.kernel_width = geometry_.kernel.back();
   s.fused_available = fused_conv_available(
       inputs_.front(), static_cast<int64_t>(geometry_.kernel.size()), geometry_.groups);
   return s;

@@ -91,6 +91,8 @@ torch::Tensor ConvImpl<D>::forward(const torch::Tensor& input) {
         shape.groups = geometry.groups;
         shape.in_channels = input.size(1);
         shape.positions = g.numel() / std::max<int64_t>(1, Bc * w.size(0));
+        shape.input_size = input.numel() / std::max<int64_t>(1, Bc);
+        shape.kernel_width = geometry.kernel.back();
         shape.fused_available = grad_sample::fused_conv_available(
             input, static_cast<int64_t>(geometry.kernel.size()), geometry.groups);
         const int64_t bytes = (train_weight ? w.numel() : 0) * Bc * w.element_size();

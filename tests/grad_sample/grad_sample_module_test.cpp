@@ -116,6 +116,11 @@ std::vector<Case> cases() {
                                                  .padding_mode(torch::kCircular)),
                                   torch::randn({2, 2, 6, 7}));
                }});
+  // Per-sample gradients (576 per sample) larger than the activations the pass records (80):
+  // the tape's budget refuses to keep them, so the rule takes the chunked path after backward.
+  c.push_back({"conv2d_wider_than_its_activations", [] {
+                 return seq_setup(nn::Conv2d(8, 8, 3), torch::randn({3, 8, 3, 3}));
+               }});
   c.push_back({"conv2d_valid", [] {
                  return seq_setup(nn::Conv2d(tnn::Conv2dOptions(2, 3, 3).padding(torch::kValid)),
                                   torch::randn({3, 2, 5, 5}));

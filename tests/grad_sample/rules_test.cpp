@@ -7,6 +7,7 @@
 
 #include <ATen/Parallel.h>
 
+#include <algorithm>
 #include <mutex>
 #include <set>
 #include <string>
@@ -260,6 +261,69 @@ INSTANTIATE_TEST_SUITE_P(
         FusedCase{{4, 3, 20}, {6, 3, 5}, {2}, {1}, {1}},
         FusedCase{{4, 2, 15}, {9, 2, 3}, {1}, {0}, {3}}));
 
+// conv_weight_samples (one grouped convolution, the batch folded into the groups) against plain
+// autograd on a batch of one, in double, chunked at every boundary.
+struct SamplesCase {
+  std::vector<int64_t> input, weight;  // weight [p, C/G, k...]
+  std::vector<int64_t> stride, padding, dilation;
+  int64_t groups;
+};
+
+class ConvWeightSamples : public ::testing::TestWithParam<SamplesCase> {};
+
+TEST_P(ConvWeightSamples, EqualAutogradOnBatchesOfOneInEveryChunking) {
+  const auto& c = GetParam();
+  torch::manual_seed(31);
+  const auto opts = torch::TensorOptions().dtype(torch::kDouble);
+  auto x = torch::randn(c.input, opts);
+  auto weight = torch::randn(c.weight, opts);
+  const std::vector<int64_t> out_pad(c.stride.size(), 0);
+  auto g = torch::randn_like(
+      at::convolution(x, weight, {}, c.stride, c.padding, c.dilation, false, out_pad, c.groups));
+  const int64_t B = x.size(0);
+  std::vector<torch::Tensor> expected;
+  for (int64_t i = 0; i < B; ++i) {
+    auto w = weight.clone().requires_grad_(true);
+    auto y = at::convolution(x.narrow(0, i, 1), w, {}, c.stride, c.padding, c.dilation, false,
+                             out_pad, c.groups);
+    (y * g.narrow(0, i, 1)).sum().backward();
+    expected.push_back(w.grad());
+  }
+  const auto truth = torch::stack(expected);
+  gs::ConvGeometry geo{std::vector<int64_t>(c.weight.begin() + 2, c.weight.end()), c.stride,
+                       c.padding, c.dilation, c.groups};
+  EXPECT_TRUE(tensors_close(gs::conv_weight_samples(x, g, weight, geo), truth, 1e-10));
+  const int64_t sample_bytes = weight.numel() * weight.element_size();
+  for (int64_t per_chunk : {int64_t{1}, int64_t{2}, B - 1, B + 5}) {
+    SCOPED_TRACE(per_chunk);
+    const auto chunks = gs::conv_weight_sample_chunks(x, g, weight, geo, per_chunk * sample_bytes);
+    const int64_t step = std::min(per_chunk, B);
+    EXPECT_EQ(static_cast<int64_t>(chunks.size()), (B + step - 1) / step);
+    EXPECT_TRUE(tensors_close(torch::cat(chunks), truth, 1e-10));
+    // The rule over the chunks: norms, sums and the gradients themselves.
+    auto w = torch::rand({B}, opts);
+    gs::MaterializedGrads rule({"weight"}, std::vector<std::vector<torch::Tensor>>{chunks});
+    EXPECT_TRUE(tensors_close(rule.norm_sq().at(0), truth.flatten(1).square().sum(1), 1e-10));
+    EXPECT_TRUE(tensors_close(rule.weighted_sum({w}).at(0),
+                              truth.flatten(1).t().mv(w).view(weight.sizes()), 1e-10));
+    EXPECT_TRUE(tensors_close(rule.materialize().at(0), truth, 1e-10));
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    Geometries, ConvWeightSamples,
+    ::testing::Values(
+        // 2-D: stride, padding, dilation, a rectangular kernel, groups (and depthwise), 1×1.
+        SamplesCase{{5, 3, 9, 10}, {4, 3, 3, 3}, {1, 1}, {1, 1}, {1, 1}, 1},
+        SamplesCase{{4, 2, 11, 9}, {5, 2, 5, 3}, {2, 1}, {2, 0}, {1, 2}, 1},
+        SamplesCase{{3, 4, 9, 8}, {6, 2, 3, 3}, {1, 2}, {2, 1}, {2, 1}, 2},
+        SamplesCase{{4, 3, 9, 9}, {3, 1, 3, 3}, {2, 2}, {0, 0}, {1, 1}, 3},
+        SamplesCase{{6, 4, 8, 8}, {8, 4, 1, 1}, {2, 2}, {0, 0}, {1, 1}, 1},
+        // 1-D and 3-D.
+        SamplesCase{{5, 3, 20}, {6, 3, 5}, {2}, {1}, {1}, 1},
+        SamplesCase{{4, 4, 15}, {6, 2, 3}, {1}, {3}, {3}, 2},
+        SamplesCase{{3, 2, 4, 5, 4}, {3, 2, 2, 3, 2}, {1, 2, 1}, {1, 0, 1}, {1, 1, 1}, 1}));
+
 // The cost model on the layers whose timings calibrated it (docs/performance.md, per-layer table).
 TEST(ConvCostModel, PicksThePathsMeasuredFastest) {
   auto plan = [](int64_t B, int64_t C, int64_t T, int64_t k2, int64_t p, bool may_keep) {
@@ -269,6 +333,8 @@ TEST(ConvCostModel, PicksThePathsMeasuredFastest) {
     s.positions = T;
     s.patch = C * k2;
     s.out_channels = p;
+    s.input_size = C * T;
+    s.kernel_width = k2 == 64 ? 8 : 3;
     s.fused_available = true;
     return gs::plan_conv(s, NormMethod::kAuto, may_keep);
   };

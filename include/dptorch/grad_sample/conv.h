@@ -49,6 +49,8 @@ struct ConvShape {
   int64_t out_channels = 0;  // p, all groups
   int64_t groups = 1;        // G
   int64_t in_channels = 0;   // C, all groups
+  int64_t input_size = 0;    // elements of one sample's input
+  int64_t kernel_width = 1;  // the kernel's last dimension
   bool fused_available = false;
 };
 
