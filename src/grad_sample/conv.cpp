@@ -187,8 +187,11 @@ ConvPlan plan_conv(const ConvShape& s, NormMethod method, bool may_keep) {
   const double reread_ms = B * (p * T + static_cast<double>(s.input_size)) * 4 / kReadSpeed * to_ms;
   const double sum_ms = macs / kWeightGradSpeed * to_ms + reread_ms;
   ConvPlan plan;
+  // The other kernels share the work among torch's threads; the grouped kernel on groups of 2 to
+  // 7 channels runs on one (measured with two threads).
+  const double unshared = per_group >= 2 && per_group < 8 ? at::get_num_threads() : 1;
   const double grouped_ms =
-      (macs / grouped_speed(T, per_group, p / G) + B * kGroupOverhead) * to_ms;
+      (macs / grouped_speed(T, per_group, p / G) + B * kGroupOverhead) * unshared * to_ms;
   plan.materialize_ms = grouped_ms + (may_keep ? 2 * B * p * d * 4 / kKeptSpeed * to_ms : sum_ms);
   plan.fused_ms = s.fused_available ? macs / fused_speed(p, s.kernel_width) * to_ms + sum_ms
                                     : std::numeric_limits<double>::infinity();

@@ -200,9 +200,23 @@ MaterializedGrads::MaterializedGrads(std::vector<std::string> names,
   }
 }
 
+MaterializedGrads::MaterializedGrads(std::vector<std::string> names,
+                                     std::vector<std::vector<torch::Tensor>> chunks,
+                                     std::vector<torch::Tensor> norms_sq)
+    : MaterializedGrads(std::move(names), std::move(chunks)) {
+  TORCH_CHECK(norms_sq.size() == chunks_.size(), "MaterializedGrads: ", norms_sq.size(),
+              " norms for ", chunks_.size(), " parameters");
+  norms_sq_ = std::move(norms_sq);
+}
+
 std::vector<torch::Tensor> MaterializedGrads::norm_sq() {
   std::vector<torch::Tensor> out;
-  for (const auto& chunks : chunks_) {
+  for (size_t k = 0; k < chunks_.size(); ++k) {
+    if (k < norms_sq_.size() && norms_sq_[k].defined()) {
+      out.push_back(norms_sq_[k]);
+      continue;
+    }
+    const auto& chunks = chunks_[k];
     std::vector<torch::Tensor> parts;
     for (const auto& c : chunks) parts.push_back(row_norm_sq(c));
     out.push_back(parts.size() == 1 ? parts.front() : torch::cat(parts));

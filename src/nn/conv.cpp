@@ -103,6 +103,12 @@ torch::Tensor ConvImpl<D>::forward(const torch::Tensor& input) {
         if (train_weight) {
           call.saved.weight_samples = grad_sample::conv_weight_sample_chunks(
               input, g, w, geometry, grad_sample::ConvGrads::kChunkBytes);
+          // Each chunk's norms while it is fresh in the cache.
+          std::vector<torch::Tensor> norms;
+          for (const auto& chunk : call.saved.weight_samples) {
+            norms.push_back(at::linalg_vector_norm(chunk.flatten(1), 2, {1}).square());
+          }
+          call.saved.weight_norms_sq = norms.size() == 1 ? norms.front() : torch::cat(norms);
         }
         if (train_bias) call.saved.bias_samples = g.flatten(2).sum(2);
         call.saved.reduced = true;
@@ -170,15 +176,20 @@ std::unique_ptr<PerSampleGrads> ConvImpl<D>::make_grads(std::vector<Call<ConvSav
   }
   std::vector<std::string> names;
   std::vector<std::vector<torch::Tensor>> samples;
+  // The norms formed in backward serve when one call alone holds the weight's gradients.
+  std::vector<torch::Tensor> norms;
   if (train_weight) {
     names.emplace_back("weight");
     samples.push_back(std::move(ws));
+    norms.push_back(calls.size() == 1 ? calls.front().saved.weight_norms_sq : torch::Tensor());
   }
   if (train_bias) {
     names.emplace_back("bias");
     samples.push_back({std::move(bs)});
+    norms.emplace_back();
   }
-  return std::make_unique<grad_sample::MaterializedGrads>(std::move(names), std::move(samples));
+  return std::make_unique<grad_sample::MaterializedGrads>(std::move(names), std::move(samples),
+                                                          std::move(norms));
 }
 
 template class ConvImpl<1>;

@@ -43,6 +43,10 @@ class MaterializedGrads final : public PerSampleGrads {
   /// Per named parameter, its per-sample gradients as consecutive chunks of samples
   /// ([B_1, param shape...], [B_2, ...], ...), which are never concatenated for norms and sums.
   MaterializedGrads(std::vector<std::string> names, std::vector<std::vector<torch::Tensor>> chunks);
+  /// The same with the squared norms [B] already formed (undefined where not), so that norm_sq()
+  /// need not read the per-sample gradients again.
+  MaterializedGrads(std::vector<std::string> names, std::vector<std::vector<torch::Tensor>> chunks,
+                    std::vector<torch::Tensor> norms_sq);
   std::vector<std::string> names() const override { return names_; }
   std::vector<torch::Tensor> norm_sq() override;
   std::vector<torch::Tensor> weighted_sum(const std::vector<torch::Tensor>& w) override;
@@ -53,6 +57,7 @@ class MaterializedGrads final : public PerSampleGrads {
  private:
   std::vector<std::string> names_;
   std::vector<std::vector<torch::Tensor>> chunks_;
+  std::vector<torch::Tensor> norms_sq_;
 };
 
 }  // namespace dptorch::grad_sample

@@ -29,6 +29,8 @@ struct ConvSaved {
   bool reduced = false;
   std::vector<torch::Tensor> weight_samples;
   torch::Tensor bias_samples;
+  /// ‖G_i‖² of the weight [B], formed with each chunk while it was fresh in the cache.
+  torch::Tensor weight_norms_sq;
 };
 
 /// Twin of torch::nn::Conv1d/2d/3d: every stride, padding ("same" and "valid" included), padding
