@@ -302,18 +302,23 @@ RankFailure Group::diagnose(const char* what, int64_t seq, const std::string& ca
     const auto before = beats();
     if (heartbeat_store_) std::this_thread::sleep_for(kWatch);
     const auto after = beats();
-    for (int64_t r = 0; r < world_size_; ++r) {
-      if (r == rank_) continue;
-      const int64_t reached = std::stoll(string_of(store_->get(arrived_key(r))));
-      const bool silent =
-          heartbeat_store_ && before[static_cast<size_t>(r)] == after[static_cast<size_t>(r)];
-      if (silent || reached < seq) {
-        std::string state = silent ? "died or hangs (no heartbeat for " + seconds(kWatch) + ")"
-                                   : "is alive but did not arrive within " + seconds(timeout_);
-        return found(r, "rank " + std::to_string(r) + " " + state +
-                            "; its heartbeat last reported " + "collective #" +
-                            std::to_string(reached) + ", this rank waited at " + here + ": " +
-                            first_line(cause));
+    // A silent rank is named before a lagging one: a rank that waits on the dead one in another
+    // part of Gloo's ring may lag behind without being the cause.
+    for (const bool want_silent : {true, false}) {
+      for (int64_t r = 0; r < world_size_; ++r) {
+        if (r == rank_) continue;
+        const int64_t reached = std::stoll(string_of(store_->get(arrived_key(r))));
+        const bool silent =
+            heartbeat_store_ && before[static_cast<size_t>(r)] == after[static_cast<size_t>(r)];
+        if (silent != want_silent) continue;
+        if (silent || reached < seq) {
+          std::string state = silent ? "died or hangs (no heartbeat for " + seconds(kWatch) + ")"
+                                     : "is alive but did not arrive within " + seconds(timeout_);
+          return found(r, "rank " + std::to_string(r) + " " + state +
+                              "; its heartbeat last reported " + "collective #" +
+                              std::to_string(reached) + ", this rank waited at " + here + ": " +
+                              first_line(cause));
+        }
       }
     }
   } catch (const std::exception&) {
