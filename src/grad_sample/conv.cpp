@@ -157,12 +157,13 @@ constexpr double kGroupOverhead = 2000;
 
 // kMaterialize's grouped convolution: the kernel runs at full speed on groups of 16 input
 // channels or more over 256 output positions or more; fewer positions shorten its inner loops,
-// fewer channels leave vector lanes idle (there, more output channels per group help).
-double grouped_speed(double T, int64_t channels_per_group, double p) {
+// fewer channels leave vector lanes idle.
+double grouped_speed(double T, int64_t channels_per_group) {
   const double full = std::min(65.0, 80.0 * std::sqrt(T / 256.0));
   if (channels_per_group >= 16) return full;
   if (channels_per_group >= 8) return 0.6 * full;
-  return 7.0 * std::min(2.0, p / 16.0);
+  // Under 8 channels per group conv_weight_samples runs one ungrouped kernel per sample.
+  return channels_per_group >= 3 ? 16.0 : 8.0;
 }
 
 // kFused's register tile: wide tiles of output channels, long kernel rows.
@@ -187,11 +188,7 @@ ConvPlan plan_conv(const ConvShape& s, NormMethod method, bool may_keep) {
   const double reread_ms = B * (p * T + static_cast<double>(s.input_size)) * 4 / kReadSpeed * to_ms;
   const double sum_ms = macs / kWeightGradSpeed * to_ms + reread_ms;
   ConvPlan plan;
-  // The other kernels share the work among torch's threads; the grouped kernel on groups of 2 to
-  // 7 channels runs on one (measured with two threads).
-  const double unshared = per_group >= 2 && per_group < 8 ? at::get_num_threads() : 1;
-  const double grouped_ms =
-      (macs / grouped_speed(T, per_group, p / G) + B * kGroupOverhead) * unshared * to_ms;
+  const double grouped_ms = (macs / grouped_speed(T, per_group) + B * kGroupOverhead) * to_ms;
   plan.materialize_ms = grouped_ms + (may_keep ? 2 * B * p * d * 4 / kKeptSpeed * to_ms : sum_ms);
   plan.fused_ms = s.fused_available ? macs / fused_speed(p, s.kernel_width) * to_ms + sum_ms
                                     : std::numeric_limits<double>::infinity();
@@ -231,11 +228,31 @@ torch::Tensor conv_weight_samples(const torch::Tensor& input, const torch::Tenso
     for (int64_t i = 2; i < t.dim(); ++i) shape.push_back(t.size(i));
     return t.contiguous().view(shape);
   };
+  const int64_t per_group = weight.size(1);
+  const std::vector<int64_t> output_padding(geometry.kernel.size(), 0);
+  if (per_group < 8 && B > 1) {
+    // On groups of few input channels the grouped kernel leaves its vector lanes idle and runs
+    // on one thread; one ungrouped weight gradient per sample, samples spread over the threads,
+    // is faster (docs/performance.md, per-layer table). Each sample alone: the result does not
+    // depend on the number of threads.
+    std::vector<int64_t> shape{B};
+    for (int64_t i = 0; i < weight.dim(); ++i) shape.push_back(weight.size(i));
+    auto samples = torch::empty(shape, weight.options());
+    const auto x = input.contiguous(), g = grad_output.contiguous();
+    at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t b = begin; b < end; ++b) {
+        samples[b].copy_(std::get<1>(at::convolution_backward(
+            g.narrow(0, b, 1), x.narrow(0, b, 1), weight, c10::nullopt, geometry.stride,
+            geometry.padding, geometry.dilation, /*transposed=*/false, output_padding,
+            geometry.groups, {false, true, false})));
+      }
+    });
+    return samples;
+  }
   std::vector<int64_t> weight_shape{B * p};
   for (int64_t i = 1; i < weight.dim(); ++i) weight_shape.push_back(weight.size(i));
   // The kernel reads only the weight's shape when it computes the weight gradient alone.
   const auto weight_like = torch::zeros({1}, weight.options()).expand(weight_shape);
-  const std::vector<int64_t> output_padding(geometry.kernel.size(), 0);
   auto samples = std::get<1>(at::convolution_backward(
       folded(grad_output), folded(input), weight_like, c10::nullopt, geometry.stride,
       geometry.padding, geometry.dilation, /*transposed=*/false, output_padding,

@@ -261,8 +261,9 @@ INSTANTIATE_TEST_SUITE_P(
         FusedCase{{4, 3, 20}, {6, 3, 5}, {2}, {1}, {1}},
         FusedCase{{4, 2, 15}, {9, 2, 3}, {1}, {0}, {3}}));
 
-// conv_weight_samples (one grouped convolution, the batch folded into the groups) against plain
-// autograd on a batch of one, in double, chunked at every boundary.
+// conv_weight_samples (one grouped convolution with the batch folded into the groups, or one
+// kernel per sample under 8 channels per group) against plain autograd on a batch of one, in
+// double, chunked at every boundary.
 struct SamplesCase {
   std::vector<int64_t> input, weight;  // weight [p, C/G, k...]
   std::vector<int64_t> stride, padding, dilation;
@@ -319,6 +320,11 @@ INSTANTIATE_TEST_SUITE_P(
         SamplesCase{{3, 4, 9, 8}, {6, 2, 3, 3}, {1, 2}, {2, 1}, {2, 1}, 2},
         SamplesCase{{4, 3, 9, 9}, {3, 1, 3, 3}, {2, 2}, {0, 0}, {1, 1}, 3},
         SamplesCase{{6, 4, 8, 8}, {8, 4, 1, 1}, {2, 2}, {0, 0}, {1, 1}, 1},
+        // 8 input channels per group or more: the grouped kernel (fewer: one kernel per sample).
+        SamplesCase{{3, 8, 7, 6}, {5, 8, 3, 3}, {1, 1}, {1, 1}, {1, 1}, 1},
+        SamplesCase{{4, 16, 9, 8}, {6, 8, 3, 2}, {2, 1}, {1, 0}, {1, 2}, 2},
+        SamplesCase{{3, 9, 14}, {4, 9, 3}, {2}, {2}, {2}, 1},
+        SamplesCase{{2, 8, 3, 4, 4}, {3, 8, 2, 2, 2}, {1, 1, 2}, {0, 1, 1}, {1, 1, 1}, 1},
         // 1-D and 3-D.
         SamplesCase{{5, 3, 20}, {6, 3, 5}, {2}, {1}, {1}, 1},
         SamplesCase{{4, 4, 15}, {6, 2, 3}, {1}, {3}, {3}, 2},

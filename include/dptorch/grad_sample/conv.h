@@ -74,8 +74,9 @@ struct ConvPlan {
 
 /// Per-sample weight gradients [B, p, C/G, k...] of a convolution: `input` [B, C, S...] (already
 /// padded as the call saw it), `grad_output` [B, p, L...], `weight` the layer's weight (its shape
-/// and dtype). One call of the convolution's own weight-gradient kernel with the batch folded
-/// into the groups, so it runs wherever the convolution runs (any device, dtype, 1-D to 3-D).
+/// and dtype). The convolution's own weight-gradient kernel, so it runs wherever the convolution
+/// runs (any device, dtype, 1-D to 3-D): one call with the batch folded into the groups, or,
+/// under 8 input channels per group, one call per sample with the samples spread over threads.
 [[nodiscard]] torch::Tensor conv_weight_samples(const torch::Tensor& input,
                                                 const torch::Tensor& grad_output,
                                                 const torch::Tensor& weight,
