@@ -325,20 +325,27 @@ ConvGrads::ConvGrads(std::vector<torch::Tensor> inputs, std::vector<torch::Tenso
   path_ = plan_conv(shape(), method, /*may_keep=*/false).path;
 }
 
-ConvShape ConvGrads::shape() const {
+ConvShape conv_shape(const torch::Tensor& input, const torch::Tensor& grad_output,
+                     const torch::Tensor& weight, const ConvGeometry& geometry) {
   ConvShape s;
-  s.batch = inputs_.front().size(0);
-  s.out_channels = weight_.size(0);
-  s.patch = weight_.numel() / std::max<int64_t>(1, weight_.size(0));
-  s.groups = geometry_.groups;
-  s.in_channels = inputs_.front().size(1);
-  for (const auto& g : grad_outputs_) {
-    s.positions += g.numel() / std::max<int64_t>(1, g.size(0) * g.size(1));
+  s.batch = input.size(0);
+  s.out_channels = weight.size(0);
+  s.patch = weight.numel() / std::max<int64_t>(1, weight.size(0));
+  s.groups = geometry.groups;
+  s.in_channels = input.size(1);
+  s.positions = grad_output.numel() / std::max<int64_t>(1, grad_output.size(0) * weight.size(0));
+  s.input_size = input.numel() / std::max<int64_t>(1, input.size(0));
+  s.kernel_width = geometry.kernel.back();
+  s.fused_available =
+      fused_conv_available(input, static_cast<int64_t>(geometry.kernel.size()), geometry.groups);
+  return s;
+}
+
+ConvShape ConvGrads::shape() const {
+  auto s = conv_shape(inputs_.front(), grad_outputs_.front(), weight_, geometry_);
+  for (size_t r = 1; r < grad_outputs_.size(); ++r) {
+    s.positions += conv_shape(inputs_[r], grad_outputs_[r], weight_, geometry_).positions;
   }
-  s.input_size = inputs_.front()[0].numel();
-  s.kernel_width = geometry_.kernel.back();
-  s.fused_available = fused_conv_available(
-      inputs_.front(), static_cast<int64_t>(geometry_.kernel.size()), geometry_.groups);
   return s;
 }
 

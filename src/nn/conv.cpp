@@ -83,19 +83,8 @@ torch::Tensor ConvImpl<D>::forward(const torch::Tensor& input) {
         const auto& g = call.grad_outputs.at(0);
         const auto& input = call.saved.input;
         if (!g.defined()) return;
-        const int64_t Bc = input.size(0);
-        grad_sample::ConvShape shape;
-        shape.batch = Bc;
-        shape.out_channels = w.size(0);
-        shape.patch = w.numel() / w.size(0);
-        shape.groups = geometry.groups;
-        shape.in_channels = input.size(1);
-        shape.positions = g.numel() / std::max<int64_t>(1, Bc * w.size(0));
-        shape.input_size = input.numel() / std::max<int64_t>(1, Bc);
-        shape.kernel_width = geometry.kernel.back();
-        shape.fused_available = grad_sample::fused_conv_available(
-            input, static_cast<int64_t>(geometry.kernel.size()), geometry.groups);
-        const int64_t bytes = (train_weight ? w.numel() : 0) * Bc * w.element_size();
+        const auto shape = grad_sample::conv_shape(input, g, w, geometry);
+        const int64_t bytes = (train_weight ? w.numel() : 0) * shape.batch * w.element_size();
         const auto t = tape.lock();
         const bool may_keep = t && bytes <= t->recorded_bytes.load() - t->kept_bytes.load();
         const auto plan = grad_sample::plan_conv(shape, method, may_keep);

@@ -63,6 +63,10 @@ struct ConvPlan {
   double materialize_ms = 0, fused_ms = 0, ghost_ms = 0;
 };
 
+/// The shape of one call: `input` [B, C, S...], `grad_output` [B, p, L...], the layer's weight.
+[[nodiscard]] ConvShape conv_shape(const torch::Tensor& input, const torch::Tensor& grad_output,
+                                   const torch::Tensor& weight, const ConvGeometry& geometry);
+
 /// Plans one call. `method` forces a path (kGhost; kMaterialize) or leaves it to the cost model
 /// (kAuto); `may_keep` says whether memory allows keeping the B·p·d per-sample gradients.
 [[nodiscard]] ConvPlan plan_conv(const ConvShape& shape, NormMethod method, bool may_keep);
