@@ -236,13 +236,9 @@ void conv_path_cases() {
     const bool one_d = c.height == 1;
     auto x = one_d ? torch::randn({c.batch, c.channels, c.width})
                    : torch::randn({c.batch, c.channels, c.height, c.width});
-    std::vector<int64_t> k, st, pad, dil;
-    if (!one_d)
-      k.push_back(c.kernel), st.push_back(c.stride), pad.push_back(c.padding), dil.push_back(1);
-    k.push_back(c.kernel);
-    st.push_back(c.stride);
-    pad.push_back(c.padding);
-    dil.push_back(1);
+    const size_t dims = one_d ? 1 : 2;
+    const std::vector<int64_t> k(dims, c.kernel), st(dims, c.stride), pad(dims, c.padding),
+        dil(dims, 1);
     std::vector<int64_t> wshape{c.out_channels, c.channels};
     wshape.insert(wshape.end(), k.begin(), k.end());
     auto weight = torch::randn(wshape);

@@ -216,7 +216,7 @@ bool fused_conv_available(const torch::Tensor& input, int64_t spatial_dims, int6
 
 torch::Tensor conv_weight_samples(const torch::Tensor& input, const torch::Tensor& grad_output,
                                   const torch::Tensor& weight, const ConvGeometry& geometry) {
-  const int64_t B = input.size(0), C = input.size(1), p = grad_output.size(1);
+  const int64_t B = input.size(0), p = grad_output.size(1);
   TORCH_CHECK(grad_output.size(0) == B && p == weight.size(0), "conv_weight_samples: input ",
               input.sizes(), ", output gradient ", grad_output.sizes(), " and weight ",
               weight.sizes(), " do not fit together");
@@ -259,7 +259,6 @@ torch::Tensor conv_weight_samples(const torch::Tensor& input, const torch::Tenso
       geometry.groups * B, {false, true, false}));
   std::vector<int64_t> shape{B};
   for (int64_t i = 0; i < weight.dim(); ++i) shape.push_back(weight.size(i));
-  (void)C;
   return samples.view(shape);
 }
 

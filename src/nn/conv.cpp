@@ -11,6 +11,31 @@ namespace dptorch::nn {
 namespace F = torch::nn::functional;
 using grad_sample::PerSampleGrads;
 
+namespace {
+
+// Forms a call's per-sample gradients (the weight's in chunks, each chunk's norms taken while it
+// is fresh in the cache; the bias's as [B, p]) and drops its input and output gradient.
+void reduce_call(Call<ConvSaved>& call, const torch::Tensor& weight,
+                 const grad_sample::ConvGeometry& geometry, bool train_weight, bool train_bias) {
+  auto& saved = call.saved;
+  const auto& g = call.grad_outputs.at(0);
+  if (train_weight) {
+    saved.weight_samples = grad_sample::conv_weight_sample_chunks(
+        saved.input, g, weight, geometry, grad_sample::ConvGrads::kChunkBytes);
+    std::vector<torch::Tensor> norms;
+    for (const auto& chunk : saved.weight_samples) {
+      norms.push_back(at::linalg_vector_norm(chunk.flatten(1), 2, {1}).square());
+    }
+    saved.weight_norms_sq = norms.size() == 1 ? norms.front() : torch::cat(norms);
+  }
+  if (train_bias) saved.bias_samples = g.flatten(2).sum(2);
+  saved.reduced = true;
+  saved.input = torch::Tensor();
+  call.grad_outputs.clear();
+}
+
+}  // namespace
+
 template <size_t D>
 ConvImpl<D>::ConvImpl(const torch::nn::ConvOptions<D>& options_)
     : Base("dptorch::nn::Conv" + std::to_string(D) + "d", options_) {
@@ -89,20 +114,7 @@ torch::Tensor ConvImpl<D>::forward(const torch::Tensor& input) {
         const bool may_keep = t && bytes <= t->recorded_bytes.load() - t->kept_bytes.load();
         const auto plan = grad_sample::plan_conv(shape, method, may_keep);
         if (train_weight && !(plan.keep && t->try_keep(bytes))) return;
-        if (train_weight) {
-          call.saved.weight_samples = grad_sample::conv_weight_sample_chunks(
-              input, g, w, geometry, grad_sample::ConvGrads::kChunkBytes);
-          // Each chunk's norms while it is fresh in the cache.
-          std::vector<torch::Tensor> norms;
-          for (const auto& chunk : call.saved.weight_samples) {
-            norms.push_back(at::linalg_vector_norm(chunk.flatten(1), 2, {1}).square());
-          }
-          call.saved.weight_norms_sq = norms.size() == 1 ? norms.front() : torch::cat(norms);
-        }
-        if (train_bias) call.saved.bias_samples = g.flatten(2).sum(2);
-        call.saved.reduced = true;
-        call.saved.input = torch::Tensor();
-        call.grad_outputs.clear();
+        reduce_call(call, w, geometry, train_weight, train_bias);
       };
   return this->record(
       x, {weight, bias},
@@ -146,14 +158,7 @@ std::unique_ptr<PerSampleGrads> ConvImpl<D>::make_grads(std::vector<Call<ConvSav
   std::vector<torch::Tensor> ws;
   torch::Tensor bs;
   for (auto& c : calls) {
-    if (!c.saved.reduced) {
-      const auto& g = c.grad_outputs.at(0);
-      if (train_weight) {
-        c.saved.weight_samples = grad_sample::conv_weight_sample_chunks(
-            c.saved.input, g, weight.detach(), geometry, grad_sample::ConvGrads::kChunkBytes);
-      }
-      if (train_bias) c.saved.bias_samples = g.flatten(2).sum(2);
-    }
+    if (!c.saved.reduced) reduce_call(c, weight.detach(), geometry, train_weight, train_bias);
     if (train_weight) {
       if (ws.empty()) {
         ws = std::move(c.saved.weight_samples);

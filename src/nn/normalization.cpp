@@ -151,8 +151,8 @@ torch::Tensor GroupNormImpl::forward(const torch::Tensor& input) {
                                                       wd, N, C, HxW, G, {true, false, false}));
   };
   FileHook<NormSaved> on_file = [xd, stats, N, C, HxW, G](Call<NormSaved>& call) {
+    if (!call.grad_outputs.at(0).defined()) return;
     const auto g = call.grad_outputs.at(0).contiguous();
-    if (!g.defined()) return;
     auto& saved = call.saved;
     if (grad_sample::detail::cpu_kernel_dtype(xd) && g.scalar_type() == xd.scalar_type() &&
         stats->mean.scalar_type() == xd.scalar_type()) {
