@@ -227,10 +227,10 @@ void conv_path_cases() {
       {"textcnn-64", "Conv1d 128→256 k3, 256", 64, 128, 1, 256, 256, 3, 1, 0},
   };
   std::printf(
-      "| row | layer | T | d | p | non-private weight gradient | materialize (kept) | "
-      "materialize (not kept) | fused | ghost | model: kept allowed | model: not allowed | "
-      "fastest (kept allowed) | choice within 3%% |\n|---|---|---:|---:|---:|---:|---:|---:|---:|"
-      "---:|---|---|---|---|\n");
+      "| row | layer | T | d | p | non-private weight gradient | materialize (kept), grouped | "
+      "materialize (kept), tiled | materialize (not kept) | fused | ghost | model: kept allowed | "
+      "model: not allowed | fastest (kept allowed) | choice within 3%% |\n|---|---|---:|---:|---:|"
+      "---:|---:|---:|---:|---:|---:|---|---|---|---|\n");
   for (const auto& c : layers) {
     torch::manual_seed(0);
     const bool one_d = c.height == 1;
@@ -251,13 +251,17 @@ void conv_path_cases() {
       (void)at::convolution_backward(g, x, weight, c10::nullopt, st, pad, dil, false, out_pad, 1,
                                      {false, true, false});
     });
-    const double kept = wall_ms([&] {
-      std::vector<std::vector<torch::Tensor>> samples{
-          gs::conv_weight_sample_chunks(x, g, weight, geo, gs::ConvGrads::kChunkBytes)};
-      gs::MaterializedGrads rule({"weight"}, std::move(samples));
-      (void)rule.norm_sq();
-      rule.add_weighted_sum_to({w}, {acc});
-    });
+    auto kept_ms = [&](gs::ConvSampleKernel kernel) {
+      return wall_ms([&] {
+        std::vector<std::vector<torch::Tensor>> samples{
+            gs::conv_weight_sample_chunks(x, g, weight, geo, gs::ConvGrads::kChunkBytes, kernel)};
+        gs::MaterializedGrads rule({"weight"}, std::move(samples));
+        (void)rule.norm_sq();
+        rule.add_weighted_sum_to({w}, {acc});
+      });
+    };
+    const double kept_grouped = kept_ms(gs::ConvSampleKernel::kGrouped);
+    const double kept_tiled = kept_ms(gs::ConvSampleKernel::kTiled);
     auto path_ms = [&](gs::ConvPath path) {
       return wall_ms([&] {
         gs::ConvGrads rule({x}, {g}, weight, true, false, geo, path);
@@ -273,6 +277,7 @@ void conv_path_cases() {
     const auto with_keep = gs::plan_conv(shape, dptorch::NormMethod::kAuto, true);
     const auto without = gs::plan_conv(shape, dptorch::NormMethod::kAuto, false);
     auto measured = [&](const gs::ConvPlan& plan) {
+      const double kept = plan.kernel == gs::ConvSampleKernel::kTiled ? kept_tiled : kept_grouped;
       switch (plan.path) {
         case gs::ConvPath::kMaterialize: return plan.keep ? kept : mat;
         case gs::ConvPath::kFused: return fused;
@@ -280,24 +285,36 @@ void conv_path_cases() {
       }
       return std::nan("");
     };
+    const double kept = std::min(kept_grouped, kept_tiled);
     const double best = std::min({kept, fused, ghost});
-    const char* fastest = best == kept ? "materialize" : best == fused ? "fused" : "ghost";
+    const char* fastest = best == kept_grouped ? "materialize, grouped"
+                          : best == kept_tiled ? "materialize, tiled"
+                          : best == fused      ? "fused"
+                                               : "ghost";
+    auto choice = [](const gs::ConvPlan& plan) {
+      std::string name = gs::to_string(plan.path);
+      if (plan.path == gs::ConvPath::kMaterialize) {
+        name += plan.kernel == gs::ConvSampleKernel::kTiled ? ", tiled" : ", grouped";
+      }
+      return name;
+    };
     const double best_nokeep = std::min({mat, fused, ghost});
     std::printf(
-        "| %s | %s | %lld | %lld | %lld | %.2f | %.2f | %.2f | %.2f | %.2f | %s (%.2f) | %s "
+        "| %s | %s | %lld | %lld | %lld | %.2f | %.2f | %.2f | %.2f | %.2f | %.2f | %s (%.2f) | %s "
         "(%.2f) | %s | %s, %s |\n",
         c.row, c.layer, static_cast<long long>(shape.positions),
-        static_cast<long long>(shape.patch), static_cast<long long>(shape.out_channels), np, kept,
-        mat, fused, ghost, gs::to_string(with_keep.path), measured(with_keep),
-        gs::to_string(without.path), measured(without), fastest,
+        static_cast<long long>(shape.patch), static_cast<long long>(shape.out_channels), np,
+        kept_grouped, kept_tiled, mat, fused, ghost, choice(with_keep).c_str(), measured(with_keep),
+        choice(without).c_str(), measured(without), fastest,
         measured(with_keep) <= 1.03 * best ? "yes" : "NO",
         measured(without) <= 1.03 * best_nokeep ? "yes" : "NO");
     std::fflush(stdout);
   }
   std::printf(
       "\nms per call (median wall time): norms and the clipped sum of one layer's weight; "
-      "materialize (kept): G_i by the grouped convolution, norms and Σ w_i G_i from them; (not "
-      "kept): norms from G_i a chunk at a time, the sum by the non-private kernel; fused and "
+      "materialize (kept): G_i by the grouped convolution or by the register tile, norms and "
+      "Σ w_i G_i from them; (not kept): norms from G_i a chunk at a time (the model's kernel), the "
+      "sum by the non-private kernel; fused and "
       "ghost: their norms, the sum by the non-private kernel. The last column: whether the "
       "model's choice with keeping allowed, then without, is within 3%% of the fastest path.\n");
 }

@@ -91,11 +91,12 @@ std::optional<cpu::PatchGeometry> cpu_patch_geometry(const torch::Tensor& input,
   return geo;
 }
 
-// ‖G_i‖² of a convolution's weight by cpu::conv_weight_norm_sq, or an undefined tensor where that
-// loop does not apply (groups, device, dtype, number of spatial dimensions).
-torch::Tensor fused_conv_norm_sq(const std::vector<torch::Tensor>& inputs,
-                                 const std::vector<torch::Tensor>& grad_outputs,
-                                 const torch::Tensor& weight, const ConvGeometry& geometry) {
+// ‖G_i‖² of a convolution's weight by cpu::conv_weight_samples_tiled, and with `store` G_i too
+// ([B, p, C·k...] in the weight's shape); undefined tensors where that loop does not apply
+// (groups, device, dtype, number of spatial dimensions).
+std::pair<torch::Tensor, torch::Tensor> tiled_conv_samples(
+    const std::vector<torch::Tensor>& inputs, const std::vector<torch::Tensor>& grad_outputs,
+    const torch::Tensor& weight, const ConvGeometry& geometry, bool store) {
   if (geometry.groups != 1) return {};
   std::vector<cpu::PatchGeometry> geos;
   std::vector<torch::Tensor> xs, gs;
@@ -115,15 +116,24 @@ torch::Tensor fused_conv_norm_sq(const std::vector<torch::Tensor>& inputs,
     xs.push_back(inputs[r].contiguous());
     gs.push_back(grad_outputs[r].contiguous());
   }
-  auto norms = torch::empty({inputs.front().size(0)}, weight.options().requires_grad(false));
-  AT_DISPATCH_FLOATING_TYPES(weight.scalar_type(), "conv_weight_norm_sq", [&] {
+  const int64_t B = inputs.front().size(0);
+  const auto options = weight.options().requires_grad(false);
+  auto norms = torch::empty({B}, options);
+  torch::Tensor samples;
+  if (store) {
+    std::vector<int64_t> shape{B};
+    for (int64_t i = 0; i < weight.dim(); ++i) shape.push_back(weight.size(i));
+    samples = torch::empty(shape, options);
+  }
+  AT_DISPATCH_FLOATING_TYPES(weight.scalar_type(), "conv_weight_samples_tiled", [&] {
     std::vector<cpu::ConvRecord<scalar_t>> records;
     for (size_t r = 0; r < xs.size(); ++r) {
       records.push_back({xs[r].data_ptr<scalar_t>(), gs[r].data_ptr<scalar_t>(), geos[r]});
     }
-    cpu::conv_weight_norm_sq(records, norms.size(0), p, norms.data_ptr<scalar_t>());
+    cpu::conv_weight_samples_tiled(records, B, p, norms.data_ptr<scalar_t>(),
+                                   store ? samples.data_ptr<scalar_t>() : nullptr);
   });
-  return norms;
+  return {norms, samples};
 }
 
 }  // namespace
@@ -151,9 +161,12 @@ constexpr double kGramSpeed = 38;
 // them twice: norms, then the sum), and the unfold of kGhost.
 constexpr double kReadSpeed = 10, kUnfoldSpeed = 15;
 // The norms and the sum over kept G_i.
-constexpr double kKeptSpeed = 40;
+constexpr double kKeptSpeed = 14;
 // Fixed cost of one sample's group in the grouped convolution (ns).
 constexpr double kGroupOverhead = 2000;
+// The register tile on AVX-512 (16 lanes, 8 rows of output channels; multiply-adds per ns), its
+// speed-up over AVX2 (8 lanes, 6 rows), and the cost of copying one kernel row of a patch (ns).
+constexpr double kTileSpeed = 75, kWideTile = 1.6, kPatchRowNs = 0.86;
 
 // kMaterialize's grouped convolution: the kernel runs at full speed on groups of 16 input
 // channels or more over 256 output positions or more; fewer positions shorten its inner loops,
@@ -166,10 +179,25 @@ double grouped_speed(double T, int64_t channels_per_group) {
   return channels_per_group >= 3 ? 16.0 : 8.0;
 }
 
-// kFused's register tile: wide tiles of output channels, long kernel rows.
-double fused_speed(double p, int64_t kernel_width) {
-  const double row = kernel_width >= 4 ? 1.5 : kernel_width == 3 ? 0.9 : 0.5;
-  return (p >= 64 ? 40.0 : 20.0) * row;
+// The register tile (kFused's norms; the kTiled kernel, which also stores G_i): multiply-adds
+// over the patch and channel counts padded to whole tiles, and one copy per kernel row of each
+// patch it builds.
+double tile_ms(const ConvShape& s) {
+  if (!s.fused_available) return std::numeric_limits<double>::infinity();
+  auto round_up = [](int64_t n, int64_t m) { return static_cast<double>((n + m - 1) / m * m); };
+  const bool wide = cpu::tile_vector_bytes() == 64;
+  const double B = static_cast<double>(s.batch), T = static_cast<double>(s.positions);
+  const double macs = B * T * round_up(s.patch, 32) * round_up(s.out_channels, wide ? 8 : 6);
+  const double rows = B * T * static_cast<double>(s.patch / std::max<int64_t>(1, s.kernel_width));
+  return (macs / (wide ? kTileSpeed : kTileSpeed / kWideTile) + rows * kPatchRowNs) * 1e-6;
+}
+
+// Forming G_i (all samples) by each kernel of conv_weight_samples.
+double grouped_kernel_ms(const ConvShape& s) {
+  const double B = static_cast<double>(s.batch), T = static_cast<double>(s.positions);
+  const double macs = B * T * static_cast<double>(s.patch) * static_cast<double>(s.out_channels);
+  const int64_t per_group = s.in_channels / std::max<int64_t>(1, s.groups);
+  return (macs / grouped_speed(T, per_group) + B * kGroupOverhead) * 1e-6;
 }
 
 // kGhost's batched Gram products: tiny [T, T] products below 64 positions run slower.
@@ -177,21 +205,29 @@ double gram_speed(double T) { return kGramSpeed * std::min(1.0, std::sqrt(T / 64
 
 }  // namespace
 
+ConvSampleKernel sample_kernel(const ConvShape& shape) {
+  return tile_ms(shape) < grouped_kernel_ms(shape) ? ConvSampleKernel::kTiled
+                                                   : ConvSampleKernel::kGrouped;
+}
+
 ConvPlan plan_conv(const ConvShape& s, NormMethod method, bool may_keep) {
   const double B = static_cast<double>(s.batch), T = static_cast<double>(s.positions);
   const double d = static_cast<double>(s.patch), p = static_cast<double>(s.out_channels);
   const double G = static_cast<double>(std::max<int64_t>(1, s.groups));
-  const int64_t per_group = s.in_channels / std::max<int64_t>(1, s.groups);
   const double macs = B * T * d * p;  // the weight gradient's multiply-adds (all groups)
   const double to_ms = 1e-6;          // ns -> ms
   // The second pass over input and output gradient, and the sum by the non-private kernel.
   const double reread_ms = B * (p * T + static_cast<double>(s.input_size)) * 4 / kReadSpeed * to_ms;
   const double sum_ms = macs / kWeightGradSpeed * to_ms + reread_ms;
   ConvPlan plan;
-  const double grouped_ms = (macs / grouped_speed(T, per_group) + B * kGroupOverhead) * to_ms;
-  plan.materialize_ms = grouped_ms + (may_keep ? 2 * B * p * d * 4 / kKeptSpeed * to_ms : sum_ms);
-  plan.fused_ms = s.fused_available ? macs / fused_speed(p, s.kernel_width) * to_ms + sum_ms
-                                    : std::numeric_limits<double>::infinity();
+  plan.kernel = sample_kernel(s);
+  const double samples_ms =
+      plan.kernel == ConvSampleKernel::kTiled ? tile_ms(s) : grouped_kernel_ms(s);
+  // Kept: the norms and the sum pass over G_i; otherwise the norms do, and the sum is the
+  // non-private kernel's.
+  const double pass_ms = B * p * d * 4 / kKeptSpeed * to_ms;
+  plan.materialize_ms = samples_ms + (may_keep ? 2 * pass_ms : pass_ms + sum_ms);
+  plan.fused_ms = tile_ms(s) + sum_ms;
   // Gram matrices of one group's patches [T, d] and output gradients [T, p/G], and the unfold.
   plan.ghost_ms = (B * G * T * T * (d + p / G)) / gram_speed(T) * to_ms +
                   B * T * d * G * 4 / kUnfoldSpeed * to_ms + sum_ms;
@@ -215,11 +251,24 @@ bool fused_conv_available(const torch::Tensor& input, int64_t spatial_dims, int6
 }
 
 torch::Tensor conv_weight_samples(const torch::Tensor& input, const torch::Tensor& grad_output,
-                                  const torch::Tensor& weight, const ConvGeometry& geometry) {
+                                  const torch::Tensor& weight, const ConvGeometry& geometry,
+                                  ConvSampleKernel kernel) {
   const int64_t B = input.size(0), p = grad_output.size(1);
   TORCH_CHECK(grad_output.size(0) == B && p == weight.size(0), "conv_weight_samples: input ",
               input.sizes(), ", output gradient ", grad_output.sizes(), " and weight ",
               weight.sizes(), " do not fit together");
+  if (kernel == ConvSampleKernel::kAuto) {
+    kernel = sample_kernel(conv_shape(input, grad_output, weight, geometry));
+  }
+  if (kernel == ConvSampleKernel::kTiled) {
+    auto samples = tiled_conv_samples({input}, {grad_output}, weight, geometry, true).second;
+    TORCH_CHECK(samples.defined(),
+                "conv_weight_samples: the tiled kernel needs a CPU float or double input, groups 1 "
+                "and 1 or 2 spatial dimensions, got input ",
+                input.sizes(), " (", input.scalar_type(), ", ", input.device(), ") with groups ",
+                geometry.groups, "; use ConvSampleKernel::kGrouped or kAuto");
+    return samples;
+  }
   // [B, C, S...] -> [1, B·C, S...] and [B, p, L...] -> [1, B·p, L...]: sample b's channels form
   // groups b·G .. b·G + G - 1 of a convolution with B·G groups, whose weight gradient
   // [B·p, C/G, k...] is every sample's own.
@@ -282,15 +331,15 @@ std::vector<torch::Tensor> conv_weight_sample_chunks(const torch::Tensor& input,
                                                      const torch::Tensor& grad_output,
                                                      const torch::Tensor& weight,
                                                      const ConvGeometry& geometry,
-                                                     int64_t chunk_bytes) {
+                                                     int64_t chunk_bytes, ConvSampleKernel kernel) {
   const int64_t B = input.size(0);
   const int64_t sample_bytes = std::max<int64_t>(1, weight.numel() * weight.element_size());
   const int64_t step = std::clamp<int64_t>(chunk_bytes / sample_bytes, 1, std::max<int64_t>(1, B));
   std::vector<torch::Tensor> chunks;
   for (int64_t b = 0; b < B; b += step) {
     const int64_t n = std::min(step, B - b);
-    chunks.push_back(
-        conv_weight_samples(input.narrow(0, b, n), grad_output.narrow(0, b, n), weight, geometry));
+    chunks.push_back(conv_weight_samples(input.narrow(0, b, n), grad_output.narrow(0, b, n), weight,
+                                         geometry, kernel));
   }
   return chunks;
 }
@@ -421,7 +470,7 @@ std::vector<torch::Tensor> ConvGrads::norm_sq() {
   if (train_weight_) {
     torch::Tensor norms;
     if (path_ == ConvPath::kFused)
-      norms = fused_conv_norm_sq(inputs_, grad_outputs_, weight_, geometry_);
+      norms = tiled_conv_samples(inputs_, grad_outputs_, weight_, geometry_, false).first;
     if (!norms.defined() && path_ == ConvPath::kGhost) {
       norms = by_chunks([](LinearLikeGrads& g) { return g.norm_sq().at(0); });
     }

@@ -61,8 +61,8 @@ const T* pad_sample(const T* x, const PatchGeometry& g, std::vector<T>& padded) 
   return padded.data();
 }
 
-// Register tile of the fused conv norm: kTileRows output channels × two vectors of patch
-// columns, in GCC vector types of kBytes bytes (16: SSE2 or NEON; 32: AVX2).
+// Register tile of the fused conv norm: kRows output channels × two vectors of patch columns, in
+// GCC vector types of kBytes bytes (16: SSE2 or NEON; 32: AVX2; 64: AVX-512).
 template <typename T, int kBytes>
 struct Vector;
 template <>
@@ -81,52 +81,71 @@ template <>
 struct Vector<double, 32> {
   typedef double Type __attribute__((vector_size(32)));
 };
-constexpr int64_t kTileRows = 6;
+template <>
+struct Vector<float, 64> {
+  typedef float Type __attribute__((vector_size(64)));
+};
+template <>
+struct Vector<double, 64> {
+  typedef double Type __attribute__((vector_size(64)));
+};
+// Output channels per tile: 2·kRows accumulators and two patch vectors fit the register file
+// (16 vector registers up to AVX2, 32 with AVX-512).
+template <int kBytes>
+constexpr int64_t kTileRows = kBytes == 64 ? 8 : 6;
 // Patch columns per tile: the buffers' rows are padded to a multiple of the widest tile.
 template <typename T>
-constexpr int64_t kTileCols = static_cast<int64_t>(2 * 32 / sizeof(T));
+constexpr int64_t kTileCols = static_cast<int64_t>(2 * 64 / sizeof(T));
 
 // Σ G² over the tile of G = Σ_t g[o, t] a[t, j] at rows o0.. and columns j0.. (g and a point
 // there), g [rows, g_stride] the output gradient, a [positions, d_stride] the patches; `columns`
-// of a multiple of the vector width.
+// of a multiple of the vector width. With `store` (pointing at row o0, column j0 of a buffer
+// [rows, d_stride]), the tile of G is written there too.
 template <typename T, int kBytes>
 __attribute__((always_inline)) inline double tile_sum_of_squares(const T* g, int64_t g_stride,
                                                                  const T* a, int64_t d_stride,
-                                                                 int64_t positions,
-                                                                 int64_t columns) {
+                                                                 int64_t positions, int64_t columns,
+                                                                 T* store) {
   using Vec = typename Vector<T, kBytes>::Type;
   constexpr auto kLanes = static_cast<int64_t>(kBytes / sizeof(T));
   double s = 0.0;
   for (int64_t j = 0; j < columns; j += 2 * kLanes) {
-    Vec acc[kTileRows][2] = {};
+    Vec acc[kTileRows<kBytes>][2] = {};
     for (int64_t t = 0; t < positions; ++t) {
       Vec a0, a1;
       std::memcpy(&a0, a + t * d_stride + j, sizeof(Vec));
       std::memcpy(&a1, a + t * d_stride + j + kLanes, sizeof(Vec));
-      for (int64_t r = 0; r < kTileRows; ++r) {
+      for (int64_t r = 0; r < kTileRows<kBytes>; ++r) {
         const T gv = g[r * g_stride + t];
         acc[r][0] += gv * a0;
         acc[r][1] += gv * a1;
       }
     }
     Vec squares = {};
-    for (int64_t r = 0; r < kTileRows; ++r)
+    for (int64_t r = 0; r < kTileRows<kBytes>; ++r)
       squares += acc[r][0] * acc[r][0] + acc[r][1] * acc[r][1];
+    if (store != nullptr) {
+      for (int64_t r = 0; r < kTileRows<kBytes>; ++r) {
+        std::memcpy(store + r * d_stride + j, &acc[r][0], sizeof(Vec));
+        std::memcpy(store + r * d_stride + j + kLanes, &acc[r][1], sizeof(Vec));
+      }
+    }
     for (int64_t l = 0; l < kLanes; ++l) s += static_cast<double>(squares[l]);
   }
   return s;
 }
 
-// ‖G‖² of one sample, tile by tile.
+// ‖G‖² of one sample, tile by tile; with `store` ([rows, d_stride]), G itself too.
 template <typename T, int kBytes>
 __attribute__((always_inline)) inline double sample_norm_sq_with(const T* g, int64_t rows,
                                                                  const T* a, int64_t d_stride,
-                                                                 int64_t positions) {
+                                                                 int64_t positions, T* store) {
   double s = 0.0;
-  for (int64_t o = 0; o < rows; o += kTileRows) {
+  for (int64_t o = 0; o < rows; o += kTileRows<kBytes>) {
     for (int64_t j = 0; j < d_stride; j += kTileCols<T>) {
       s += tile_sum_of_squares<T, kBytes>(g + o * positions, positions, a + j, d_stride, positions,
-                                          kTileCols<T>);
+                                          kTileCols<T>,
+                                          store == nullptr ? nullptr : store + o * d_stride + j);
     }
   }
   return s;
@@ -176,6 +195,7 @@ void sample_rows(const ConvRecord<T>& record, int64_t sample, int64_t out_channe
   const T* x = pad_sample(record.input + sample * in_size, g, padded);
   T* rows = a + first * d_stride;
   switch (g.dilation_w == 1 ? g.kernel_w : 0) {
+    case 1: patch_rows<1>(x, g, rows, d_stride); break;
     case 3: patch_rows<3>(x, g, rows, d_stride); break;
     case 4: patch_rows<4>(x, g, rows, d_stride); break;
     case 5: patch_rows<5>(x, g, rows, d_stride); break;
@@ -190,23 +210,41 @@ void sample_rows(const ConvRecord<T>& record, int64_t sample, int64_t out_channe
 }
 
 #if defined(__x86_64__) && defined(__GNUC__)
-// The same loops compiled for AVX2 + FMA (x86-64-v3), taken where the processor has them.
+// The same loops compiled for AVX2 + FMA (x86-64-v3) and for AVX-512 (x86-64-v4), taken where
+// the processor has them.
 template <typename T>
 __attribute__((target("arch=x86-64-v3"))) double sample_norm_sq_v3(const T* g, int64_t rows,
                                                                    const T* a, int64_t d_stride,
-                                                                   int64_t positions) {
-  return sample_norm_sq_with<T, 32>(g, rows, a, d_stride, positions);
+                                                                   int64_t positions, T* store) {
+  return sample_norm_sq_with<T, 32>(g, rows, a, d_stride, positions, store);
+}
+template <typename T>
+__attribute__((target("arch=x86-64-v4"))) double sample_norm_sq_v4(const T* g, int64_t rows,
+                                                                   const T* a, int64_t d_stride,
+                                                                   int64_t positions, T* store) {
+  return sample_norm_sq_with<T, 64>(g, rows, a, d_stride, positions, store);
 }
 
 using dptorch::detail::has_x86_64_v3;
+using dptorch::detail::has_x86_64_v4;
 #endif
 
+// Output channels per tile of that path: the gradient rows' buffer is padded to a multiple.
+int64_t norm_tile_rows() { return tile_vector_bytes() == 64 ? kTileRows<64> : kTileRows<16>; }
+
+// ‖G‖² of one sample on the processor's widest path, `rows` a multiple of norm_tile_rows(); with
+// `store` ([rows, d_stride]), G itself too.
 template <typename T>
-double sample_norm_sq(const T* g, int64_t rows, const T* a, int64_t d_stride, int64_t positions) {
+double sample_norm_sq(const T* g, int64_t rows, const T* a, int64_t d_stride, int64_t positions,
+                      T* store) {
 #if defined(__x86_64__) && defined(__GNUC__)
-  if (has_x86_64_v3()) return sample_norm_sq_v3(g, rows, a, d_stride, positions);
+  switch (tile_vector_bytes()) {
+    case 64: return sample_norm_sq_v4(g, rows, a, d_stride, positions, store);
+    case 32: return sample_norm_sq_v3(g, rows, a, d_stride, positions, store);
+    default: break;
+  }
 #endif
-  return sample_norm_sq_with<T, 16>(g, rows, a, d_stride, positions);
+  return sample_norm_sq_with<T, 16>(g, rows, a, d_stride, positions, store);
 }
 
 void check_lookups(const int64_t* index, const int64_t* sample, int64_t n, int64_t batch_size,
@@ -255,6 +293,14 @@ double sum_of_squares(const T* x, int64_t size) {
 
 }  // namespace
 
+int tile_vector_bytes() {
+#if defined(__x86_64__) && defined(__GNUC__)
+  if (dptorch::detail::has_x86_64_v4()) return 64;
+  if (dptorch::detail::has_x86_64_v3()) return 32;
+#endif
+  return 16;
+}
+
 template <typename T>
 void unfold_patches_2d(const T* input, int64_t samples, const PatchGeometry& geometry, T* out) {
   const auto& g = geometry;
@@ -277,19 +323,20 @@ void unfold_patches_2d(const T* input, int64_t samples, const PatchGeometry& geo
 }
 
 template <typename T>
-void conv_weight_norm_sq(const std::vector<ConvRecord<T>>& records, int64_t samples,
-                         int64_t out_channels, T* norm_sq) {
+void conv_weight_samples_tiled(const std::vector<ConvRecord<T>>& records, int64_t samples,
+                               int64_t out_channels, T* norm_sq, T* out) {
   const auto& g0 = records.front().geometry;
   const int64_t d = g0.channels * g0.kernel_h * g0.kernel_w;
   auto round_up = [](int64_t n, int64_t m) { return (n + m - 1) / m * m; };
   const int64_t d_stride = round_up(d, kTileCols<T>);
-  const int64_t p_stride = round_up(out_channels, kTileRows);
+  const int64_t p_stride = round_up(out_channels, norm_tile_rows());
   int64_t positions = 0;
   for (const auto& r : records) positions += r.geometry.out_h * r.geometry.out_w;
   at::parallel_for(0, samples, 1, [&](int64_t begin, int64_t end) {
     // Padding columns and rows of the buffers stay zero and add nothing to the norms.
     std::vector<T> a(static_cast<size_t>(positions * d_stride), T(0));
     std::vector<T> grad_rows(static_cast<size_t>(p_stride * positions), T(0));
+    std::vector<T> tile_out(out == nullptr ? 0 : static_cast<size_t>(p_stride * d_stride));
     std::vector<std::vector<T>> padded(records.size());
     for (int64_t i = begin; i < end; ++i) {
       int64_t first = 0;
@@ -299,8 +346,16 @@ void conv_weight_norm_sq(const std::vector<ConvRecord<T>>& records, int64_t samp
                     positions);
         first += r.geometry.out_h * r.geometry.out_w;
       }
-      norm_sq[i] =
-          static_cast<T>(sample_norm_sq(grad_rows.data(), p_stride, a.data(), d_stride, positions));
+      T* store = out == nullptr ? nullptr : tile_out.data();
+      const double s =
+          sample_norm_sq(grad_rows.data(), p_stride, a.data(), d_stride, positions, store);
+      if (norm_sq != nullptr) norm_sq[i] = static_cast<T>(s);
+      if (out != nullptr) {
+        T* sample_out = out + i * out_channels * d;
+        for (int64_t o = 0; o < out_channels; ++o) {
+          std::copy(store + o * d_stride, store + o * d_stride + d, sample_out + o * d);
+        }
+      }
     }
   });
 }
@@ -465,14 +520,15 @@ void group_norm_affine_samples(const T* grad_output, const T* input, const T* me
   });
 }
 
-#define DPTORCH_INSTANTIATE(T)                                                                   \
-  template void unfold_patches_2d<T>(const T*, int64_t, const PatchGeometry&, T*);               \
-  template void conv_weight_norm_sq<T>(const std::vector<ConvRecord<T>>&, int64_t, int64_t, T*); \
-  template void embedding_norm_sq<T>(const int64_t*, const int64_t*, const Rows<T>&, int64_t,    \
-                                     int64_t, T*);                                               \
-  template void embedding_add_weighted<T>(const int64_t*, const int64_t*, const Rows<T>&,        \
-                                          const T*, int64_t, int64_t, T*);                       \
-  template void group_norm_affine_samples<T>(const T*, const T*, const T*, const T*, int64_t,    \
+#define DPTORCH_INSTANTIATE(T)                                                                    \
+  template void unfold_patches_2d<T>(const T*, int64_t, const PatchGeometry&, T*);                \
+  template void conv_weight_samples_tiled<T>(const std::vector<ConvRecord<T>>&, int64_t, int64_t, \
+                                             T*, T*);                                             \
+  template void embedding_norm_sq<T>(const int64_t*, const int64_t*, const Rows<T>&, int64_t,     \
+                                     int64_t, T*);                                                \
+  template void embedding_add_weighted<T>(const int64_t*, const int64_t*, const Rows<T>&,         \
+                                          const T*, int64_t, int64_t, T*);                        \
+  template void group_norm_affine_samples<T>(const T*, const T*, const T*, const T*, int64_t,     \
                                              int64_t, int64_t, int64_t, T*, T*);
 DPTORCH_INSTANTIATE(float)
 DPTORCH_INSTANTIATE(double)

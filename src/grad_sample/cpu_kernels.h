@@ -31,14 +31,19 @@ struct ConvRecord {
   PatchGeometry geometry;
 };
 
-/// ‖G_i‖² of a convolution's weight gradient (groups = 1) for every sample, G_i = Σ over the
-/// records and output positions t of g_t a_tᵀ ([P, C·kh·kw]), into norm_sq[i]. G_i is formed
-/// one register tile at a time from the sample's patches (unfolded into a per-thread buffer)
-/// and never stored: time T·C·kh·kw·P per sample, memory one sample's patches per thread.
-/// Parallel over samples; the result does not depend on the number of threads.
+/// A convolution's per-sample weight gradients (groups = 1), G_i = Σ over the records and output
+/// positions t of g_t a_tᵀ ([P, C·kh·kw]): ‖G_i‖² into norm_sq[i] (unless null) and G_i into
+/// out[i] ([samples, P, C·kh·kw], unless null). G_i is formed one register tile at a time from
+/// the sample's patches (unfolded into a per-thread buffer): time T·C·kh·kw·P per sample,
+/// memory one sample's patches per thread beside `out`. Parallel over samples; the result does
+/// not depend on the number of threads.
+/// The vector width in bytes of conv_weight_samples_tiled's path on this processor (16, 32 or
+/// 64: baseline, AVX2, AVX-512).
+int tile_vector_bytes();
+
 template <typename T>
-void conv_weight_norm_sq(const std::vector<ConvRecord<T>>& records, int64_t samples,
-                         int64_t out_channels, T* norm_sq);
+void conv_weight_samples_tiled(const std::vector<ConvRecord<T>>& records, int64_t samples,
+                               int64_t out_channels, T* norm_sq, T* out);
 
 /// N rows of `dim` contiguous elements in groups of `per_group`: row n starts at
 /// data + (n / per_group)·group_stride + (n % per_group)·row_stride. A [B, T, dim] tensor with

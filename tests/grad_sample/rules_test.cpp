@@ -261,9 +261,9 @@ INSTANTIATE_TEST_SUITE_P(
         FusedCase{{4, 3, 20}, {6, 3, 5}, {2}, {1}, {1}},
         FusedCase{{4, 2, 15}, {9, 2, 3}, {1}, {0}, {3}}));
 
-// conv_weight_samples (one grouped convolution with the batch folded into the groups, or one
-// kernel per sample under 8 channels per group) against plain autograd on a batch of one, in
-// double, chunked at every boundary.
+// conv_weight_samples by each kernel (one grouped convolution with the batch folded into the
+// groups, or one kernel per sample under 8 channels per group; the register tile) against plain
+// autograd on a batch of one, in double, chunked at every boundary.
 struct SamplesCase {
   std::vector<int64_t> input, weight;  // weight [p, C/G, k...]
   std::vector<int64_t> stride, padding, dilation;
@@ -294,10 +294,29 @@ TEST_P(ConvWeightSamples, EqualAutogradOnBatchesOfOneInEveryChunking) {
   gs::ConvGeometry geo{std::vector<int64_t>(c.weight.begin() + 2, c.weight.end()), c.stride,
                        c.padding, c.dilation, c.groups};
   EXPECT_TRUE(tensors_close(gs::conv_weight_samples(x, g, weight, geo), truth, 1e-10));
+  EXPECT_TRUE(tensors_close(
+      gs::conv_weight_samples(x, g, weight, geo, gs::ConvSampleKernel::kGrouped), truth, 1e-10));
+  const bool tiled = c.groups == 1 && c.stride.size() <= 2;
+  if (tiled) {
+    EXPECT_TRUE(tensors_close(
+        gs::conv_weight_samples(x, g, weight, geo, gs::ConvSampleKernel::kTiled), truth, 1e-10));
+    // In float too (the vector path of either width), against the double result.
+    EXPECT_TRUE(tensors_close(
+        gs::conv_weight_samples(x.to(torch::kFloat), g.to(torch::kFloat), weight.to(torch::kFloat),
+                                geo, gs::ConvSampleKernel::kTiled)
+            .to(torch::kDouble),
+        truth, 1e-4));
+  } else {
+    EXPECT_THROW((void)gs::conv_weight_samples(x, g, weight, geo, gs::ConvSampleKernel::kTiled),
+                 c10::Error);
+  }
   const int64_t sample_bytes = weight.numel() * weight.element_size();
   for (int64_t per_chunk : {int64_t{1}, int64_t{2}, B - 1, B + 5}) {
     SCOPED_TRACE(per_chunk);
-    const auto chunks = gs::conv_weight_sample_chunks(x, g, weight, geo, per_chunk * sample_bytes);
+    const auto kernel =
+        tiled && per_chunk % 2 == 0 ? gs::ConvSampleKernel::kTiled : gs::ConvSampleKernel::kGrouped;
+    const auto chunks =
+        gs::conv_weight_sample_chunks(x, g, weight, geo, per_chunk * sample_bytes, kernel);
     const int64_t step = std::min(per_chunk, B);
     EXPECT_EQ(static_cast<int64_t>(chunks.size()), (B + step - 1) / step);
     EXPECT_TRUE(tensors_close(torch::cat(chunks), truth, 1e-10));

@@ -28,8 +28,8 @@ struct ConvGeometry {
 /// sum Σ_i w_i G_i: from the kept G_i where kMaterialize could keep them, otherwise by the
 /// convolution's own weight-gradient kernel on the per-sample weighted output gradient.
 enum class ConvPath {
-  /// G_i for a chunk of samples at a time, as the weight gradient of one grouped convolution
-  /// (the batch folded into the groups): the library's fastest convolution kernel does the work.
+  /// G_i for a chunk of samples at a time by conv_weight_samples (the convolution's own kernel
+  /// with the batch folded into the groups, or the register tile of kFused, which stores G_i).
   kMaterialize,
   /// ‖G_i‖² by a CPU loop that forms G_i one register tile at a time (groups 1, 1-D or 2-D, float
   /// or double, on the CPU); no memory beyond one sample's patches per thread.
@@ -40,6 +40,20 @@ enum class ConvPath {
 
 /// The name of a path: "materialize", "fused", "ghost".
 [[nodiscard]] const char* to_string(ConvPath path);
+
+/// The kernel that forms per-sample weight gradients (conv_weight_samples).
+enum class ConvSampleKernel {
+  /// The cost model's choice for the call's shape (sample_kernel()).
+  kAuto,
+  /// The convolution's own weight-gradient kernel: one call with the batch folded into the
+  /// groups, or, under 8 input channels per group, one call per sample with the samples spread
+  /// over threads. It runs wherever the convolution runs (any device, dtype, 1-D to 3-D).
+  kGrouped,
+  /// The register tile of the fused norms, which stores each G_i as it forms it: on the CPU, in
+  /// float or double, for groups 1 and 1-D or 2-D (fused_conv_available()); fastest where the
+  /// grouped kernel is slow (few input channels, few output positions).
+  kTiled,
+};
 
 /// The shape of one convolution call, as the cost model sees it.
 struct ConvShape {
@@ -60,6 +74,8 @@ struct ConvPlan {
   ConvPath path = ConvPath::kMaterialize;
   /// Whether kMaterialize keeps G_i for the clipped sum (it may when memory allows).
   bool keep = false;
+  /// kMaterialize's kernel (kTiled or kGrouped).
+  ConvSampleKernel kernel = ConvSampleKernel::kGrouped;
   double materialize_ms = 0, fused_ms = 0, ghost_ms = 0;
 };
 
@@ -76,24 +92,25 @@ struct ConvPlan {
 [[nodiscard]] bool fused_conv_available(const torch::Tensor& input, int64_t spatial_dims,
                                         int64_t groups);
 
+/// The cost model's kernel for conv_weight_samples on a call of this shape: kTiled or kGrouped.
+[[nodiscard]] ConvSampleKernel sample_kernel(const ConvShape& shape);
+
 /// Per-sample weight gradients [B, p, C/G, k...] of a convolution: `input` [B, C, S...] (already
 /// padded as the call saw it), `grad_output` [B, p, L...], `weight` the layer's weight (its shape
-/// and dtype). The convolution's own weight-gradient kernel, so it runs wherever the convolution
-/// runs (any device, dtype, 1-D to 3-D): one call with the batch folded into the groups, or,
-/// under 8 input channels per group, one call per sample with the samples spread over threads.
+/// and dtype), by `kernel` (kTiled where it is not available is an error).
 [[nodiscard]] torch::Tensor conv_weight_samples(const torch::Tensor& input,
                                                 const torch::Tensor& grad_output,
                                                 const torch::Tensor& weight,
-                                                const ConvGeometry& geometry);
+                                                const ConvGeometry& geometry,
+                                                ConvSampleKernel kernel = ConvSampleKernel::kAuto);
 
 /// conv_weight_samples a chunk of samples at a time, each chunk's result [n, p, C/G, k...] near
 /// `chunk_bytes` (at least one sample), so that the kernel's own temporaries stay small too.
 /// Calls with the same batch size and weight are chunked alike.
-[[nodiscard]] std::vector<torch::Tensor> conv_weight_sample_chunks(const torch::Tensor& input,
-                                                                   const torch::Tensor& grad_output,
-                                                                   const torch::Tensor& weight,
-                                                                   const ConvGeometry& geometry,
-                                                                   int64_t chunk_bytes);
+[[nodiscard]] std::vector<torch::Tensor> conv_weight_sample_chunks(
+    const torch::Tensor& input, const torch::Tensor& grad_output, const torch::Tensor& weight,
+    const ConvGeometry& geometry, int64_t chunk_bytes,
+    ConvSampleKernel kernel = ConvSampleKernel::kAuto);
 
 /// Unfolds a convolution input [B, C, S1..SD] into [B, T, C·k1..kD] patches, T = number of
 /// output positions, columns in the order of the weight's [C, k1..kD] layout. Works for any D.
