@@ -223,10 +223,11 @@ ConvPlan plan_conv(const ConvShape& s, NormMethod method, bool may_keep) {
   plan.kernel = sample_kernel(s);
   const double samples_ms =
       plan.kernel == ConvSampleKernel::kTiled ? tile_ms(s) : grouped_kernel_ms(s);
-  // Kept: the norms and the sum pass over G_i; otherwise the norms do, and the sum is the
-  // non-private kernel's.
+  // Kept: the sum passes over G_i, and so do the norms unless the tile formed them; not kept: the
+  // norms pass over each chunk of G_i, and the sum is the non-private kernel's.
   const double pass_ms = B * p * d * 4 / kKeptSpeed * to_ms;
-  plan.materialize_ms = samples_ms + (may_keep ? 2 * pass_ms : pass_ms + sum_ms);
+  const bool tiled = plan.kernel == ConvSampleKernel::kTiled;
+  plan.materialize_ms = samples_ms + (may_keep ? (tiled ? 1 : 2) * pass_ms : pass_ms + sum_ms);
   plan.fused_ms = tile_ms(s) + sum_ms;
   // Gram matrices of one group's patches [T, d] and output gradients [T, p/G], and the unfold.
   plan.ghost_ms = (B * G * T * T * (d + p / G)) / gram_speed(T) * to_ms +
@@ -250,9 +251,12 @@ bool fused_conv_available(const torch::Tensor& input, int64_t spatial_dims, int6
   return groups == 1 && (spatial_dims == 1 || spatial_dims == 2) && cpu_kernel_dtype(input);
 }
 
-torch::Tensor conv_weight_samples(const torch::Tensor& input, const torch::Tensor& grad_output,
-                                  const torch::Tensor& weight, const ConvGeometry& geometry,
-                                  ConvSampleKernel kernel) {
+namespace {
+
+// conv_weight_samples, and with `norms` ‖G_i‖² into *norms.
+torch::Tensor samples_and_norms(const torch::Tensor& input, const torch::Tensor& grad_output,
+                                const torch::Tensor& weight, const ConvGeometry& geometry,
+                                ConvSampleKernel kernel, torch::Tensor* norms) {
   const int64_t B = input.size(0), p = grad_output.size(1);
   TORCH_CHECK(grad_output.size(0) == B && p == weight.size(0), "conv_weight_samples: input ",
               input.sizes(), ", output gradient ", grad_output.sizes(), " and weight ",
@@ -261,12 +265,13 @@ torch::Tensor conv_weight_samples(const torch::Tensor& input, const torch::Tenso
     kernel = sample_kernel(conv_shape(input, grad_output, weight, geometry));
   }
   if (kernel == ConvSampleKernel::kTiled) {
-    auto samples = tiled_conv_samples({input}, {grad_output}, weight, geometry, true).second;
+    auto [tile_norms, samples] = tiled_conv_samples({input}, {grad_output}, weight, geometry, true);
     TORCH_CHECK(samples.defined(),
                 "conv_weight_samples: the tiled kernel needs a CPU float or double input, groups 1 "
                 "and 1 or 2 spatial dimensions, got input ",
                 input.sizes(), " (", input.scalar_type(), ", ", input.device(), ") with groups ",
                 geometry.groups, "; use ConvSampleKernel::kGrouped or kAuto");
+    if (norms != nullptr) *norms = tile_norms;
     return samples;
   }
   // [B, C, S...] -> [1, B·C, S...] and [B, p, L...] -> [1, B·p, L...]: sample b's channels form
@@ -296,6 +301,7 @@ torch::Tensor conv_weight_samples(const torch::Tensor& input, const torch::Tenso
             geometry.groups, {false, true, false})));
       }
     });
+    if (norms != nullptr) *norms = row_norm_sq(samples);
     return samples;
   }
   std::vector<int64_t> weight_shape{B * p};
@@ -308,7 +314,16 @@ torch::Tensor conv_weight_samples(const torch::Tensor& input, const torch::Tenso
       geometry.groups * B, {false, true, false}));
   std::vector<int64_t> shape{B};
   for (int64_t i = 0; i < weight.dim(); ++i) shape.push_back(weight.size(i));
+  if (norms != nullptr) *norms = row_norm_sq(samples.view({B, -1}));
   return samples.view(shape);
+}
+
+}  // namespace
+
+torch::Tensor conv_weight_samples(const torch::Tensor& input, const torch::Tensor& grad_output,
+                                  const torch::Tensor& weight, const ConvGeometry& geometry,
+                                  ConvSampleKernel kernel) {
+  return samples_and_norms(input, grad_output, weight, geometry, kernel, nullptr);
 }
 
 torch::Tensor unfold_patches(const torch::Tensor& input, at::IntArrayRef kernel,
@@ -331,16 +346,20 @@ std::vector<torch::Tensor> conv_weight_sample_chunks(const torch::Tensor& input,
                                                      const torch::Tensor& grad_output,
                                                      const torch::Tensor& weight,
                                                      const ConvGeometry& geometry,
-                                                     int64_t chunk_bytes, ConvSampleKernel kernel) {
+                                                     int64_t chunk_bytes, ConvSampleKernel kernel,
+                                                     torch::Tensor* norms_sq) {
   const int64_t B = input.size(0);
   const int64_t sample_bytes = std::max<int64_t>(1, weight.numel() * weight.element_size());
   const int64_t step = std::clamp<int64_t>(chunk_bytes / sample_bytes, 1, std::max<int64_t>(1, B));
-  std::vector<torch::Tensor> chunks;
+  std::vector<torch::Tensor> chunks, norms;
   for (int64_t b = 0; b < B; b += step) {
     const int64_t n = std::min(step, B - b);
-    chunks.push_back(conv_weight_samples(input.narrow(0, b, n), grad_output.narrow(0, b, n), weight,
-                                         geometry, kernel));
+    torch::Tensor chunk_norms;
+    chunks.push_back(samples_and_norms(input.narrow(0, b, n), grad_output.narrow(0, b, n), weight,
+                                       geometry, kernel, norms_sq ? &chunk_norms : nullptr));
+    norms.push_back(chunk_norms);
   }
+  if (norms_sq != nullptr) *norms_sq = norms.size() == 1 ? norms.front() : torch::cat(norms);
   return chunks;
 }
 

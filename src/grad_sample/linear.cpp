@@ -77,6 +77,20 @@ torch::Tensor weighted_sum(const torch::Tensor& a, const torch::Tensor& g, const
 
 bool materialize_is_cheaper(int64_t T, int64_t d, int64_t p) { return d * p <= T * (d + p); }
 
+bool keep_is_cheaper(int64_t T, int64_t d, int64_t p) {
+  // Per sample, in ns: multiply-adds at the speeds of the batched Gram products and of the
+  // matmuls (GMAC/s), passes over G_i at kPassSpeed bytes per ns (bench/dp_step_bench's block-64
+  // and encoder-32 rows, and the per-layer products, on one core).
+  constexpr double kGramSpeed = 38, kMatmulSpeed = 50, kPassSpeed = 14;
+  if (T <= 1) return false;
+  const double t = static_cast<double>(T), dd = static_cast<double>(d);
+  const double pp = static_cast<double>(p);
+  const double product = t * dd * pp / kMatmulSpeed, pass = dd * pp * 4 / kPassSpeed;
+  const double rule = materialize_is_cheaper(T, d, p) ? product + 2 * pass
+                                                      : t * t * (dd + pp) / kGramSpeed + product;
+  return product + 2 * pass < rule;
+}
+
 void PerSampleGrads::add_weighted_sum_to(const std::vector<torch::Tensor>& w,
                                          const std::vector<torch::Tensor>& out) {
   const auto sums = weighted_sum(w);

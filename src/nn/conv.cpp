@@ -21,12 +21,8 @@ void reduce_call(Call<ConvSaved>& call, const torch::Tensor& weight,
   const auto& g = call.grad_outputs.at(0);
   if (train_weight) {
     saved.weight_samples = grad_sample::conv_weight_sample_chunks(
-        saved.input, g, weight, geometry, grad_sample::ConvGrads::kChunkBytes);
-    std::vector<torch::Tensor> norms;
-    for (const auto& chunk : saved.weight_samples) {
-      norms.push_back(at::linalg_vector_norm(chunk.flatten(1), 2, {1}).square());
-    }
-    saved.weight_norms_sq = norms.size() == 1 ? norms.front() : torch::cat(norms);
+        saved.input, g, weight, geometry, grad_sample::ConvGrads::kChunkBytes,
+        grad_sample::ConvSampleKernel::kAuto, &saved.weight_norms_sq);
   }
   if (train_bias) saved.bias_samples = g.flatten(2).sum(2);
   saved.reduced = true;

@@ -23,27 +23,114 @@ void LinearImpl::adopt() {
   bias = adopt_parameter("bias", twin().bias);
 }
 
+namespace {
+
+// Forms a call's per-sample gradients (the weight's [n, p, d] a chunk of samples at a time, each
+// chunk's norms taken while it is in the cache; the bias's as [B, p]) and drops its input and
+// output gradient.
+void reduce_call(Call<LinearSaved>& call, bool train_weight, bool train_bias) {
+  auto& saved = call.saved;
+  const auto a = detail::to_brp(saved.input, saved.batch_dim, 1);
+  const auto g = detail::to_brp(call.grad_outputs.at(0), saved.batch_dim, 1);
+  const int64_t B = a.size(0), d = a.size(2), p = g.size(2);
+  if (train_weight) {
+    const int64_t sample_bytes = std::max<int64_t>(1, p * d * a.element_size());
+    const int64_t step = std::clamp<int64_t>(grad_sample::ConvGrads::kChunkBytes / sample_bytes, 1,
+                                             std::max<int64_t>(1, B));
+    std::vector<torch::Tensor> norms;
+    for (int64_t b = 0; b < B; b += step) {
+      const int64_t n = std::min(step, B - b);
+      auto chunk = grad_sample::materialize(a.narrow(0, b, n), g.narrow(0, b, n), 1);
+      norms.push_back(at::linalg_vector_norm(chunk.flatten(1), 2, {1}).square());
+      saved.weight_samples.push_back(std::move(chunk));
+    }
+    saved.weight_norms_sq = detail::cat_along(std::move(norms), 0);
+  }
+  if (train_bias) saved.bias_samples = g.sum(1);
+  saved.reduced = true;
+  saved.input = torch::Tensor();
+  call.grad_outputs.clear();
+}
+
+}  // namespace
+
 torch::Tensor LinearImpl::forward(const torch::Tensor& input) {
   if (!recording({&weight, &bias})) return twin().forward(input);
   TORCH_CHECK(input.dim() >= 2, "dptorch::nn::Linear needs a batch dimension to record ",
               "per-sample gradients, but got an input of shape ", input.sizes());
-  LinearSaved saved{input.detach(), batch_dim(input.dim() - 1)};
+  LinearSaved saved;
+  saved.input = input.detach();
+  saved.batch_dim = batch_dim(input.dim() - 1);
   const int64_t B = input.size(saved.batch_dim);
   const auto w = weight.detach();
+  // When backward files the call, the layer forms its per-sample gradients and keeps them
+  // (freeing input and output gradient) where that is cheaper than the rule after backward and
+  // the tape's budget allows; otherwise the call waits for the rule.
+  FileHook<LinearSaved> on_file =
+      [train_weight = detail::trainable(weight), train_bias = detail::trainable(bias),
+       method = norm_method(),
+       tape = std::weak_ptr<detail::Tape>(this->tape())](Call<LinearSaved>& call) {
+        if (!train_weight || method == NormMethod::kGhost) return;
+        const auto& g = call.grad_outputs.at(0);
+        const auto& x = call.saved.input;
+        if (!g.defined() || x.dim() < 2) return;
+        const int64_t B = x.size(call.saved.batch_dim), d = x.size(-1), p = g.size(-1);
+        const int64_t T = x.numel() / std::max<int64_t>(1, B * d);
+        if (method == NormMethod::kAuto && !grad_sample::keep_is_cheaper(T, d, p)) return;
+        const auto t = tape.lock();
+        if (!t || !t->try_keep(B * p * d * x.element_size())) return;
+        reduce_call(call, train_weight, train_bias);
+      };
   return record(
       input, {weight, bias}, [&] { return F::linear(input, weight, bias); },
-      [w](const torch::Tensor& g) { return g.matmul(w); }, std::move(saved), B);
+      [w](const torch::Tensor& g) { return g.matmul(w); }, std::move(saved), B, std::move(on_file));
 }
 
 std::unique_ptr<PerSampleGrads> LinearImpl::make_grads(std::vector<Call<LinearSaved>> calls) {
-  std::vector<torch::Tensor> a, g;
-  for (const auto& c : calls) {
-    a.push_back(detail::to_brp(c.saved.input, c.saved.batch_dim, 1));
-    g.push_back(detail::to_brp(c.grad_outputs.at(0), c.saved.batch_dim, 1));
+  const bool train_weight = detail::trainable(weight), train_bias = detail::trainable(bias);
+  bool any_reduced = false;
+  for (const auto& c : calls) any_reduced = any_reduced || c.saved.reduced;
+  if (!any_reduced) {
+    std::vector<torch::Tensor> a, g;
+    for (const auto& c : calls) {
+      a.push_back(detail::to_brp(c.saved.input, c.saved.batch_dim, 1));
+      g.push_back(detail::to_brp(c.grad_outputs.at(0), c.saved.batch_dim, 1));
+    }
+    return std::make_unique<grad_sample::LinearLikeGrads>(
+        detail::cat_along(std::move(a), 1), detail::cat_along(std::move(g), 1), 1,
+        detail::shape_if_trainable(weight), train_bias, norm_method());
   }
-  return std::make_unique<grad_sample::LinearLikeGrads>(
-      detail::cat_along(std::move(a), 1), detail::cat_along(std::move(g), 1), 1,
-      detail::shape_if_trainable(weight), detail::trainable(bias), norm_method());
+  // Some call kept its per-sample gradients: form the others' too (chunked alike), and add them
+  // up chunk by chunk.
+  std::vector<torch::Tensor> ws;
+  torch::Tensor bs;
+  for (auto& c : calls) {
+    if (!c.saved.reduced) reduce_call(c, train_weight, train_bias);
+    if (train_weight) {
+      if (ws.empty()) {
+        ws = std::move(c.saved.weight_samples);
+      } else {
+        for (size_t i = 0; i < ws.size(); ++i) ws[i].add_(c.saved.weight_samples.at(i));
+      }
+    }
+    if (train_bias) bs = bs.defined() ? bs.add_(c.saved.bias_samples) : c.saved.bias_samples;
+  }
+  std::vector<std::string> names;
+  std::vector<std::vector<torch::Tensor>> samples;
+  // The norms formed in backward serve when one call alone holds the weight's gradients.
+  std::vector<torch::Tensor> norms;
+  if (train_weight) {
+    names.emplace_back("weight");
+    samples.push_back(std::move(ws));
+    norms.push_back(calls.size() == 1 ? calls.front().saved.weight_norms_sq : torch::Tensor());
+  }
+  if (train_bias) {
+    names.emplace_back("bias");
+    samples.push_back({std::move(bs)});
+    norms.emplace_back();
+  }
+  return std::make_unique<grad_sample::MaterializedGrads>(std::move(names), std::move(samples),
+                                                          std::move(norms));
 }
 
 // ----------------------------------------------------------------------------------- products

@@ -71,6 +71,14 @@ std::vector<Case> cases() {
   c.push_back({"linear_batch_second", [] {
                  return seq_setup(nn::Linear(5, 3), torch::randn({6, 4, 5}), 1);
                }});
+  // Over enough positions the last layer forms and keeps its per-sample gradients as backward
+  // files its call (grad_sample::keep_is_cheaper; the tape's budget admits it); the first is
+  // refused (the budget is spent) and goes to the rule after backward.
+  c.push_back({"linear_sequence_kept", [] {
+                 return seq_setup(
+                     tnn::Sequential(nn::Linear(64, 64), tnn::Tanh(), nn::Linear(64, 64)),
+                     torch::randn({2, 30, 64}));
+               }});
   c.push_back({"linear_batch_of_one", [] {
                  return seq_setup(nn::Linear(5, 3), torch::randn({1, 5}));
                }});

@@ -315,8 +315,10 @@ TEST_P(ConvWeightSamples, EqualAutogradOnBatchesOfOneInEveryChunking) {
     SCOPED_TRACE(per_chunk);
     const auto kernel =
         tiled && per_chunk % 2 == 0 ? gs::ConvSampleKernel::kTiled : gs::ConvSampleKernel::kGrouped;
+    torch::Tensor norms;
     const auto chunks =
-        gs::conv_weight_sample_chunks(x, g, weight, geo, per_chunk * sample_bytes, kernel);
+        gs::conv_weight_sample_chunks(x, g, weight, geo, per_chunk * sample_bytes, kernel, &norms);
+    EXPECT_TRUE(tensors_close(norms, truth.flatten(1).square().sum(1), 1e-10));
     const int64_t step = std::min(per_chunk, B);
     EXPECT_EQ(static_cast<int64_t>(chunks.size()), (B + step - 1) / step);
     EXPECT_TRUE(tensors_close(torch::cat(chunks), truth, 1e-10));

@@ -106,11 +106,12 @@ struct ConvPlan {
 
 /// conv_weight_samples a chunk of samples at a time, each chunk's result [n, p, C/G, k...] near
 /// `chunk_bytes` (at least one sample), so that the kernel's own temporaries stay small too.
-/// Calls with the same batch size and weight are chunked alike.
+/// Calls with the same batch size and weight are chunked alike. With `norms_sq`, ‖G_i‖² [B] too:
+/// the tiled kernel forms them with G_i, the grouped one from each chunk while it is in cache.
 [[nodiscard]] std::vector<torch::Tensor> conv_weight_sample_chunks(
     const torch::Tensor& input, const torch::Tensor& grad_output, const torch::Tensor& weight,
     const ConvGeometry& geometry, int64_t chunk_bytes,
-    ConvSampleKernel kernel = ConvSampleKernel::kAuto);
+    ConvSampleKernel kernel = ConvSampleKernel::kAuto, torch::Tensor* norms_sq = nullptr);
 
 /// Unfolds a convolution input [B, C, S1..SD] into [B, T, C·k1..kD] patches, T = number of
 /// output positions, columns in the order of the weight's [C, k1..kD] layout. Works for any D.

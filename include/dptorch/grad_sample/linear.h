@@ -31,6 +31,13 @@ namespace dptorch::grad_sample {
 /// Whether materialising costs fewer flops than ghost norms: d·p <= T·(d + p) per group.
 [[nodiscard]] bool materialize_is_cheaper(int64_t T, int64_t d, int64_t p);
 
+/// Whether forming G_i [p, d] as backward files a product over T positions and keeping them
+/// (two passes over B·p·d values: norms, clipped sum) costs less than the rule after backward
+/// (norms by the cheaper of Gram matrices and materialisation, then the clipped sum by a matmul
+/// of the weight gradient's size, unless the norms materialised G_i). A single position never
+/// gains: its sum's matmul is as cheap as a pass over G_i.
+bool keep_is_cheaper(int64_t T, int64_t d, int64_t p);
+
 /// Rule for Linear and Conv: weight [G·p, d] (viewed as the parameter's shape) and bias [G·p].
 class LinearLikeGrads final : public PerSampleGrads {
  public:

@@ -12,10 +12,16 @@
 /// through products y = a Wᵀ + b (recurrent layers, attention projections, a user's own).
 namespace dptorch::nn {
 
-/// What Linear saves per call: its input and the input's batch dimension.
+/// What Linear saves per call: its input and the input's batch dimension; or, once the call was
+/// reduced as backward filed it, its per-sample gradients (the weight's in chunks, with their
+/// norms) in place of input and output gradient.
 struct LinearSaved {
   torch::Tensor input;
   int64_t batch_dim = 0;
+  bool reduced = false;
+  std::vector<torch::Tensor> weight_samples;
+  torch::Tensor bias_samples;
+  torch::Tensor weight_norms_sq;
 };
 
 /// Twin of torch::nn::Linear: y = x Wᵀ + b over any leading dimensions.
