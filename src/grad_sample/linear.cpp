@@ -43,13 +43,29 @@ torch::Tensor batched_matmul(const torch::Tensor& x, const torch::Tensor& y) {
 
 }  // namespace
 
-torch::Tensor ghost_norm_sq(const torch::Tensor& a, const torch::Tensor& g, int64_t groups) {
+torch::Tensor GramCache::gram(const torch::Tensor& x, int64_t groups) {
+  for (const auto& e : entries_) {
+    if (e.x.is_same(x) && e.groups == groups) return e.gram;
+  }
+  auto xg = by_group(x, groups);
+  auto gram = batched_matmul(xg, xg.transpose(1, 2));
+  const bool shared = std::any_of(shared_.begin(), shared_.end(),
+                                  [&](const torch::Tensor& s) { return s.is_same(x); });
+  if (shared) entries_.push_back({x, groups, gram});
+  return gram;
+}
+
+torch::Tensor ghost_norm_sq(const torch::Tensor& a, const torch::Tensor& g, int64_t groups,
+                            GramCache* cache) {
   const int64_t B = a.size(0), T = a.size(1);
   if (T == 1) {
     // ‖g aᵀ‖² = ‖a‖²‖g‖², per group.
     auto aa = at::linalg_vector_norm(a.reshape({B, groups, a.size(2) / groups}), 2, {2});
     auto gg = at::linalg_vector_norm(g.reshape({B, groups, g.size(2) / groups}), 2, {2});
     return aa.mul_(gg).square_().sum(1);
+  }
+  if (cache != nullptr) {
+    return (cache->gram(a, groups) * cache->gram(g, groups)).view({B, groups * T * T}).sum(1);
   }
   auto ag = by_group(a, groups), gg = by_group(g, groups);
   auto gram_a = batched_matmul(ag, ag.transpose(1, 2));  // [B·G, T, T]
@@ -132,10 +148,13 @@ const torch::Tensor& LinearLikeGrads::bias_samples() {
   return bias_samples_;
 }
 
-std::vector<torch::Tensor> LinearLikeGrads::norm_sq() {
+std::vector<torch::Tensor> LinearLikeGrads::norm_sq() { return norm_sq(nullptr); }
+
+std::vector<torch::Tensor> LinearLikeGrads::norm_sq(GramCache* cache) {
   std::vector<torch::Tensor> out;
   if (!weight_shape_.empty()) {
-    out.push_back(materialize_ ? row_norm_sq(weight_samples()) : ghost_norm_sq(a_, g_, groups_));
+    out.push_back(materialize_ ? row_norm_sq(weight_samples())
+                               : ghost_norm_sq(a_, g_, groups_, cache));
   }
   if (has_bias_) out.push_back(bias_samples().square().sum(1));
   return out;

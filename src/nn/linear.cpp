@@ -4,6 +4,7 @@
 
 #include "nn/layers_internal.h"
 
+#include <algorithm>
 #include <map>
 #include <optional>
 #include <tuple>
@@ -180,6 +181,8 @@ class ProductsGrads final : public PerSampleGrads {
         a = torch::empty({g.size(0), g.size(1), 0}, g.options());
       }
       Entry e;
+      e.a = a;
+      e.g = g;
       e.rule = std::make_unique<grad_sample::LinearLikeGrads>(std::move(a), std::move(g), 1,
                                                               weight_shape, train_b, method);
       e.rows = p;
@@ -194,8 +197,22 @@ class ProductsGrads final : public PerSampleGrads {
 
   std::vector<torch::Tensor> norm_sq() override {
     std::vector<torch::Tensor> out(params_.size());
+    // Slots over the same tensor (a recurrent layer's two products share the gates' gradient)
+    // form its Gram matrix once.
+    std::vector<torch::Tensor> seen, shared;
+    for (const auto& e : entries_) {
+      for (const auto& t : {e.a, e.g}) {
+        auto same = [&](const torch::Tensor& s) { return s.is_same(t); };
+        if (std::any_of(seen.begin(), seen.end(), same)) {
+          if (std::none_of(shared.begin(), shared.end(), same)) shared.push_back(t);
+        } else {
+          seen.push_back(t);
+        }
+      }
+    }
+    grad_sample::GramCache grams(std::move(shared));
     for (auto& e : entries_) {
-      auto n = e.rule->norm_sq();
+      auto n = e.rule->norm_sq(&grams);
       size_t k = 0;
       for (const auto& t : {e.weight, e.bias}) {
         if (!t) continue;
@@ -255,6 +272,7 @@ class ProductsGrads final : public PerSampleGrads {
 
  private:
   struct Entry {
+    torch::Tensor a, g;  // the rule's activations and output gradients (handles)
     std::unique_ptr<grad_sample::LinearLikeGrads> rule;
     int64_t rows = 0;
     std::optional<Target> weight, bias;

@@ -352,6 +352,25 @@ INSTANTIATE_TEST_SUITE_P(
         SamplesCase{{3, 2, 4, 5, 4}, {3, 2, 2, 3, 2}, {1, 2, 1}, {1, 0, 1}, {1, 1, 1}, 1}));
 
 // The cost model on the layers whose timings calibrated it (docs/performance.md, per-layer table).
+// Rules over one shared output gradient (a recurrent layer's two products) take its Gram matrix
+// from the cache once; the norms equal the uncached ghost norms and materialised ones.
+TEST(GramCache, SharedTensorsFormedOnceAndNormsUnchanged) {
+  torch::manual_seed(5);
+  const auto opts = torch::TensorOptions().dtype(torch::kDouble);
+  auto a1 = torch::randn({3, 7, 4}, opts), a2 = torch::randn({3, 7, 6}, opts);
+  auto g = torch::randn({3, 7, 5}, opts);
+  gs::GramCache cache({g});
+  const auto first = cache.gram(g, 1);
+  EXPECT_TRUE(cache.gram(g, 1).is_same(first));
+  EXPECT_FALSE(cache.gram(a1, 1).is_same(cache.gram(a1, 1)));  // not shared: formed each time
+  EXPECT_TRUE(tensors_close(first, torch::bmm(g, g.transpose(1, 2)), 1e-12));
+  for (const auto& a : {a1, a2, a1}) {
+    const auto cached = gs::ghost_norm_sq(a, g, 1, &cache);
+    EXPECT_TRUE(tensors_close(cached, gs::ghost_norm_sq(a, g, 1), 1e-12));
+    EXPECT_TRUE(tensors_close(cached, gs::materialize(a, g, 1).flatten(1).square().sum(1), 1e-10));
+  }
+}
+
 TEST(ConvCostModel, PicksThePathsMeasuredFastest) {
   auto plan = [](int64_t B, int64_t C, int64_t T, int64_t k2, int64_t p, bool may_keep) {
     gs::ConvShape s;

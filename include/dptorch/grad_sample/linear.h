@@ -16,9 +16,29 @@ namespace dptorch::grad_sample {
 // Linear-like layers: activations a [B, T, G·d], output gradients g [B, T, G·p], G groups.
 // Per sample and group, G_i = Σ_t g_t a_tᵀ ([p, d]).
 
+/// Gram matrices [B·G, T, T] of activations or output gradients [B, T, G·c]: those of the
+/// `shared` tensors are formed once and kept, so that rules over the same tensor reuse them (a
+/// recurrent layer's input and hidden products share the gates' output gradient); any other is
+/// formed on each request. Tensors are matched by identity.
+class GramCache {
+ public:
+  explicit GramCache(std::vector<torch::Tensor> shared) : shared_(std::move(shared)) {}
+  torch::Tensor gram(const torch::Tensor& x, int64_t groups);
+
+ private:
+  std::vector<torch::Tensor> shared_;
+  struct Entry {
+    torch::Tensor x;
+    int64_t groups;
+    torch::Tensor gram;
+  };
+  std::vector<Entry> entries_;
+};
+
 /// ‖G_i‖² summed over groups, without forming G_i: Σ_{t,s} (a_t·a_s)(g_t·g_s) (Li et al. 2021).
+/// With `cache`, the Gram matrices come from it.
 [[nodiscard]] torch::Tensor ghost_norm_sq(const torch::Tensor& a, const torch::Tensor& g,
-                                          int64_t groups);
+                                          int64_t groups, GramCache* cache = nullptr);
 
 /// G_i for every sample: [B, G·p, d].
 [[nodiscard]] torch::Tensor materialize(const torch::Tensor& a, const torch::Tensor& g,
@@ -46,6 +66,8 @@ class LinearLikeGrads final : public PerSampleGrads {
                   std::vector<int64_t> weight_shape, bool has_bias, NormMethod method);
   std::vector<std::string> names() const override;
   std::vector<torch::Tensor> norm_sq() override;
+  /// norm_sq(), its ghost norms' Gram matrices from `cache` (shared with other rules).
+  std::vector<torch::Tensor> norm_sq(GramCache* cache);
   std::vector<torch::Tensor> weighted_sum(const std::vector<torch::Tensor>& w) override;
   void add_weighted_sum_to(const std::vector<torch::Tensor>& w,
                            const std::vector<torch::Tensor>& out) override;
