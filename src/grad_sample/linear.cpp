@@ -41,6 +41,23 @@ torch::Tensor batched_matmul(const torch::Tensor& x, const torch::Tensor& y) {
   return out;
 }
 
+// target [P] += samples [n, P]ᵀ w [n]. On the CPU with several threads the columns are split
+// over the threads, each part one gemv: torch's gemv over the transposed samples runs on one
+// thread. Each column's sum runs over the samples in the same order either way.
+void add_weighted_rows(const torch::Tensor& target, const torch::Tensor& samples,
+                       const torch::Tensor& w) {
+  constexpr int64_t kGrain = int64_t{1} << 12;
+  const int64_t P = samples.size(1);
+  if (!samples.device().is_cpu() || at::get_num_threads() == 1 || at::in_parallel_region() ||
+      P < 2 * kGrain) {
+    target.addmv_(samples.t(), w);
+    return;
+  }
+  at::parallel_for(0, P, kGrain, [&](int64_t begin, int64_t end) {
+    target.narrow(0, begin, end - begin).addmv_(samples.narrow(1, begin, end - begin).t(), w);
+  });
+}
+
 }  // namespace
 
 torch::Tensor GramCache::gram(const torch::Tensor& x, int64_t groups) {
@@ -185,7 +202,7 @@ void LinearLikeGrads::add_weighted_sum_to(const std::vector<torch::Tensor>& w,
     const auto wk = w.at(k).to(a_.scalar_type());
     const auto& o = out.at(k++);
     if (weight_samples_.defined()) {
-      o.view({-1}).addmv_(weight_samples_.flatten(1).t(), wk);
+      add_weighted_rows(o.view({-1}), weight_samples_.flatten(1), wk);
     } else if (groups_ == 1) {
       // The non-private weight gradient's matmul, with the rows of g scaled per sample, a few
       // samples at a time: the scaled copy of g stays near kSumChunkBytes.
@@ -265,7 +282,7 @@ void MaterializedGrads::add_weighted_sum_to(const std::vector<torch::Tensor>& w,
     auto target = o.is_contiguous() ? o.view({-1}) : torch::zeros({o.numel()}, o.options());
     int64_t begin = 0;
     for (const auto& c : chunks_[k]) {
-      target.addmv_(c.flatten(1).t(), wk.narrow(0, begin, c.size(0)));
+      add_weighted_rows(target, c.flatten(1), wk.narrow(0, begin, c.size(0)));
       begin += c.size(0);
     }
     if (!o.is_contiguous()) o.add_(target.view(o.sizes()));

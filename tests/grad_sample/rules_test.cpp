@@ -352,6 +352,23 @@ INSTANTIATE_TEST_SUITE_P(
         SamplesCase{{3, 2, 4, 5, 4}, {3, 2, 2, 3, 2}, {1, 2, 1}, {1, 0, 1}, {1, 1, 1}, 1}));
 
 // The cost model on the layers whose timings calibrated it (docs/performance.md, per-layer table).
+// The clipped sum over kept per-sample gradients is split over the threads by column: the same
+// result, bit for bit, with one thread and with two.
+TEST(MaterializedGrads, WeightedSumDoesNotDependOnTheThreadCount) {
+  torch::manual_seed(9);
+  std::vector<torch::Tensor> chunks{torch::randn({5, 40000}), torch::randn({3, 40000})};
+  gs::MaterializedGrads rule({"weight"}, std::vector<std::vector<torch::Tensor>>{chunks});
+  const auto w = torch::rand({8});
+  const int threads = at::get_num_threads();
+  at::set_num_threads(1);
+  const auto one = rule.weighted_sum({w}).at(0);
+  at::set_num_threads(2);
+  const auto two = rule.weighted_sum({w}).at(0);
+  at::set_num_threads(threads);
+  EXPECT_TRUE(torch::equal(one, two));
+  EXPECT_TRUE(tensors_close(one, torch::cat(chunks).t().mv(w), 1e-5));
+}
+
 // Rules over one shared output gradient (a recurrent layer's two products) take its Gram matrix
 // from the cache once; the norms equal the uncached ghost norms and materialised ones.
 TEST(GramCache, SharedTensorsFormedOnceAndNormsUnchanged) {
