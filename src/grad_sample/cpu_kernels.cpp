@@ -489,7 +489,43 @@ inline __attribute__((always_inline)) void rows_moments(const T* g, const T* x, 
   }
 }
 
+// Input gradient rows of the (sample, group) pairs [begin, end): see group_norm_input_grad.
+template <typename T>
+inline __attribute__((always_inline)) void groups_input_grad(
+    const T* g, const T* x, const T* mean, const T* rstd, const T* gamma, const T* w, const T* b,
+    int64_t begin, int64_t end, int64_t n, int64_t channels, int64_t per_group, T* dx) {
+  const int64_t groups = channels / per_group;
+  const T s = T(1) / static_cast<T>(per_group * n);
+  for (int64_t k = begin; k < end; ++k) {
+    const int64_t sample = k / groups, first = sample * channels + (k % groups) * per_group;
+    T wk = 0, bk = 0;
+    for (int64_t c = 0; c < per_group; ++c) {
+      const T gc = gamma == nullptr ? T(1) : gamma[(first + c) % channels];
+      wk += gc * w[first + c];
+      bk += gc * b[first + c];
+    }
+    const T r = rstd[k], m = mean[k];
+    const T slope = wk * r * r * s, offset = bk * r * s;
+    for (int64_t c = 0; c < per_group; ++c) {
+      const int64_t row = first + c;
+      const T scale = r * (gamma == nullptr ? T(1) : gamma[row % channels]);
+      const T* gr = g + row * n;
+      const T* xr = x + row * n;
+      T* out = dx + row * n;
+#pragma omp simd
+      for (int64_t i = 0; i < n; ++i) out[i] = scale * gr[i] - offset - slope * (xr[i] - m);
+    }
+  }
+}
+
 #if defined(__x86_64__) && defined(__GNUC__)
+template <typename T>
+__attribute__((target("arch=x86-64-v3"))) void groups_input_grad_v3(
+    const T* g, const T* x, const T* mean, const T* rstd, const T* gamma, const T* w, const T* b,
+    int64_t begin, int64_t end, int64_t n, int64_t channels, int64_t per_group, T* dx) {
+  groups_input_grad(g, x, mean, rstd, gamma, w, b, begin, end, n, channels, per_group, dx);
+}
+
 template <typename T>
 __attribute__((target("arch=x86-64-v3"))) void rows_moments_v3(const T* g, const T* x,
                                                                const T* mean, const T* rstd,
@@ -520,6 +556,27 @@ void group_norm_affine_samples(const T* grad_output, const T* input, const T* me
   });
 }
 
+template <typename T>
+void group_norm_input_grad(const T* grad_output, const T* input, const T* mean, const T* rstd,
+                           const T* gamma, const T* weight, const T* bias, int64_t samples,
+                           int64_t length, int64_t channels, int64_t channels_per_group,
+                           T* input_grad) {
+  const int64_t pairs = samples * (channels / channels_per_group);
+  const int64_t grain =
+      std::max<int64_t>(1, 32768 / std::max<int64_t>(1, length * channels_per_group));
+  at::parallel_for(0, pairs, grain, [&](int64_t begin, int64_t end) {
+#if defined(__x86_64__) && defined(__GNUC__)
+    if (dptorch::detail::has_x86_64_v3()) {
+      groups_input_grad_v3(grad_output, input, mean, rstd, gamma, weight, bias, begin, end, length,
+                           channels, channels_per_group, input_grad);
+      return;
+    }
+#endif
+    groups_input_grad(grad_output, input, mean, rstd, gamma, weight, bias, begin, end, length,
+                      channels, channels_per_group, input_grad);
+  });
+}
+
 #define DPTORCH_INSTANTIATE(T)                                                                    \
   template void unfold_patches_2d<T>(const T*, int64_t, const PatchGeometry&, T*);                \
   template void conv_weight_samples_tiled<T>(const std::vector<ConvRecord<T>>&, int64_t, int64_t, \
@@ -528,6 +585,9 @@ void group_norm_affine_samples(const T* grad_output, const T* input, const T* me
                                      int64_t, T*);                                                \
   template void embedding_add_weighted<T>(const int64_t*, const int64_t*, const Rows<T>&,         \
                                           const T*, int64_t, int64_t, T*);                        \
+  template void group_norm_input_grad<T>(const T*, const T*, const T*, const T*, const T*,        \
+                                         const T*, const T*, int64_t, int64_t, int64_t, int64_t,  \
+                                         T*);                                                     \
   template void group_norm_affine_samples<T>(const T*, const T*, const T*, const T*, int64_t,     \
                                              int64_t, int64_t, int64_t, T*, T*);
 DPTORCH_INSTANTIATE(float)

@@ -83,4 +83,15 @@ void group_norm_affine_samples(const T* grad_output, const T* input, const T* me
                                int64_t rows, int64_t length, int64_t channels,
                                int64_t channels_per_group, T* weight, T* bias);
 
+/// The input gradient of a group norm from the per-sample affine gradients `weight`, `bias`
+/// ([B, C], as group_norm_affine_samples forms them) in one pass: for row r = b·C + c of group k,
+/// with s = 1 / (channels_per_group·length), W = Σ_{c' in k} γ_c'·weight[b, c'] and
+/// Bk = Σ_{c' in k} γ_c'·bias[b, c'], input_grad = rstd·(γ_c·g − Bk·s) − W·rstd²·s·(x − mean).
+/// `gamma` [C] may be null (γ = 1). Parallel over (sample, group).
+template <typename T>
+void group_norm_input_grad(const T* grad_output, const T* input, const T* mean, const T* rstd,
+                           const T* gamma, const T* weight, const T* bias, int64_t samples,
+                           int64_t length, int64_t channels, int64_t channels_per_group,
+                           T* input_grad);
+
 }  // namespace dptorch::grad_sample::cpu

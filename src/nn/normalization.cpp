@@ -140,31 +140,60 @@ torch::Tensor GroupNormImpl::forward(const torch::Tensor& input) {
   const auto x = input.contiguous();
   // The fused kernel torch::group_norm runs, keeping its statistics: backward needs only the
   // input (which autograd would hold anyway), the mean and 1/std of each (sample, group).
+  // The per-sample affine gradients come from one pass over input and output gradient on the
+  // CPU; the input gradient then from them in a second pass (the two passes of torch's own
+  // backward). Where the input needs no gradient, the file hook forms them alone.
   struct Stats {
     torch::Tensor mean, rstd;
+    torch::Tensor weight_samples, bias_samples;  // formed with the input gradient
   };
   auto stats = std::make_shared<Stats>();
   const auto xd = x.detach();
-  const auto wd = weight.defined() ? weight.detach() : weight;
-  auto input_grad = [xd, wd, stats, N, C, HxW, G](const torch::Tensor& g) {
-    return std::get<0>(at::native_group_norm_backward(g.contiguous(), xd, stats->mean, stats->rstd,
-                                                      wd, N, C, HxW, G, {true, false, false}));
+  const auto wd = weight.defined() ? weight.detach().contiguous() : weight;
+  auto cpu_path = [xd, stats](const torch::Tensor& g) {
+    return grad_sample::detail::cpu_kernel_dtype(xd) && g.scalar_type() == xd.scalar_type() &&
+           stats->mean.scalar_type() == xd.scalar_type();
   };
-  FileHook<NormSaved> on_file = [xd, stats, N, C, HxW, G](Call<NormSaved>& call) {
+  auto affine_samples = [xd, stats, N, C, HxW, G](const torch::Tensor& g) {
+    stats->weight_samples = torch::empty({N, C}, xd.options());
+    stats->bias_samples = torch::empty({N, C}, xd.options());
+    const auto mean = stats->mean.contiguous(), rstd = stats->rstd.contiguous();
+    AT_DISPATCH_FLOATING_TYPES(xd.scalar_type(), "group_norm_affine_samples", [&] {
+      grad_sample::cpu::group_norm_affine_samples(
+          g.data_ptr<scalar_t>(), xd.data_ptr<scalar_t>(), mean.data_ptr<scalar_t>(),
+          rstd.data_ptr<scalar_t>(), N * C, HxW, C, C / G,
+          stats->weight_samples.data_ptr<scalar_t>(), stats->bias_samples.data_ptr<scalar_t>());
+    });
+  };
+  auto input_grad = [xd, wd, stats, N, C, HxW, G, cpu_path,
+                     affine_samples](const torch::Tensor& grad) {
+    const auto g = grad.contiguous();
+    if (!cpu_path(g) || (wd.defined() && wd.scalar_type() != xd.scalar_type())) {
+      return std::get<0>(at::native_group_norm_backward(g, xd, stats->mean, stats->rstd, wd, N, C,
+                                                        HxW, G, {true, false, false}));
+    }
+    affine_samples(g);
+    auto dx = torch::empty_like(xd, at::MemoryFormat::Contiguous);
+    const auto mean = stats->mean.contiguous(), rstd = stats->rstd.contiguous();
+    AT_DISPATCH_FLOATING_TYPES(xd.scalar_type(), "group_norm_input_grad", [&] {
+      grad_sample::cpu::group_norm_input_grad(
+          g.data_ptr<scalar_t>(), xd.data_ptr<scalar_t>(), mean.data_ptr<scalar_t>(),
+          rstd.data_ptr<scalar_t>(), wd.defined() ? wd.data_ptr<scalar_t>() : nullptr,
+          stats->weight_samples.data_ptr<scalar_t>(), stats->bias_samples.data_ptr<scalar_t>(), N,
+          HxW, C, C / G, dx.data_ptr<scalar_t>());
+    });
+    return dx;
+  };
+  FileHook<NormSaved> on_file = [xd, stats, N, C, HxW, G, cpu_path,
+                                 affine_samples](Call<NormSaved>& call) {
     if (!call.grad_outputs.at(0).defined()) return;
     const auto g = call.grad_outputs.at(0).contiguous();
     auto& saved = call.saved;
-    if (grad_sample::detail::cpu_kernel_dtype(xd) && g.scalar_type() == xd.scalar_type() &&
-        stats->mean.scalar_type() == xd.scalar_type()) {
-      saved.weight_samples = torch::empty({N, C}, xd.options());
-      saved.bias_samples = torch::empty({N, C}, xd.options());
-      const auto mean = stats->mean.contiguous(), rstd = stats->rstd.contiguous();
-      AT_DISPATCH_FLOATING_TYPES(xd.scalar_type(), "group_norm_affine_samples", [&] {
-        grad_sample::cpu::group_norm_affine_samples(
-            g.data_ptr<scalar_t>(), xd.data_ptr<scalar_t>(), mean.data_ptr<scalar_t>(),
-            rstd.data_ptr<scalar_t>(), N * C, HxW, C, C / G,
-            saved.weight_samples.data_ptr<scalar_t>(), saved.bias_samples.data_ptr<scalar_t>());
-      });
+    if (cpu_path(g)) {
+      if (!stats->weight_samples.defined()) affine_samples(g);
+      saved.weight_samples = std::move(stats->weight_samples);
+      saved.bias_samples = std::move(stats->bias_samples);
+      stats->weight_samples = stats->bias_samples = torch::Tensor();
     } else {
       const auto xhat = ((xd.reshape({N, G, -1}) - stats->mean.reshape({N, G, 1})) *
                          stats->rstd.reshape({N, G, 1}))

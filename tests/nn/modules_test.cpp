@@ -57,6 +57,40 @@ TEST(DetachedLayers, AreBitIdenticalToTheirTorchTwins) {
   expect_bit_identical(tnn::InstanceNorm2d(in), nn::InstanceNorm2d(in), torch::randn({2, 3, 4, 4}));
 }
 
+// An attached GroupNorm forms its input gradient from the per-sample affine gradients (a CPU loop):
+// it equals torch's GroupNorm backward for every group size, in float and double, with the
+// weight trainable or frozen.
+TEST(AttachedGroupNorm, InputGradientEqualsTorchs) {
+  for (const auto dtype : {torch::kFloat, torch::kDouble}) {
+    for (const int64_t groups : {1, 2, 6}) {
+      for (const bool frozen : {false, true}) {
+        SCOPED_TRACE(std::to_string(groups) + (frozen ? " frozen" : "") +
+                     (dtype == torch::kFloat ? " float" : " double"));
+        torch::manual_seed(3);
+        nn::GroupNorm dp(tnn::GroupNormOptions(groups, 6));
+        tnn::GroupNorm ref(tnn::GroupNormOptions(groups, 6));
+        dp->to(dtype);
+        ref->to(dtype);
+        torch::NoGradGuard no_grad;
+        dp->weight.uniform_(0.5, 1.5);
+        dp->bias.uniform_(-0.5, 0.5);
+        ref->weight.copy_(dp->weight);
+        ref->bias.copy_(dp->bias);
+        if (frozen) dp->weight.set_requires_grad(false);
+        GradSampleModule gsm(dp.ptr());
+        auto x = torch::randn({4, 6, 5, 3}, torch::TensorOptions().dtype(dtype)) * 2 + 1;
+        auto g = torch::randn({4, 6, 5, 3}, torch::TensorOptions().dtype(dtype));
+        torch::AutoGradMode enable(true);
+        auto x1 = x.clone().requires_grad_(true), x2 = x.clone().requires_grad_(true);
+        (dp->forward(x1) * g).sum().backward();
+        (ref->forward(x2) * g).sum().backward();
+        const double tol = dtype == torch::kFloat ? 1e-5 : 1e-12;
+        EXPECT_TRUE(torch::allclose(x1.grad(), x2.grad(), tol, tol));
+      }
+    }
+  }
+}
+
 TEST(DetachedLayers, InitialiseLikeTheirTwinsFromTheSameSeed) {
   torch::manual_seed(11);
   tnn::Conv2d a(3, 8, 5);
