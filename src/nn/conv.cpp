@@ -149,37 +149,10 @@ std::unique_ptr<PerSampleGrads> ConvImpl<D>::make_grads(std::vector<Call<ConvSav
                                                     weight.detach(), train_weight, train_bias,
                                                     std::move(geometry), this->norm_method());
   }
-  // Some call kept its per-sample gradients: form the others' too (chunked alike), and add them
-  // up chunk by chunk.
-  std::vector<torch::Tensor> ws;
-  torch::Tensor bs;
-  for (auto& c : calls) {
-    if (!c.saved.reduced) reduce_call(c, weight.detach(), geometry, train_weight, train_bias);
-    if (train_weight) {
-      if (ws.empty()) {
-        ws = std::move(c.saved.weight_samples);
-      } else {
-        for (size_t i = 0; i < ws.size(); ++i) ws[i].add_(c.saved.weight_samples.at(i));
-      }
-    }
-    if (train_bias) bs = bs.defined() ? bs.add_(c.saved.bias_samples) : c.saved.bias_samples;
-  }
-  std::vector<std::string> names;
-  std::vector<std::vector<torch::Tensor>> samples;
-  // The norms formed in backward serve when one call alone holds the weight's gradients.
-  std::vector<torch::Tensor> norms;
-  if (train_weight) {
-    names.emplace_back("weight");
-    samples.push_back(std::move(ws));
-    norms.push_back(calls.size() == 1 ? calls.front().saved.weight_norms_sq : torch::Tensor());
-  }
-  if (train_bias) {
-    names.emplace_back("bias");
-    samples.push_back({std::move(bs)});
-    norms.emplace_back();
-  }
-  return std::make_unique<grad_sample::MaterializedGrads>(std::move(names), std::move(samples),
-                                                          std::move(norms));
+  // Some call kept its per-sample gradients: form the others' too.
+  return detail::kept_grads(calls, train_weight, train_bias, [&](Call<ConvSaved>& c) {
+    reduce_call(c, weight.detach(), geometry, train_weight, train_bias);
+  });
 }
 
 template class ConvImpl<1>;

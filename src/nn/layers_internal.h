@@ -2,7 +2,9 @@
 
 // Shape helpers shared by the dp layer families (src/nn/*.cpp); not installed.
 
+#include <dptorch/grad_sample/linear.h>
 #include <dptorch/grad_sample/rules.h>
+#include <dptorch/nn/layer.h>
 
 #include <torch/nn/module.h>
 #include <torch/types.h>
@@ -54,6 +56,44 @@ inline bool trainable(const torch::Tensor& p) { return p.defined() && p.requires
 
 inline std::vector<int64_t> shape_if_trainable(const torch::Tensor& p) {
   return trainable(p) ? p.sizes().vec() : std::vector<int64_t>{};
+}
+
+/// The rule of a layer some of whose calls kept their per-sample gradients as backward filed them
+/// (a payload with `reduced`, `weight_samples` in chunks, `bias_samples`, `weight_norms_sq`):
+/// `reduce(call)` forms the other calls' gradients, chunked alike, and the chunks are added up.
+/// The norms formed in backward serve when one call alone holds the weight's gradients.
+template <typename Payload, typename Reduce>
+std::unique_ptr<grad_sample::PerSampleGrads> kept_grads(std::vector<Call<Payload>>& calls,
+                                                        bool train_weight, bool train_bias,
+                                                        const Reduce& reduce) {
+  std::vector<torch::Tensor> ws;
+  torch::Tensor bs;
+  for (auto& c : calls) {
+    if (!c.saved.reduced) reduce(c);
+    if (train_weight) {
+      if (ws.empty()) {
+        ws = std::move(c.saved.weight_samples);
+      } else {
+        for (size_t i = 0; i < ws.size(); ++i) ws[i].add_(c.saved.weight_samples.at(i));
+      }
+    }
+    if (train_bias) bs = bs.defined() ? bs.add_(c.saved.bias_samples) : c.saved.bias_samples;
+  }
+  std::vector<std::string> names;
+  std::vector<std::vector<torch::Tensor>> samples;
+  std::vector<torch::Tensor> norms;
+  if (train_weight) {
+    names.emplace_back("weight");
+    samples.push_back(std::move(ws));
+    norms.push_back(calls.size() == 1 ? calls.front().saved.weight_norms_sq : torch::Tensor());
+  }
+  if (train_bias) {
+    names.emplace_back("bias");
+    samples.push_back({std::move(bs)});
+    norms.emplace_back();
+  }
+  return std::make_unique<grad_sample::MaterializedGrads>(std::move(names), std::move(samples),
+                                                          std::move(norms));
 }
 
 }  // namespace dptorch::nn::detail
