@@ -61,33 +61,11 @@ const T* pad_sample(const T* x, const PatchGeometry& g, std::vector<T>& padded) 
   return padded.data();
 }
 
-// Register tile of the fused conv norm: kRows output channels × two vectors of patch columns, in
-// GCC vector types of kBytes bytes (16: SSE2 or NEON; 32: AVX2; 64: AVX-512).
+// Register tile of the fused conv norm: kTileRows output channels × two vectors of patch
+// columns, in GCC vector types of kBytes bytes (16: SSE2 or NEON; 32: AVX2; 64: AVX-512).
 template <typename T, int kBytes>
-struct Vector;
-template <>
-struct Vector<float, 16> {
-  typedef float Type __attribute__((vector_size(16)));
-};
-template <>
-struct Vector<float, 32> {
-  typedef float Type __attribute__((vector_size(32)));
-};
-template <>
-struct Vector<double, 16> {
-  typedef double Type __attribute__((vector_size(16)));
-};
-template <>
-struct Vector<double, 32> {
-  typedef double Type __attribute__((vector_size(32)));
-};
-template <>
-struct Vector<float, 64> {
-  typedef float Type __attribute__((vector_size(64)));
-};
-template <>
-struct Vector<double, 64> {
-  typedef double Type __attribute__((vector_size(64)));
+struct Vector {
+  typedef T Type __attribute__((vector_size(kBytes)));
 };
 // Output channels per tile: 2·kRows accumulators and two patch vectors fit the register file
 // (16 vector registers up to AVX2, 32 with AVX-512).
@@ -336,7 +314,10 @@ void conv_weight_samples_tiled(const std::vector<ConvRecord<T>>& records, int64_
     // Padding columns and rows of the buffers stay zero and add nothing to the norms.
     std::vector<T> a(static_cast<size_t>(positions * d_stride), T(0));
     std::vector<T> grad_rows(static_cast<size_t>(p_stride * positions), T(0));
-    std::vector<T> tile_out(out == nullptr ? 0 : static_cast<size_t>(p_stride * d_stride));
+    // G_i goes straight into `out` where its rows need no padding; otherwise through a buffer.
+    const bool direct = d_stride == d && p_stride == out_channels;
+    std::vector<T> tile_out(out == nullptr || direct ? 0
+                                                     : static_cast<size_t>(p_stride * d_stride));
     std::vector<std::vector<T>> padded(records.size());
     for (int64_t i = begin; i < end; ++i) {
       int64_t first = 0;
@@ -346,12 +327,12 @@ void conv_weight_samples_tiled(const std::vector<ConvRecord<T>>& records, int64_
                     positions);
         first += r.geometry.out_h * r.geometry.out_w;
       }
-      T* store = out == nullptr ? nullptr : tile_out.data();
+      T* sample_out = out == nullptr ? nullptr : out + i * out_channels * d;
+      T* store = direct ? sample_out : out == nullptr ? nullptr : tile_out.data();
       const double s =
           sample_norm_sq(grad_rows.data(), p_stride, a.data(), d_stride, positions, store);
       if (norm_sq != nullptr) norm_sq[i] = static_cast<T>(s);
-      if (out != nullptr) {
-        T* sample_out = out + i * out_channels * d;
+      if (out != nullptr && !direct) {
         for (int64_t o = 0; o < out_channels; ++o) {
           std::copy(store + o * d_stride, store + o * d_stride + d, sample_out + o * d);
         }
