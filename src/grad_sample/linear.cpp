@@ -81,13 +81,10 @@ torch::Tensor ghost_norm_sq(const torch::Tensor& a, const torch::Tensor& g, int6
     auto gg = at::linalg_vector_norm(g.reshape({B, groups, g.size(2) / groups}), 2, {2});
     return aa.mul_(gg).square_().sum(1);
   }
-  if (cache != nullptr) {
-    return (cache->gram(a, groups) * cache->gram(g, groups)).view({B, groups * T * T}).sum(1);
-  }
-  auto ag = by_group(a, groups), gg = by_group(g, groups);
-  auto gram_a = batched_matmul(ag, ag.transpose(1, 2));  // [B·G, T, T]
-  auto gram_g = batched_matmul(gg, gg.transpose(1, 2));
-  return gram_a.mul_(gram_g).view({B, groups * T * T}).sum(1);
+  GramCache none({});
+  if (cache == nullptr) cache = &none;
+  // [B·G, T, T] each; cached ones are shared, so the product is a new tensor.
+  return (cache->gram(a, groups) * cache->gram(g, groups)).view({B, groups * T * T}).sum(1);
 }
 
 torch::Tensor materialize(const torch::Tensor& a, const torch::Tensor& g, int64_t groups) {

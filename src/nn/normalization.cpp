@@ -193,7 +193,6 @@ torch::Tensor GroupNormImpl::forward(const torch::Tensor& input) {
       if (!stats->weight_samples.defined()) affine_samples(g);
       saved.weight_samples = std::move(stats->weight_samples);
       saved.bias_samples = std::move(stats->bias_samples);
-      stats->weight_samples = stats->bias_samples = torch::Tensor();
     } else {
       const auto xhat = ((xd.reshape({N, G, -1}) - stats->mean.reshape({N, G, 1})) *
                          stats->rstd.reshape({N, G, 1}))
