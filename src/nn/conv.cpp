@@ -107,7 +107,7 @@ torch::Tensor ConvImpl<D>::forward(const torch::Tensor& input) {
         const auto shape = grad_sample::conv_shape(input, g, w, geometry);
         const int64_t bytes = (train_weight ? w.numel() : 0) * shape.batch * w.element_size();
         const auto t = tape.lock();
-        const bool may_keep = t && bytes <= t->recorded_bytes.load() - t->kept_bytes.load();
+        const bool may_keep = t && t->may_keep(bytes);
         const auto plan = grad_sample::plan_conv(shape, method, may_keep);
         if (train_weight && !(plan.keep && t->try_keep(bytes))) return;
         reduce_call(call, w, geometry, train_weight, train_bias);

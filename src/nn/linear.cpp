@@ -79,12 +79,10 @@ torch::Tensor LinearImpl::forward(const torch::Tensor& input) {
         const int64_t T = x.numel() / std::max<int64_t>(1, B * d);
         if (method == NormMethod::kAuto && !grad_sample::keep_is_cheaper(T, d, p)) return;
         // Where keeping pays, G_i outgrow the call's own activations (d·p > T·(d + p)): the call
-        // may take half of what the tape's budget has left, so that the pass's peak memory
+        // takes at most half of what the tape's budget has left, so that the pass's peak memory
         // grows by a fraction of its activations at most.
         const auto t = tape.lock();
-        const int64_t bytes = B * p * d * x.element_size();
-        if (!t || 2 * bytes > t->recorded_bytes.load() - t->kept_bytes.load()) return;
-        if (!t->try_keep(bytes)) return;
+        if (!t || !t->try_keep(B * p * d * x.element_size(), /*share=*/2)) return;
         reduce_call(call, train_weight, train_bias);
       };
   return record(

@@ -42,10 +42,16 @@ struct Tape {
   /// tape was last cleared: a layer keeps per-sample gradients only while kept_bytes stays
   /// within recorded_bytes, so that what it holds never outgrows what the pass recorded.
   std::atomic<int64_t> recorded_bytes{0}, kept_bytes{0};
-  /// Whether `bytes` more can be kept; if so, counts them as kept.
-  bool try_keep(int64_t bytes) {
+  /// Whether `bytes` more could be kept, asking for `share`·bytes of what the budget has left (a
+  /// layer whose per-sample gradients outgrow its own activations asks for more than it keeps,
+  /// which bounds the pass's peak memory).
+  [[nodiscard]] bool may_keep(int64_t bytes, int64_t share = 1) const {
+    return kept_bytes.load() + share * bytes <= recorded_bytes.load();
+  }
+  /// may_keep(bytes, share), and if so counts `bytes` as kept.
+  bool try_keep(int64_t bytes, int64_t share = 1) {
     int64_t kept = kept_bytes.load();
-    while (kept + bytes <= recorded_bytes.load()) {
+    while (kept + share * bytes <= recorded_bytes.load()) {
       if (kept_bytes.compare_exchange_weak(kept, kept + bytes)) return true;
     }
     return false;
