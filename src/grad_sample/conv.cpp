@@ -2,6 +2,7 @@
 
 #include <torch/torch.h>
 
+#include "cost_model.h"
 #include "cpu_kernels.h"
 #include "grad_sample/rules_internal.h"
 
@@ -155,13 +156,13 @@ namespace {
 // The weight-gradient kernel of the non-private backward: the clipped sum of kFused, kGhost and
 // of kMaterialize when it could not keep G_i.
 constexpr double kWeightGradSpeed = 80;
-// Gram products of kGhost (batched, small).
-constexpr double kGramSpeed = 38;
+// Gram products of kGhost (batched, small): detail::kGramSpeed.
+using detail::kGramSpeed;
 // Reading input and output gradient once more (every path but a kept kMaterialize passes over
 // them twice: norms, then the sum), and the unfold of kGhost.
 constexpr double kReadSpeed = 10, kUnfoldSpeed = 15;
-// The norms and the sum over kept G_i.
-constexpr double kKeptSpeed = 14;
+// The norms and the sum over kept G_i: detail::kKeptPassSpeed.
+constexpr double kKeptSpeed = detail::kKeptPassSpeed;
 // Fixed cost of one sample's group in the grouped convolution (ns).
 constexpr double kGroupOverhead = 2000;
 // The register tile on AVX-512 (16 lanes, 8 rows of output channels; multiply-adds per ns), its

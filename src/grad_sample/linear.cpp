@@ -4,6 +4,7 @@
 
 #include <ATen/Parallel.h>
 
+#include "grad_sample/cost_model.h"
 #include "grad_sample/rules_internal.h"
 
 #include <algorithm>
@@ -81,10 +82,16 @@ torch::Tensor ghost_norm_sq(const torch::Tensor& a, const torch::Tensor& g, int6
     auto gg = at::linalg_vector_norm(g.reshape({B, groups, g.size(2) / groups}), 2, {2});
     return aa.mul_(gg).square_().sum(1);
   }
-  GramCache none({});
-  if (cache == nullptr) cache = &none;
-  // [B·G, T, T] each; cached ones are shared, so the product is a new tensor.
-  return (cache->gram(a, groups) * cache->gram(g, groups)).view({B, groups * T * T}).sum(1);
+  if (cache != nullptr) {
+    // Cached Gram matrices are shared: the product is a new tensor.
+    return (cache->gram(a, groups) * cache->gram(g, groups)).view({B, groups * T * T}).sum(1);
+  }
+  // Without a cache, the product goes into one of the two [B·G, T, T] matrices: a third one
+  // would raise the peak memory of the norms (encoder-32: fresh pages every step).
+  auto ag = by_group(a, groups), gg = by_group(g, groups);
+  auto gram_a = batched_matmul(ag, ag.transpose(1, 2));
+  auto gram_g = batched_matmul(gg, gg.transpose(1, 2));
+  return gram_a.mul_(gram_g).view({B, groups * T * T}).sum(1);
 }
 
 torch::Tensor materialize(const torch::Tensor& a, const torch::Tensor& g, int64_t groups) {
@@ -109,13 +116,15 @@ bool materialize_is_cheaper(int64_t T, int64_t d, int64_t p) { return d * p <= T
 
 bool keep_is_cheaper(int64_t T, int64_t d, int64_t p) {
   // Per sample, in ns: multiply-adds at the speeds of the batched Gram products and of the
-  // matmuls (GMAC/s), passes over G_i at kPassSpeed bytes per ns (bench/dp_step_bench's block-64
-  // and encoder-32 rows, and the per-layer products, on one core).
-  constexpr double kGramSpeed = 38, kMatmulSpeed = 50, kPassSpeed = 14;
+  // matmuls (GMAC/s), passes over G_i at kKeptPassSpeed bytes per ns (cost_model.h; the matmul
+  // speed from bench/dp_step_bench's block-64 and encoder-32 products, on one core).
+  constexpr double kMatmulSpeed = 50;
+  using detail::kGramSpeed;
+  using detail::kKeptPassSpeed;
   if (T <= 1) return false;
   const double t = static_cast<double>(T), dd = static_cast<double>(d);
   const double pp = static_cast<double>(p);
-  const double product = t * dd * pp / kMatmulSpeed, pass = dd * pp * 4 / kPassSpeed;
+  const double product = t * dd * pp / kMatmulSpeed, pass = dd * pp * 4 / kKeptPassSpeed;
   const double rule = materialize_is_cheaper(T, d, p) ? product + 2 * pass
                                                       : t * t * (dd + pp) / kGramSpeed + product;
   return product + 2 * pass < rule;
