@@ -115,13 +115,14 @@ __attribute__((always_inline)) inline double tile_sum_of_squares(const T* g, int
 
 // ‖G‖² of one sample, tile by tile; with `store` ([rows, d_stride]), G itself too.
 template <typename T, int kBytes>
-__attribute__((always_inline)) inline double sample_norm_sq_with(const T* g, int64_t rows,
-                                                                 const T* a, int64_t d_stride,
+__attribute__((always_inline)) inline double sample_norm_sq_with(const T* g, int64_t g_stride,
+                                                                 int64_t rows, const T* a,
+                                                                 int64_t d_stride,
                                                                  int64_t positions, T* store) {
   double s = 0.0;
   for (int64_t o = 0; o < rows; o += kTileRows<kBytes>) {
     for (int64_t j = 0; j < d_stride; j += kTileCols<T>) {
-      s += tile_sum_of_squares<T, kBytes>(g + o * positions, positions, a + j, d_stride, positions,
+      s += tile_sum_of_squares<T, kBytes>(g + o * g_stride, g_stride, a + j, d_stride, positions,
                                           kTileCols<T>,
                                           store == nullptr ? nullptr : store + o * d_stride + j);
     }
@@ -163,11 +164,11 @@ void patch_rows(const T* x, const PatchGeometry& g, T* a, int64_t d_stride) {
 
 // One record of one sample: its patches into rows [first, first + positions) of `a`
 // [positions_total, d_stride], its output gradient into columns [first, ...) of `grad_rows`
-// [rows, positions_total] (rows past the output channels stay zero).
+// (rows `grad_stride` apart; rows past the output channels stay zero).
 template <typename T>
 void sample_rows(const ConvRecord<T>& record, int64_t sample, int64_t out_channels,
                  std::vector<T>& padded, int64_t first, T* a, int64_t d_stride, T* grad_rows,
-                 int64_t positions_total) {
+                 int64_t grad_stride) {
   const auto& g = record.geometry;
   const int64_t in_size = g.channels * g.height * g.width, positions = g.out_h * g.out_w;
   const T* x = pad_sample(record.input + sample * in_size, g, padded);
@@ -183,7 +184,7 @@ void sample_rows(const ConvRecord<T>& record, int64_t sample, int64_t out_channe
   const T* grad = record.grad_output + sample * out_channels * positions;
   for (int64_t o = 0; o < out_channels; ++o) {
     std::copy(grad + o * positions, grad + (o + 1) * positions,
-              grad_rows + o * positions_total + first);
+              grad_rows + o * grad_stride + first);
   }
 }
 
@@ -191,16 +192,18 @@ void sample_rows(const ConvRecord<T>& record, int64_t sample, int64_t out_channe
 // The same loops compiled for AVX2 + FMA (x86-64-v3) and for AVX-512 (x86-64-v4), taken where
 // the processor has them.
 template <typename T>
-__attribute__((target("arch=x86-64-v3"))) double sample_norm_sq_v3(const T* g, int64_t rows,
-                                                                   const T* a, int64_t d_stride,
+__attribute__((target("arch=x86-64-v3"))) double sample_norm_sq_v3(const T* g, int64_t g_stride,
+                                                                   int64_t rows, const T* a,
+                                                                   int64_t d_stride,
                                                                    int64_t positions, T* store) {
-  return sample_norm_sq_with<T, 32>(g, rows, a, d_stride, positions, store);
+  return sample_norm_sq_with<T, 32>(g, g_stride, rows, a, d_stride, positions, store);
 }
 template <typename T>
-__attribute__((target("arch=x86-64-v4"))) double sample_norm_sq_v4(const T* g, int64_t rows,
-                                                                   const T* a, int64_t d_stride,
+__attribute__((target("arch=x86-64-v4"))) double sample_norm_sq_v4(const T* g, int64_t g_stride,
+                                                                   int64_t rows, const T* a,
+                                                                   int64_t d_stride,
                                                                    int64_t positions, T* store) {
-  return sample_norm_sq_with<T, 64>(g, rows, a, d_stride, positions, store);
+  return sample_norm_sq_with<T, 64>(g, g_stride, rows, a, d_stride, positions, store);
 }
 
 using dptorch::detail::has_x86_64_v3;
@@ -213,16 +216,47 @@ int64_t norm_tile_rows() { return tile_vector_bytes() == 64 ? kTileRows<64> : kT
 // ‖G‖² of one sample on the processor's widest path, `rows` a multiple of norm_tile_rows(); with
 // `store` ([rows, d_stride]), G itself too.
 template <typename T>
-double sample_norm_sq(const T* g, int64_t rows, const T* a, int64_t d_stride, int64_t positions,
-                      T* store) {
+double sample_norm_sq(const T* g, int64_t g_stride, int64_t rows, const T* a, int64_t d_stride,
+                      int64_t positions, T* store) {
 #if defined(__x86_64__) && defined(__GNUC__)
   switch (tile_vector_bytes()) {
-    case 64: return sample_norm_sq_v4(g, rows, a, d_stride, positions, store);
-    case 32: return sample_norm_sq_v3(g, rows, a, d_stride, positions, store);
+    case 64: return sample_norm_sq_v4(g, g_stride, rows, a, d_stride, positions, store);
+    case 32: return sample_norm_sq_v3(g, g_stride, rows, a, d_stride, positions, store);
     default: break;
   }
 #endif
-  return sample_norm_sq_with<T, 16>(g, rows, a, d_stride, positions, store);
+  return sample_norm_sq_with<T, 16>(g, g_stride, rows, a, d_stride, positions, store);
+}
+
+int64_t round_up(int64_t n, int64_t m) { return ceil_div(n, m) * m; }
+
+// The row stride of the tile kernels' output-gradient rows over `positions`: an odd number of
+// cache lines, so that the tile's rows fall into different cache sets (a power-of-two stride, as
+// for 512 or 1024 positions, made them evict each other: 4-5x slower).
+template <typename T>
+int64_t grad_row_stride(int64_t positions) {
+  constexpr auto kLine = static_cast<int64_t>(64 / sizeof(T));
+  const int64_t lines = ceil_div(positions, kLine);
+  return (lines % 2 == 0 ? lines + 1 : lines) * kLine;
+}
+
+// Sample i of the tile kernels: ‖G_i‖² of grad_rows [p_stride, g_stride] times the patch rows
+// a [positions, d_stride] into norm_sq[i] (unless null), and G_i ([p, d]) into out[i] (unless
+// null): straight where its rows need no padding, otherwise through `tile_out`
+// ([p_stride, d_stride], empty in the first case).
+template <typename T>
+void tile_sample(const T* grad_rows, int64_t g_stride, int64_t p_stride, const T* a,
+                 int64_t d_stride, int64_t positions, int64_t p, int64_t d, int64_t i, T* norm_sq,
+                 T* out, std::vector<T>& tile_out) {
+  T* sample_out = out == nullptr ? nullptr : out + i * p * d;
+  T* store = tile_out.empty() ? sample_out : tile_out.data();
+  const double s = sample_norm_sq(grad_rows, g_stride, p_stride, a, d_stride, positions, store);
+  if (norm_sq != nullptr) norm_sq[i] = static_cast<T>(s);
+  if (out != nullptr && !tile_out.empty()) {
+    for (int64_t o = 0; o < p; ++o) {
+      std::copy(store + o * d_stride, store + o * d_stride + d, sample_out + o * d);
+    }
+  }
 }
 
 void check_lookups(const int64_t* index, const int64_t* sample, int64_t n, int64_t batch_size,
@@ -305,38 +339,60 @@ void conv_weight_samples_tiled(const std::vector<ConvRecord<T>>& records, int64_
                                int64_t out_channels, T* norm_sq, T* out) {
   const auto& g0 = records.front().geometry;
   const int64_t d = g0.channels * g0.kernel_h * g0.kernel_w;
-  auto round_up = [](int64_t n, int64_t m) { return (n + m - 1) / m * m; };
   const int64_t d_stride = round_up(d, kTileCols<T>);
   const int64_t p_stride = round_up(out_channels, norm_tile_rows());
   int64_t positions = 0;
   for (const auto& r : records) positions += r.geometry.out_h * r.geometry.out_w;
+  const int64_t g_stride = grad_row_stride<T>(positions);
   at::parallel_for(0, samples, 1, [&](int64_t begin, int64_t end) {
     // Padding columns and rows of the buffers stay zero and add nothing to the norms.
     std::vector<T> a(static_cast<size_t>(positions * d_stride), T(0));
-    std::vector<T> grad_rows(static_cast<size_t>(p_stride * positions), T(0));
-    // G_i goes straight into `out` where its rows need no padding; otherwise through a buffer.
-    const bool direct = d_stride == d && p_stride == out_channels;
-    std::vector<T> tile_out(out == nullptr || direct ? 0
-                                                     : static_cast<size_t>(p_stride * d_stride));
+    std::vector<T> grad_rows(static_cast<size_t>(p_stride * g_stride), T(0));
+    std::vector<T> tile_out(out == nullptr || (d_stride == d && p_stride == out_channels)
+                                ? 0
+                                : static_cast<size_t>(p_stride * d_stride));
     std::vector<std::vector<T>> padded(records.size());
     for (int64_t i = begin; i < end; ++i) {
       int64_t first = 0;
       for (size_t k = 0; k < records.size(); ++k) {
         const auto& r = records[k];
         sample_rows(r, i, out_channels, padded[k], first, a.data(), d_stride, grad_rows.data(),
-                    positions);
+                    g_stride);
         first += r.geometry.out_h * r.geometry.out_w;
       }
-      T* sample_out = out == nullptr ? nullptr : out + i * out_channels * d;
-      T* store = direct ? sample_out : out == nullptr ? nullptr : tile_out.data();
-      const double s =
-          sample_norm_sq(grad_rows.data(), p_stride, a.data(), d_stride, positions, store);
-      if (norm_sq != nullptr) norm_sq[i] = static_cast<T>(s);
-      if (out != nullptr && !direct) {
-        for (int64_t o = 0; o < out_channels; ++o) {
-          std::copy(store + o * d_stride, store + o * d_stride + d, sample_out + o * d);
+      tile_sample(grad_rows.data(), g_stride, p_stride, a.data(), d_stride, positions, out_channels,
+                  d, i, norm_sq, out, tile_out);
+    }
+  });
+}
+
+template <typename T>
+void linear_weight_samples_tiled(const T* a, const T* g, int64_t samples, int64_t positions,
+                                 int64_t d, int64_t p, T* norm_sq, T* out) {
+  const int64_t d_stride = round_up(d, kTileCols<T>), p_stride = round_up(p, norm_tile_rows());
+  const int64_t g_stride = grad_row_stride<T>(positions);
+  at::parallel_for(0, samples, 1, [&](int64_t begin, int64_t end) {
+    // The activations' rows are the tile's patch rows as they are, unless they need padding.
+    std::vector<T> padded(d_stride == d ? 0 : static_cast<size_t>(positions * d_stride), T(0));
+    std::vector<T> grad_rows(static_cast<size_t>(p_stride * g_stride), T(0));
+    std::vector<T> tile_out(out == nullptr || (d_stride == d && p_stride == p)
+                                ? 0
+                                : static_cast<size_t>(p_stride * d_stride));
+    for (int64_t i = begin; i < end; ++i) {
+      const T* ai = a + i * positions * d;
+      if (d_stride != d) {
+        for (int64_t t = 0; t < positions; ++t) {
+          std::copy(ai + t * d, ai + (t + 1) * d, padded.data() + t * d_stride);
         }
+        ai = padded.data();
       }
+      // The output gradient transposed: one row of positions per output feature.
+      const T* gi = g + i * positions * p;
+      for (int64_t t = 0; t < positions; ++t) {
+        for (int64_t o = 0; o < p; ++o) grad_rows[o * g_stride + t] = gi[t * p + o];
+      }
+      tile_sample(grad_rows.data(), g_stride, p_stride, ai, d_stride, positions, p, d, i, norm_sq,
+                  out, tile_out);
     }
   });
 }
@@ -562,6 +618,8 @@ void group_norm_input_grad(const T* grad_output, const T* input, const T* mean, 
   template void unfold_patches_2d<T>(const T*, int64_t, const PatchGeometry&, T*);                \
   template void conv_weight_samples_tiled<T>(const std::vector<ConvRecord<T>>&, int64_t, int64_t, \
                                              T*, T*);                                             \
+  template void linear_weight_samples_tiled<T>(const T*, const T*, int64_t, int64_t, int64_t,     \
+                                               int64_t, T*, T*);                                  \
   template void embedding_norm_sq<T>(const int64_t*, const int64_t*, const Rows<T>&, int64_t,     \
                                      int64_t, T*);                                                \
   template void embedding_add_weighted<T>(const int64_t*, const int64_t*, const Rows<T>&,         \

@@ -45,6 +45,15 @@ template <typename T>
 void conv_weight_samples_tiled(const std::vector<ConvRecord<T>>& records, int64_t samples,
                                int64_t out_channels, T* norm_sq, T* out);
 
+/// A linear-like layer's per-sample weight gradients, G_i = Σ_t g_t a_tᵀ ([p, d]) from
+/// activations a [samples, positions, d] and output gradients g [samples, positions, p], both
+/// contiguous: ‖G_i‖² into norm_sq[i] (unless null) and G_i into out[i] ([samples, p, d], unless
+/// null), by the register tile of conv_weight_samples_tiled. Parallel over samples; the result does
+/// not depend on the number of threads.
+template <typename T>
+void linear_weight_samples_tiled(const T* a, const T* g, int64_t samples, int64_t positions,
+                                 int64_t d, int64_t p, T* norm_sq, T* out);
+
 /// N rows of `dim` contiguous elements in groups of `per_group`: row n starts at
 /// data + (n / per_group)·group_stride + (n % per_group)·row_stride. A [B, T, dim] tensor with
 /// any strides over B and T (an output gradient expanded over positions has row_stride 0), or

@@ -5,6 +5,7 @@
 #include <ATen/Parallel.h>
 
 #include "grad_sample/cost_model.h"
+#include "grad_sample/cpu_kernels.h"
 #include "grad_sample/rules_internal.h"
 
 #include <algorithm>
@@ -94,11 +95,30 @@ torch::Tensor ghost_norm_sq(const torch::Tensor& a, const torch::Tensor& g, int6
   return gram_a.mul_(gram_g).view({B, groups * T * T}).sum(1);
 }
 
-torch::Tensor materialize(const torch::Tensor& a, const torch::Tensor& g, int64_t groups) {
+torch::Tensor materialize(const torch::Tensor& a, const torch::Tensor& g, int64_t groups,
+                          torch::Tensor* norms_sq) {
   const int64_t B = a.size(0);
+  // The register tile forms G_i and its norm in one pass at up to twice the speed of the batched
+  // matmul with AVX-512; with AVX2 it only matches it (docs/performance.md).
+  if (groups == 1 && cpu_kernel_dtype(a) && g.scalar_type() == a.scalar_type() &&
+      g.device() == a.device() && cpu::tile_vector_bytes() == 64) {
+    const auto ac = a.contiguous(), gc = g.contiguous();
+    const int64_t T = a.size(1), d = a.size(2), p = g.size(2);
+    auto samples = torch::empty({B, p, d}, a.options());
+    auto norms = torch::empty({norms_sq != nullptr ? B : 0}, a.options());
+    AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "linear_weight_samples_tiled", [&] {
+      cpu::linear_weight_samples_tiled(ac.data_ptr<scalar_t>(), gc.data_ptr<scalar_t>(), B, T, d, p,
+                                       norms_sq != nullptr ? norms.data_ptr<scalar_t>() : nullptr,
+                                       samples.data_ptr<scalar_t>());
+    });
+    if (norms_sq != nullptr) *norms_sq = norms;
+    return samples;
+  }
   auto ag = by_group(a, groups), gg = by_group(g, groups);
   auto samples = batched_matmul(gg.transpose(1, 2), ag);  // [B·G, p, d]
-  return samples.view({B, groups * samples.size(1), samples.size(2)});
+  samples = samples.view({B, groups * samples.size(1), samples.size(2)});
+  if (norms_sq != nullptr) *norms_sq = row_norm_sq(samples);
+  return samples;
 }
 
 torch::Tensor weighted_sum(const torch::Tensor& a, const torch::Tensor& g, const torch::Tensor& w,
@@ -161,7 +181,9 @@ std::vector<std::string> LinearLikeGrads::names() const {
 }
 
 const torch::Tensor& LinearLikeGrads::weight_samples() {
-  if (!weight_samples_.defined()) weight_samples_ = grad_sample::materialize(a_, g_, groups_);
+  if (!weight_samples_.defined()) {
+    weight_samples_ = grad_sample::materialize(a_, g_, groups_, &weight_norms_sq_);
+  }
   return weight_samples_;
 }
 
@@ -176,8 +198,12 @@ std::vector<torch::Tensor> LinearLikeGrads::norm_sq() { return norm_sq(nullptr);
 std::vector<torch::Tensor> LinearLikeGrads::norm_sq(GramCache* cache) {
   std::vector<torch::Tensor> out;
   if (!weight_shape_.empty()) {
-    out.push_back(materialize_ ? row_norm_sq(weight_samples())
-                               : ghost_norm_sq(a_, g_, groups_, cache));
+    if (materialize_) {
+      weight_samples();
+      out.push_back(weight_norms_sq_);
+    } else {
+      out.push_back(ghost_norm_sq(a_, g_, groups_, cache));
+    }
   }
   if (has_bias_) out.push_back(bias_samples().square().sum(1));
   return out;

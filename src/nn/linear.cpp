@@ -41,9 +41,10 @@ void reduce_call(Call<LinearSaved>& call, bool train_weight, bool train_bias) {
     std::vector<torch::Tensor> norms;
     for (int64_t b = 0; b < B; b += step) {
       const int64_t n = std::min(step, B - b);
-      auto chunk = grad_sample::materialize(a.narrow(0, b, n), g.narrow(0, b, n), 1);
-      norms.push_back(at::linalg_vector_norm(chunk.flatten(1), 2, {1}).square());
-      saved.weight_samples.push_back(std::move(chunk));
+      torch::Tensor chunk_norms;
+      saved.weight_samples.push_back(
+          grad_sample::materialize(a.narrow(0, b, n), g.narrow(0, b, n), 1, &chunk_norms));
+      norms.push_back(std::move(chunk_norms));
     }
     saved.weight_norms_sq = detail::cat_along(std::move(norms), 0);
   }

@@ -388,6 +388,39 @@ TEST(GramCache, SharedTensorsFormedOnceAndNormsUnchanged) {
   }
 }
 
+// A linear-like layer's G_i with their norms, on the register tile where the processor has it
+// (AVX-512) and by the batched matmul elsewhere, against one product per sample: rows of every
+// length (padded to the tile or not), 512 positions (the row stride the tile pads), one position,
+// strided inputs, float and double.
+TEST(LinearWeightSamples, EqualOneProductPerSampleInEveryShape) {
+  torch::manual_seed(21);
+  struct Shape {
+    int64_t B, T, d, p;
+  };
+  for (const auto dtype : {torch::kDouble, torch::kFloat}) {
+    const double tol = dtype == torch::kDouble ? 1e-10 : 1e-4;
+    const auto opts = torch::TensorOptions().dtype(dtype);
+    for (const auto& s : {Shape{3, 5, 7, 3}, Shape{2, 1, 33, 9}, Shape{2, 512, 16, 8},
+                          Shape{3, 17, 64, 24}, Shape{2, 4, 1, 1}, Shape{2, 9, 40, 70}}) {
+      for (const bool strided : {false, true}) {
+        auto a = strided ? torch::randn({s.B, s.d, s.T}, opts).transpose(1, 2)
+                         : torch::randn({s.B, s.T, s.d}, opts);
+        auto g = strided ? torch::randn({s.T, s.B, s.p}, opts).transpose(0, 1)
+                         : torch::randn({s.B, s.T, s.p}, opts);
+        std::vector<torch::Tensor> truth;
+        for (int64_t i = 0; i < s.B; ++i) truth.push_back(g[i].t().mm(a[i]));
+        const auto expected = torch::stack(truth);
+        torch::Tensor norms;
+        const auto samples = gs::materialize(a, g, 1, &norms);
+        SCOPED_TRACE(::testing::PrintToString(std::vector<int64_t>{s.B, s.T, s.d, s.p}));
+        EXPECT_TRUE(tensors_close(samples, expected, tol));
+        EXPECT_TRUE(tensors_close(norms, expected.flatten(1).square().sum(1), tol));
+        EXPECT_TRUE(tensors_close(gs::materialize(a, g, 1), expected, tol));
+      }
+    }
+  }
+}
+
 TEST(ConvCostModel, PicksThePathsMeasuredFastest) {
   auto plan = [](int64_t B, int64_t C, int64_t T, int64_t k2, int64_t p, bool may_keep) {
     gs::ConvShape s;

@@ -40,9 +40,11 @@ class GramCache {
 [[nodiscard]] torch::Tensor ghost_norm_sq(const torch::Tensor& a, const torch::Tensor& g,
                                           int64_t groups, GramCache* cache = nullptr);
 
-/// G_i for every sample: [B, G·p, d].
+/// G_i for every sample: [B, G·p, d]. With `norms_sq`, also ‖G_i‖² summed over groups ([B]),
+/// formed with G_i tile by tile where the processor's register tile outruns the batched matmul
+/// (AVX-512; groups 1, float or double on the CPU), otherwise by one pass over G_i.
 [[nodiscard]] torch::Tensor materialize(const torch::Tensor& a, const torch::Tensor& g,
-                                        int64_t groups);
+                                        int64_t groups, torch::Tensor* norms_sq = nullptr);
 
 /// Σ_i w_i G_i as one matmul over B·T rows: [G·p, d].
 [[nodiscard]] torch::Tensor weighted_sum(const torch::Tensor& a, const torch::Tensor& g,
@@ -86,8 +88,9 @@ class LinearLikeGrads final : public PerSampleGrads {
   std::vector<int64_t> weight_shape_;
   bool has_bias_;
   bool materialize_;
-  torch::Tensor weight_samples_;  // [B, G·p, d], formed once if needed
-  torch::Tensor bias_samples_;    // [B, G·p]
+  torch::Tensor weight_samples_;   // [B, G·p, d], formed once if needed
+  torch::Tensor weight_norms_sq_;  // [B], formed with weight_samples_
+  torch::Tensor bias_samples_;     // [B, G·p]
 };
 
 }  // namespace dptorch::grad_sample
