@@ -4,11 +4,13 @@
 
 #include <dptorch/accounting/accountant.h>
 #include <dptorch/accounting/calibration.h>
+#include <dptorch/accounting/report.h>
 
 #include <c10/util/Exception.h>
 #include <CLI/CLI.hpp>
 #include <nlohmann/json.hpp>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
@@ -94,9 +96,15 @@ CLI::Validator accountant_check() {
         if (input == "all") {
           return {};
         }
-        return "must be one of prv, rdp, gdp, all, but is '" + input + "'";
+        std::string names;
+        for (const auto& name : acc::accountant_names()) names += name + ", ";
+        return "must be one of " + names + "all, but is '" + input + "'";
       },
-      "prv|rdp|gdp|all");
+      [] {
+        std::string names;
+        for (const auto& name : acc::accountant_names()) names += name + "|";
+        return names + "all";
+      }());
 }
 
 std::vector<std::string> selected(const std::string& accountant) {
@@ -135,14 +143,20 @@ void print_table(const std::vector<std::vector<std::string>>& rows) {
 }
 
 void print_notes(const std::vector<std::string>& names) {
-  for (const auto& name : names) {
-    if (name == "prv") {
-      std::cout << "prv: upper bound on epsilon, within 0.01 of the true value "
-                   "(Gopi et al. 2021)\n";
-    } else if (name == "gdp") {
-      std::cout << "gdp: central limit approximation; it can underestimate epsilon\n";
+  for (const auto& type : acc::accountant_types()) {
+    if (std::find(names.begin(), names.end(), type.name) != names.end()) {
+      std::cout << type.name << ": " << type.description << '\n';
     }
   }
+}
+
+// The --accountant help: every registered accountant with its description.
+std::string accountant_help() {
+  std::string help = "Accountant:";
+  for (const auto& type : acc::accountant_types()) {
+    help += " " + type.name + " (" + type.description + "),";
+  }
+  return help + " or all.";
 }
 
 // Adds the options both subcommands share.
@@ -182,10 +196,7 @@ Common add_common(CLI::App* command, Request& request, bool calibrating) {
                    "Target delta, in (0, 1); typically below 1 / dataset size.")
       ->required()
       ->check(number_check("in (0, 1)", [](double d) { return d > 0 && d < 1; }));
-  command
-      ->add_option("--accountant,-a", request.accountant,
-                   "Accountant: prv (Gopi et al. 2021, tight upper bound), rdp (Renyi DP, "
-                   "Mironov et al. 2019), gdp (central limit approximation), or all.")
+  command->add_option("--accountant,-a", request.accountant, accountant_help())
       ->capture_default_str()
       ->check(accountant_check());
   command->add_flag("--json", request.json,
@@ -218,6 +229,7 @@ void run_epsilon(const Request& request, int64_t steps) {
   const auto names = selected(request.accountant);
   nlohmann::ordered_json epsilons = nlohmann::ordered_json::object();
   std::vector<std::vector<std::string>> rows = {{"accountant", "epsilon"}};
+  double first_epsilon = 0.0;
   for (const auto& name : names) {
     const double eps = acc::epsilon_for(acc::EpsilonOptions()
                                             .noise_multiplier(request.noise_multiplier)
@@ -226,6 +238,7 @@ void run_epsilon(const Request& request, int64_t steps) {
                                             .delta(request.delta)
                                             .accountant(name));
     epsilons[name] = eps;
+    if (name == names.front()) first_epsilon = eps;
     rows.push_back({name, format(eps)});
   }
   if (request.json) {
@@ -245,6 +258,10 @@ void run_epsilon(const Request& request, int64_t steps) {
   std::cout << '\n';
   print_table(rows);
   print_notes(names);
+  // What the first accountant's ε means, in words (the clipping bound is not known here).
+  std::cout << '\n'
+            << acc::privacy_statement(first_epsilon, request.delta, names.front(), "poisson", 0)
+            << '\n';
 }
 
 void run_sigma(const Request& request, int64_t steps) {

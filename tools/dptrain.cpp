@@ -13,6 +13,7 @@
 #include <algorithm>
 #include <atomic>
 #include <chrono>
+#include <cmath>
 #include <csignal>
 #include <cstdio>
 #include <cstring>
@@ -40,6 +41,7 @@ int64_t g_stop_after_steps = 0;
 struct Config {
   double epsilon = 3.0;
   std::optional<double> noise_multiplier;
+  std::optional<double> budget;  // ε at delta that training stops before passing
   double delta = 1e-5;
   double epochs = 40;
   int64_t batch_size = 2048;
@@ -75,6 +77,7 @@ json to_json(const Config& c) {
             {"max_physical_batch_size", c.max_physical_batch_size},
             {"data_dir", c.data_dir}};
   j["noise_multiplier"] = c.noise_multiplier ? json(*c.noise_multiplier) : json(nullptr);
+  j["budget"] = c.budget ? json(*c.budget) : json(nullptr);
   return j;
 }
 
@@ -83,6 +86,7 @@ Config from_json(const json& j) {
   c.epsilon = j.at("epsilon");
   if (!j.at("noise_multiplier").is_null())
     c.noise_multiplier = j.at("noise_multiplier").get<double>();
+  if (j.contains("budget") && !j.at("budget").is_null()) c.budget = j.at("budget").get<double>();
   c.delta = j.at("delta");
   c.epochs = j.at("epochs");
   c.batch_size = j.at("batch_size");
@@ -333,6 +337,9 @@ int run(const Config& config, const fs::path& out, bool resume, int threads,
   } else {
     options.target_epsilon(config.epsilon);
   }
+  if (config.budget && !config.no_privacy) {
+    options.budget(dptorch::accounting::PrivacyBudget{*config.budget, config.delta});
+  }
   if (config.no_privacy) options.noise_multiplier(0.0).target_epsilon(std::nullopt);
 
   dptorch::PrivacyEngine engine;
@@ -410,7 +417,15 @@ int run(const Config& config, const fs::path& out, bool resume, int threads,
   int64_t examples_seen = 0;
   int64_t steps_this_process = 0;
   double train_seconds = 0;
-  while (training.loader.position() < total_steps) {
+  // The budget ends the run before the step that would pass it (the optimiser would refuse that
+  // step anyway); every rank sees the same history and stops at the same step.
+  bool at_budget = false;
+  auto budget_reached = [&] {
+    at_budget = at_budget || (config.budget && !config.no_privacy &&
+                              training.optimizer->steps_within_budget() == 0);
+    return at_budget;
+  };
+  while (training.loader.position() < total_steps && !budget_reached()) {
     const int epoch = static_cast<int>(training.loader.position() / per_epoch) + 1;
     const int64_t epoch_end = std::min<int64_t>(epoch * per_epoch, total_steps);
     const double eps_before = config.no_privacy ? -1 : engine.epsilon(config.delta);
@@ -418,7 +433,7 @@ int run(const Config& config, const fs::path& out, bool resume, int threads,
     int64_t epoch_examples = 0;
     double loss_sum = 0;
     int64_t loss_count = 0;
-    while (training.loader.position() < epoch_end) {
+    while (training.loader.position() < epoch_end && !budget_reached()) {
       if (g_stop_after_steps > 0 && steps_this_process == g_stop_after_steps) g_interrupted = true;
       // The ranks agree on stopping (every 10 steps: a small all-reduce), so that all save the
       // same step.
@@ -531,7 +546,45 @@ int run(const Config& config, const fs::path& out, bool resume, int threads,
                  {"examples_per_second", examples_seen / std::max(train_seconds, 1e-9)},
                  {"threads", threads},
                  {"config", to_json(config)}};
-  if (!config.no_privacy) report["epsilon"] = engine.epsilon(config.delta);
+  if (!config.no_privacy) {
+    const double eps = engine.epsilon(config.delta);
+    report["epsilon"] = eps;
+    // The ledger (every segment of the run) and ε under every accountant, for a reader to check.
+    const auto& history = engine.accountant()->history();
+    json ledger = json::array();
+    for (const auto& s :
+         dptorch::accounting::ledger_of(history, settings.max_grad_norm, config.clipping)) {
+      ledger.push_back({{"sampler", s.sampler},
+                        {"noise_multiplier", s.noise_multiplier},
+                        {"sample_rate", s.sample_rate},
+                        {"steps", s.steps},
+                        {"max_grad_norm", s.max_grad_norm},
+                        {"clipping", s.clipping}});
+    }
+    report["privacy_ledger"] = ledger;
+    json by_accountant = json::object();
+    for (const auto& [name, e] :
+         dptorch::accounting::epsilon_by_accountant(history, config.delta)) {
+      by_accountant[name] = std::isfinite(e) ? json(e) : json(nullptr);
+    }
+    report["epsilon_by_accountant"] = by_accountant;
+    // Adaptive clipping moves the bound during training: no single C to state.
+    const std::string statement = dptorch::accounting::privacy_statement(
+        eps, config.delta, settings.accountant, "poisson",
+        config.clipping == "adaptive" ? 0.0 : settings.max_grad_norm);
+    report["privacy_statement"] = statement;
+    std::cout << statement << "\n";
+  }
+  if (config.budget && !config.no_privacy) {
+    report["budget"] = {{"epsilon", *config.budget}, {"delta", config.delta}};
+    report["stopped_at_budget"] = at_budget;
+    if (at_budget) {
+      std::cout << "dptrain: stopped at the privacy budget after " << training.loader.position()
+                << " steps: epsilon " << engine.epsilon(config.delta) << " at delta "
+                << config.delta << " (budget " << *config.budget
+                << "); one more step would have passed it\n";
+    }
+  }
   if (world > 1) {
     const int64_t n = std::max<int64_t>(allreduce.steps, 1);
     report["processes"] = world;
@@ -732,12 +785,16 @@ int main(int argc, char** argv) {
   app.add_option("--max-grad-norm", config.max_grad_norm, "per-sample gradient norm bound C")
       ->capture_default_str()
       ->check(CLI::PositiveNumber);
+  app.add_option("--budget", config.budget,
+                 "privacy budget: training stops before the step that would spend more than this "
+                 "epsilon at --delta (also across --resume), and the report says so")
+      ->check(CLI::PositiveNumber);
   auto* sigma_opt = app.add_option("--noise-multiplier", noise_multiplier,
                                    "noise multiplier sigma, instead of --epsilon")
                         ->check(CLI::NonNegativeNumber);
   app.add_option("--accountant", config.accountant, "privacy accountant")
       ->capture_default_str()
-      ->check(CLI::IsMember({"prv", "rdp", "gdp"}));
+      ->check(CLI::IsMember(dptorch::accounting::accountant_names()));
   app.add_option("--clipping", clipping,
                  "per-sample clipping: flat (at C), per-layer (C/sqrt(L) per parameter), adaptive "
                  "(C follows a private quantile), automatic (every gradient normalised to C)")

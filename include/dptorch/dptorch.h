@@ -7,8 +7,10 @@
 #include <dptorch/accounting/accountant.h>
 #include <dptorch/accounting/calibration.h>
 #include <dptorch/accounting/gdp.h>
+#include <dptorch/accounting/pld.h>
 #include <dptorch/accounting/prv.h>
 #include <dptorch/accounting/rdp.h>
+#include <dptorch/accounting/report.h>
 #include <dptorch/clipping/norm_clipper.h>
 #include <dptorch/clipping/per_sample_gradient_clipper.h>
 #include <dptorch/common.h>

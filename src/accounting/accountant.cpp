@@ -2,14 +2,17 @@
 #include <dptorch/common.h>
 
 #include <dptorch/accounting/gdp.h>
+#include <dptorch/accounting/pld.h>
 #include <dptorch/accounting/prv.h>
 #include <dptorch/accounting/rdp.h>
 
 #include <c10/util/Exception.h>
 #include <nlohmann/json.hpp>
 
+#include <algorithm>
 #include <cmath>
 #include <limits>
+#include <mutex>
 #include <ostream>
 #include <utility>
 
@@ -21,6 +24,53 @@ namespace {
 
 constexpr const char* kStateFormat = "dptorch.accountant";
 constexpr int kStateVersion = 1;
+
+// The registry, with the built-in accountants registered on first use. Adding a built-in
+// accountant is its own file and one line here.
+struct Registry {
+  std::mutex mutex;
+  std::vector<AccountantType> types;
+};
+
+void check_type(const AccountantType& type, const std::vector<AccountantType>& types) {
+  TORCH_CHECK_VALUE(!type.name.empty(), "register_accountant: the accountant needs a name");
+  TORCH_CHECK_VALUE(static_cast<bool>(type.make), "register_accountant: accountant '", type.name,
+                    "' has no make function");
+  const bool taken = std::any_of(types.begin(), types.end(),
+                                 [&](const AccountantType& t) { return t.name == type.name; });
+  TORCH_CHECK_VALUE(!taken, "register_accountant: an accountant named '", type.name,
+                    "' is already registered; choose another name");
+  const auto made = type.make();
+  TORCH_CHECK_VALUE(made != nullptr && made->mechanism() == type.name,
+                    "register_accountant: accountant '", type.name,
+                    "' makes accountants whose mechanism() is '",
+                    made == nullptr ? std::string("(null)") : made->mechanism(),
+                    "'; the two must be equal so that checkpoints load with it");
+}
+
+Registry& registry() {
+  static Registry* instance = [] {
+    auto* r = new Registry;
+    const std::vector<AccountantType> built_in = {
+        {"prv", "upper bound on epsilon, within 0.01 of the true value (Gopi et al. 2021)",
+         [] { return std::make_unique<PrvAccountant>(); }},
+        {"pld",
+         "upper bound on epsilon by privacy loss distributions (Koskela et al. 2020; "
+         "Doroshenko et al. 2022)",
+         [] { return std::make_unique<PldAccountant>(); }},
+        {"rdp", "upper bound on epsilon by Renyi DP (Mironov et al. 2019); looser",
+         [] { return std::make_unique<RdpAccountant>(); }},
+        {"gdp", "central limit approximation (Dong et al. 2019); it can underestimate epsilon",
+         [] { return std::make_unique<GdpAccountant>(); }},
+    };
+    for (const auto& type : built_in) {
+      check_type(type, r->types);
+      r->types.push_back(type);
+    }
+    return r;
+  }();
+  return *instance;
+}
 
 std::string joined_names() {
   std::string out;
@@ -133,29 +183,81 @@ void Accountant::deserialize(const std::string& state) {
   history_ = std::move(history);
 }
 
-const std::vector<std::string>& accountant_names() {
-  static const std::vector<std::string> names = {"prv", "rdp", "gdp"};
+void check_budget(const PrivacyBudget& budget) {
+  TORCH_CHECK_VALUE(std::isfinite(budget.epsilon) && budget.epsilon >= 0,
+                    "the privacy budget's epsilon must be finite and >= 0, but is ",
+                    budget.epsilon);
+  detail::check_delta(budget.delta);
+}
+
+int64_t steps_within_budget(const Accountant& accountant, double noise_multiplier,
+                            double sample_rate, const PrivacyBudget& budget, int64_t limit) {
+  check_budget(budget);
+  detail::check_entry({noise_multiplier, sample_rate, 1});
+  dptorch::detail::check_non_negative("limit", static_cast<double>(limit));
+  if (sample_rate == 0) return limit;
+  auto probe = accountant.clone();
+  auto within = [&](int64_t steps) {
+    auto history = accountant.history();
+    if (steps > 0) history.push_back({noise_multiplier, sample_rate, steps});
+    probe->set_history(std::move(history));
+    return probe->epsilon(budget.delta) <= budget.epsilon;
+  };
+  if (limit == 0 || !within(1)) return 0;
+  // within(low) holds and within(high) fails (high = limit + 1 stands for "past the limit"):
+  // double, then bisect.
+  int64_t low = 1, high = limit < 2 ? limit + 1 : 2;
+  while (high <= limit && within(high)) {
+    low = high;
+    high = high > limit / 2 ? limit + 1 : 2 * high;
+  }
+  while (high - low > 1) {
+    const int64_t mid = low + (high - low) / 2;
+    (within(mid) ? low : high) = mid;
+  }
+  return low;
+}
+
+void register_accountant(AccountantType type) {
+  auto& r = registry();
+  std::lock_guard<std::mutex> lock(r.mutex);
+  check_type(type, r.types);
+  r.types.push_back(std::move(type));
+}
+
+std::vector<AccountantType> accountant_types() {
+  auto& r = registry();
+  std::lock_guard<std::mutex> lock(r.mutex);
+  return r.types;
+}
+
+std::vector<std::string> accountant_names() {
+  std::vector<std::string> names;
+  for (const auto& type : accountant_types()) names.push_back(type.name);
   return names;
 }
 
 std::unique_ptr<Accountant> make_accountant(const std::string& name) {
-  if (name == "prv") {
-    return std::make_unique<PrvAccountant>();
+  std::function<std::unique_ptr<Accountant>()> make;
+  {
+    auto& r = registry();
+    std::lock_guard<std::mutex> lock(r.mutex);
+    for (const auto& type : r.types) {
+      if (type.name == name) make = type.make;
+    }
   }
-  if (name == "rdp") {
-    return std::make_unique<RdpAccountant>();
-  }
-  if (name == "gdp") {
-    return std::make_unique<GdpAccountant>();
-  }
-  TORCH_CHECK_VALUE(false, "unknown accountant '", name, "'; valid names are ", joined_names());
+  TORCH_CHECK_VALUE(static_cast<bool>(make), "unknown accountant '", name, "'; valid names are ",
+                    joined_names());
+  return make();
 }
 
 std::unique_ptr<Accountant> load_accountant(const std::string& state) {
   auto [mechanism, history] = parse_state(state);
-  TORCH_CHECK_VALUE(mechanism == "prv" || mechanism == "rdp" || mechanism == "gdp",
+  const auto names = accountant_names();
+  TORCH_CHECK_VALUE(std::find(names.begin(), names.end(), mechanism) != names.end(),
                     "accountant state is of unknown mechanism '", mechanism,
-                    "'; valid mechanisms are ", joined_names());
+                    "'; valid mechanisms are ", joined_names(),
+                    " (register a user's accountant with register_accountant before loading)");
   auto accountant = make_accountant(mechanism);
   accountant->set_history(std::move(history));
   return accountant;

@@ -2,7 +2,6 @@
 #include <dptorch/common.h>
 
 #include <dptorch/accounting/accountant.h>
-#include <dptorch/accounting/prv.h>
 
 #include <c10/util/Exception.h>
 
@@ -12,7 +11,6 @@
 #include <utility>
 
 #include "accounting/accountant_internal.h"
-#include "accounting/prv_internal.h"
 
 namespace dptorch::accounting {
 
@@ -117,7 +115,6 @@ double noise_multiplier_for_epsilon(const CalibrationOptions& options) {
   const int64_t steps = options.resolved_steps();
   const double tolerance = options.epsilon_tolerance();
   const std::unique_ptr<Accountant> accountant = make_accountant(options.accountant());
-  const auto* prv = dynamic_cast<const PrvAccountant*>(accountant.get());
 
   auto epsilon_at = [&](double sigma) {
     accountant->set_history({{sigma, q, steps}});
@@ -143,14 +140,13 @@ double noise_multiplier_for_epsilon(const CalibrationOptions& options) {
   for (int iteration = 0; target - eps_high > tolerance && iteration < kMaxBisections;
        ++iteration) {
     const double sigma = (sigma_low + sigma_high) / 2.0;
-    // Below the optimum the PRV grid grows as ε does; a grid over the accountant's limit
-    // means ε is far above the target there, so the probe is infeasible (never unsafe).
-    if (prv != nullptr) {
-      accountant->set_history({{sigma, q, steps}});
-      if (prv->grid_size(delta) > static_cast<double>(detail::kMaxPrvGridSize)) {
-        sigma_low = sigma;
-        continue;
-      }
+    // Below the optimum the grids of the PRV and PLD accountants grow as ε does; a query over
+    // the accountant's limits means ε is far above the target there, so the probe is
+    // infeasible (never unsafe).
+    accountant->set_history({{sigma, q, steps}});
+    if (!accountant->answerable(delta)) {
+      sigma_low = sigma;
+      continue;
     }
     const double eps = epsilon_at(sigma);
     if (eps < target) {

@@ -492,6 +492,10 @@ double PrvAccountant::grid_size(double delta) const {
   return detail::prv_grid_points(extent.half_width, extent.dt);
 }
 
+bool PrvAccountant::answerable(double delta) const {
+  return grid_size(delta) <= static_cast<double>(detail::kMaxPrvGridSize);
+}
+
 PrvEpsilon PrvAccountant::epsilon_bounds(double delta) const {
   const double delta_error = resolved_delta_error(delta);
   const auto spending = detail::spending_entries(history());

@@ -76,6 +76,8 @@ PrivacySettings resolve(const PrivacyOptions& options, int64_t dataset_size) {
   if (!s.max_grad_norms.empty()) s.max_grad_norm = l2_norm(s.max_grad_norms);
   s.delta = options.delta();
   s.accountant = options.accountant();
+  if (options.budget()) accounting::check_budget(*options.budget());
+  s.budget = options.budget();
   s.clipping = options.clipping();
   s.steps_per_epoch = std::max<int64_t>(1, std::llround(1.0 / s.sample_rate));
   s.steps = std::max<int64_t>(1, std::llround(options.epochs() * s.steps_per_epoch));
@@ -139,13 +141,16 @@ std::shared_ptr<optim::DPOptimizer> PrivacyEngine::make_optimizer(
         << static_cast<int>(settings.clipping) << ' ' << options.loss_reduction() << ' '
         << options.secure_mode() << ' ' << fingerprint(*model);
     for (double c : settings.max_grad_norms) job << ' ' << c;
+    if (settings.budget)
+      job << " budget " << settings.budget->epsilon << ' ' << settings.budget->delta;
     const auto digest = static_cast<int64_t>(std::hash<std::string>{}(job.str()) >> 2);
     auto both = torch::tensor({digest, -digest}, torch::kLong);
     group->all_reduce_max(both);
-    TORCH_CHECK_VALUE(both[0].item<int64_t>() == digest && -both[1].item<int64_t>() == digest,
-                      "the ranks of the job were given different settings (data set size, "
-                      "sampling, noise, clipping, accountant, seed or model); start every rank "
-                      "with the same options, data set and model");
+    TORCH_CHECK_VALUE(
+        both[0].item<int64_t>() == digest && -both[1].item<int64_t>() == digest,
+        "the ranks of the job were given different settings (data set size, "
+        "sampling, noise, clipping, accountant, budget, seed or model); start every rank "
+        "with the same options, data set and model");
     // Every rank starts from rank 0's model, so that the same steps keep them identical.
     std::ostringstream out;
     if (group->rank() == 0) {
@@ -208,7 +213,9 @@ std::shared_ptr<optim::DPOptimizer> PrivacyEngine::make_optimizer(
       std::move(optimizer), std::move(clipper),
       optim::DPOptimizerOptions(settings.noise_multiplier, settings.expected_batch_size)
           .sample_rate(settings.sample_rate)
-          .group(options.group()),
+          .group(options.group())
+          .budget(settings.budget)
+          .sampling(data::Sampling::kPoisson),  // make_sampler's
       std::move(noise), accountant_);
 }
 

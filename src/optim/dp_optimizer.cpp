@@ -5,6 +5,7 @@
 #include <torch/torch.h>
 
 #include <cmath>
+#include <sstream>
 
 namespace dptorch::optim {
 
@@ -40,6 +41,18 @@ DPOptimizer::DPOptimizer(std::shared_ptr<torch::optim::Optimizer> inner,
                     "a distributed DPOptimizer needs clipping thresholds fixed for each step "
                     "(flat, per-layer, adaptive or automatic clipping): thresholds computed from "
                     "each rank's own data would differ between the ranks");
+  TORCH_CHECK_VALUE(
+      options_.sampling() == data::Sampling::kPoisson || accountant_ == nullptr,
+      "DPOptimizer: batches drawn as shuffled fixed-size batches (ShuffledSampler) are not what "
+      "dptorch's accountants analyse (each assumes Poisson sampling, where every example joins a "
+      "batch independently with probability q), so the epsilon they reported would not hold: "
+      "draw batches with a PoissonSampler (as PrivacyEngine does), or pass no accountant");
+  if (const auto& budget = options_.budget()) {
+    accounting::check_budget(*budget);
+    TORCH_CHECK_VALUE(accountant_ != nullptr && options_.sample_rate() > 0,
+                      "a DPOptimizer with a privacy budget needs an accountant and a sample rate "
+                      "(DPOptimizerOptions::sample_rate) to measure what each step spends");
+  }
   // Parameters the inner optimiser updates but no dp layer covers would be stepped without
   // privacy: refuse them.
   const auto covered = clipper_->grad_sample_module().parameters();
@@ -54,6 +67,34 @@ DPOptimizer::DPOptimizer(std::shared_ptr<torch::optim::Optimizer> inner,
                         "optimizer from the same model's parameters");
     }
   }
+}
+
+int64_t DPOptimizer::steps_within_budget() {
+  const auto& budget = options_.budget();
+  if (!budget) return -1;
+  if (budget_allowance_ < 0 || accountant_->history() != budget_history_) {
+    budget_allowance_ = accounting::steps_within_budget(*accountant_, options_.noise_multiplier(),
+                                                        options_.sample_rate(), *budget);
+    budget_history_ = accountant_->history();
+  }
+  return budget_allowance_;
+}
+
+void DPOptimizer::check_budget() {
+  if (!options_.budget() || steps_within_budget() > 0) return;
+  const auto& budget = *options_.budget();
+  std::ostringstream message;
+  message << "privacy budget exhausted: after " << accountant_->total_steps()
+          << " accounted steps the " << accountant_->mechanism() << " accountant measures epsilon "
+          << accountant_->epsilon(budget.delta) << " at delta " << budget.delta
+          << ", and one more step (noise multiplier " << options_.noise_multiplier()
+          << ", sample rate " << options_.sample_rate() << ") would pass the budget of epsilon "
+          << budget.epsilon
+          << "; nothing of this step was drawn, applied or accounted, and its batch was dropped. "
+             "Stop training here (the model so far is within the budget), or set a larger budget";
+  // The recorded pass and anything accumulated go, so that the next forward pass starts clean.
+  zero_grad();
+  throw accounting::BudgetExhausted(message.str());
 }
 
 void DPOptimizer::accumulate() {
@@ -71,6 +112,7 @@ double DPOptimizer::gradient_scale() const {
 bool DPOptimizer::draws_noise() const { return !options_.group() || options_.group()->rank() == 0; }
 
 void DPOptimizer::begin_accumulation() {
+  check_budget();  // before any noise is drawn
   AccumulationStart start;
   start.scale = gradient_scale();
   start.owner = this;
@@ -89,6 +131,7 @@ void DPOptimizer::begin_accumulation() {
 }
 
 void DPOptimizer::step() {
+  check_budget();  // before any noise is drawn, however the accumulation began
   accumulate();
   auto& acc = clipper_->accumulation();
   if (!acc.active()) {
@@ -147,7 +190,13 @@ void DPOptimizer::step() {
   inner_->step();
   ++steps_;
   if (accountant_ && options_.sample_rate() > 0) {
+    const bool cached =
+        options_.budget() && budget_allowance_ > 0 && accountant_->history() == budget_history_;
     accountant_->step(options_.noise_multiplier(), options_.sample_rate());
+    if (cached) {
+      --budget_allowance_;
+      budget_history_ = accountant_->history();
+    }
   }
 }
 

@@ -129,7 +129,7 @@ TEST(CalibrationTest, RejectsBadOptions) {
   EXPECT_THAT([] { CalibrationOptions().epochs(-1); },
               ThrowsMessage<c10::Error>(HasSubstr("epochs must be finite and > 0")));
   EXPECT_THAT([] { CalibrationOptions().accountant("moments"); },
-              ThrowsMessage<c10::Error>(HasSubstr("valid names are prv, rdp, gdp")));
+              ThrowsMessage<c10::Error>(HasSubstr("valid names are prv, pld, rdp, gdp")));
   EXPECT_THAT([] { CalibrationOptions().epsilon_tolerance(0); },
               ThrowsMessage<c10::Error>(HasSubstr("epsilon_tolerance")));
 

@@ -164,7 +164,8 @@ TEST_P(CalibrationPins, ResolvedSigmaMeetsTheTargetFromBelow) {
   EXPECT_DOUBLE_EQ(engine.epsilon(kDelta), eps);
 }
 
-INSTANTIATE_TEST_SUITE_P(AllAccountants, CalibrationPins, ::testing::Values("prv", "rdp", "gdp"),
+INSTANTIATE_TEST_SUITE_P(AllAccountants, CalibrationPins,
+                         ::testing::Values("prv", "pld", "rdp", "gdp"),
                          [](const ::testing::TestParamInfo<std::string>& info) {
                            return info.param;
                          });

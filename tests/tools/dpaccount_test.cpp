@@ -110,7 +110,7 @@ INSTANTIATE_TEST_SUITE_P(
         BadArgs{"epsilon --sigma 1 --sample-rate 0.04 --steps 100 --delta 1",
                 "--delta: must be in (0, 1), but is 1"},
         BadArgs{std::string("epsilon --sigma 1") + kGood + " --accountant moments",
-                "--accountant: must be one of prv, rdp, gdp, all"},
+                "--accountant: must be one of prv, pld, rdp, gdp, all"},
         BadArgs{"sigma --epsilon 0 --sample-rate 0.04 --steps 100 --delta 1e-5",
                 "--epsilon: must be finite and > 0"},
         BadArgs{"sigma --epsilon 1 --sample-rate 0 --steps 100 --delta 1e-5",
@@ -159,7 +159,7 @@ TEST_F(DpaccountTest, SigmaGoldenValuesInJson) {
 
 TEST_F(DpaccountTest, NoNoiseIsInfinite) {
   const auto j = run_json("epsilon --sigma 0 --sample-rate 0.1 --steps 10 --delta 1e-5 -a all");
-  for (const char* name : {"prv", "rdp", "gdp"}) {
+  for (const char* name : {"prv", "pld", "rdp", "gdp"}) {
     EXPECT_TRUE(j["epsilon"][name].is_null()) << name;  // JSON has no infinity
   }
   const ToolRun r = run_tool("epsilon --sigma 0 --sample-rate 0.1 --steps 10 --delta 1e-5");

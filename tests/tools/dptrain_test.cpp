@@ -80,6 +80,19 @@ TEST_F(DptrainTest, ShortRunWritesEveryOutput) {
   EXPECT_GT(report["epsilon"].get<double>(), 0);
   EXPECT_LE(report["epsilon"].get<double>(), 50);
   EXPECT_GT(report["test_accuracy"].get<double>(), 0.3);  // 16 noisy steps: well above chance
+  // The privacy ledger, ε under every accountant, and the statement in words.
+  ASSERT_EQ(report["privacy_ledger"].size(), 1u);
+  EXPECT_EQ(report["privacy_ledger"][0]["sampler"], "poisson");
+  EXPECT_EQ(report["privacy_ledger"][0]["steps"], 16);
+  EXPECT_EQ(report["privacy_ledger"][0]["noise_multiplier"], 1.0);
+  EXPECT_EQ(report["privacy_ledger"][0]["sample_rate"], 0.125);
+  EXPECT_EQ(report["privacy_ledger"][0]["max_grad_norm"], 1.0);
+  for (const char* name : {"prv", "pld", "rdp", "gdp"}) {
+    EXPECT_GT(report["epsilon_by_accountant"][name].get<double>(), 0) << name;
+  }
+  EXPECT_EQ(report["epsilon_by_accountant"]["prv"], report["epsilon"]);
+  EXPECT_THAT(r.out, HasSubstr("What is protected is any one training example"));
+  EXPECT_EQ(report["privacy_statement"].get<std::string>().substr(0, 8), "Privacy:");
   std::ifstream metrics(dir_ / "run" / "metrics.jsonl");
   int lines = 0;
   for (std::string line; std::getline(metrics, line);) lines += !line.empty();
@@ -87,6 +100,29 @@ TEST_F(DptrainTest, ShortRunWritesEveryOutput) {
   std::ifstream svg(dir_ / "run" / "plot.svg");
   std::string text((std::istreambuf_iterator<char>(svg)), std::istreambuf_iterator<char>());
   EXPECT_THAT(text, HasSubstr("<polyline"));
+}
+
+// --budget stops the run before the step that would pass it, with its report; resuming the run
+// gets no further.
+TEST_F(DptrainTest, StopsCleanlyAtTheBudget) {
+  auto r = run_tool("dptrain",
+                    "--train-subset 512 --batch-size 64 --epochs 4 --noise-multiplier 1.0 --lr 0.5 "
+                    "--max-grad-norm 1.0 --threads 2 --seed 3 --epsilon 50 --budget 4 --out " +
+                        out("budget"));
+  ASSERT_EQ(r.status, 0) << r.err;
+  EXPECT_THAT(r.out, HasSubstr("stopped at the privacy budget"));
+  auto report = read_json(dir_ / "budget" / "report.json");
+  EXPECT_TRUE(report["stopped_at_budget"].get<bool>());
+  EXPECT_LE(report["epsilon"].get<double>(), 4.0);
+  const int64_t steps = report["steps"];
+  EXPECT_GT(steps, 8);  // ε = 3.18 after 8 steps, 4.03 after 16 (dpaccount)
+  EXPECT_LT(steps, 16);
+  EXPECT_EQ(report["privacy_ledger"][0]["steps"], steps);
+  auto again = run_tool("dptrain", "--resume " + out("budget"));
+  EXPECT_EQ(again.status, 0) << again.err;
+  auto resumed = read_json(dir_ / "budget" / "report.json");
+  EXPECT_EQ(resumed["steps"], steps);
+  EXPECT_EQ(resumed["epsilon"], report["epsilon"]);
 }
 
 TEST_F(DptrainTest, AutomaticClippingTrains) {

@@ -1,8 +1,10 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <iosfwd>
 #include <memory>
+#include <stdexcept>
 #include <string>
 #include <vector>
 
@@ -61,7 +63,16 @@ class Accountant {
   /// positive sample rate; ε = +infinity when a step with q > 0 has σ = 0.
   [[nodiscard]] virtual double epsilon(double delta) const = 0;
 
-  /// The accounting mechanism: "rdp", "prv" or "gdp" (the name make_accountant takes).
+  /// Whether epsilon(delta) fits within the accountant's own limits (the PRV and PLD
+  /// accountants refuse queries whose grid would pass theirs). Calibration treats a probe that
+  /// does not as infeasible instead of failing. True unless an accountant says otherwise.
+  [[nodiscard]] virtual bool answerable(double delta) const {
+    (void)delta;
+    return true;
+  }
+
+  /// The accounting mechanism, the name it is registered under ("prv", "pld", "rdp", "gdp" or a
+  /// user's own; make_accountant takes it).
   virtual std::string mechanism() const = 0;
 
   /// A copy of this accountant, with its options and history.
@@ -84,16 +95,72 @@ class Accountant {
   std::vector<HistoryEntry> history_;
 };
 
-/// The names make_accountant accepts: {"prv", "rdp", "gdp"}; "prv" (the default) first.
-const std::vector<std::string>& accountant_names();
+/// A privacy budget: the ε at δ a run may spend, as its accountant measures it.
+struct PrivacyBudget {
+  double epsilon = 0.0;
+  double delta = 0.0;
+};
 
-/// A default-configured accountant by mechanism name: "prv" (PrvAccountant, Gopi et al. 2021),
-/// "rdp" (RdpAccountant, Mironov et al. 2019) or "gdp" (GdpAccountant, Dong et al. 2019).
-/// Throws for any other name, listing the valid ones.
+/// Throws unless ε >= 0 is finite and δ is in (0, 1).
+void check_budget(const PrivacyBudget& budget);
+
+/// What a DPOptimizer with a budget throws instead of a step that would spend more than it: the
+/// message says what was spent and what the step would have cost. Nothing of that step was
+/// drawn, applied or accounted.
+class BudgetExhausted : public std::runtime_error {
+ public:
+  using std::runtime_error::runtime_error;
+};
+
+/// The most further steps of (σ, q) after `accountant`'s history whose ε at budget.delta stays
+/// within budget.epsilon, up to `limit`: 0 if the next step would pass it (or the history
+/// already has). Found by doubling and bisection over copies of the accountant (about
+/// 2·log2(answer) ε queries); the accountant itself is unchanged. A step with q = 0 spends
+/// nothing: `limit` then.
+[[nodiscard]] int64_t steps_within_budget(const Accountant& accountant, double noise_multiplier,
+                                          double sample_rate, const PrivacyBudget& budget,
+                                          int64_t limit = int64_t{1} << 40);
+
+/// One accountant in the registry that make_accountant, load_accountant, calibration and the
+/// command-line tools read.
+struct AccountantType {
+  /// The name make_accountant takes; the accountants it makes report it as mechanism().
+  std::string name;
+  /// One line for the tools' help: what the reported ε is (bound or estimate) and its source.
+  std::string description;
+  /// A default-configured accountant with an empty history.
+  std::function<std::unique_ptr<Accountant>()> make;
+};
+
+/// Adds an accountant to the registry, after those already there. Throws if the name is empty,
+/// taken, or not the mechanism() of what `make` returns. The built-in accountants are
+/// registered before the first use of the registry: "prv" (the default), "pld", "rdp", "gdp".
+/// Safe to call from several threads.
+///
+/// Example (docs/extending.md):
+/// ```
+///   dptorch::accounting::register_accountant(
+///       {"mine", "my bound (My et al. 2026)", [] { return std::make_unique<MyAccountant>(); }});
+///   auto accountant = dptorch::accounting::make_accountant("mine");
+/// ```
+void register_accountant(AccountantType type);
+
+/// The registered accountants, in registration order (the built-ins first, "prv" first of all).
+std::vector<AccountantType> accountant_types();
+
+/// The registered names, in registration order: {"prv", "pld", "rdp", "gdp"} and any a user
+/// registered.
+std::vector<std::string> accountant_names();
+
+/// A default-configured accountant by registered name: "prv" (PrvAccountant, Gopi et al. 2021),
+/// "pld" (PldAccountant, Koskela et al. 2020; Doroshenko et al. 2022), "rdp" (RdpAccountant,
+/// Mironov et al. 2019), "gdp" (GdpAccountant, Dong et al. 2019), or a user's own. Throws for
+/// any other name, listing the registered ones.
 std::unique_ptr<Accountant> make_accountant(const std::string& name);
 
 /// A default-configured accountant of the mechanism named in `state` (written by
-/// Accountant::serialize()), with its history restored.
+/// Accountant::serialize()), with its history restored. Throws if that mechanism is not
+/// registered.
 std::unique_ptr<Accountant> load_accountant(const std::string& state);
 
 }  // namespace dptorch::accounting

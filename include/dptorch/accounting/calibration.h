@@ -31,7 +31,8 @@ class CalibrationOptions {
   CalibrationOptions& steps(int64_t value);
   /// The number of epochs, > 0; resolves to int(epochs / sample_rate) steps.
   CalibrationOptions& epochs(double value);
-  /// The accountant that measures ε: "prv" (default), "rdp" or "gdp".
+  /// The accountant that measures ε: a registered name (accountant_names(): "prv", the default,
+  /// "pld", "rdp", "gdp", or a user's own).
   CalibrationOptions& accountant(std::string value);
   /// The bisection stops once ε is within this of the target (from below); default 0.01.
   CalibrationOptions& epsilon_tolerance(double value);
@@ -88,7 +89,7 @@ class EpsilonOptions {
   EpsilonOptions& steps(int64_t value);
   /// The number of epochs, >= 0; resolves to int(epochs / sample_rate) steps (0 if q = 0).
   EpsilonOptions& epochs(double value);
-  /// "prv" (default), "rdp" or "gdp".
+  /// A registered accountant name (accountant_names()); "prv" by default.
   EpsilonOptions& accountant(std::string value);
 
   /// The values as set (empty where not set); see the setters.

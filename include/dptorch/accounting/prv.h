@@ -71,6 +71,9 @@ class PrvAccountant : public Accountant {
   /// infinite); queries needing more than 2^25 points (256 MiB per array) throw.
   [[nodiscard]] double grid_size(double delta) const;
 
+  /// Whether grid_size(delta) is within the limit.
+  [[nodiscard]] bool answerable(double delta) const override;
+
   /// "prv".
   std::string mechanism() const override { return "prv"; }
 

@@ -56,8 +56,13 @@ struct PrivacyOptions {
   TORCH_ARG(double, epochs) = 1;
   /// E[B]: expected logical batch size; the sample rate is q = E[B] / dataset size.
   TORCH_ARG(double, expected_batch_size) = 256;
-  /// "prv" (default), "rdp" or "gdp".
+  /// A registered accountant name (accounting::accountant_names()): "prv" (default), "pld",
+  /// "rdp", "gdp", or a user's own.
   TORCH_ARG(std::string, accountant) = "prv";
+  /// The most ε at δ the run may spend, by its accountant: the optimiser refuses a step that
+  /// would pass it, before drawing anything (optim::DPOptimizerOptions::budget), also after
+  /// load_checkpoint restored what an earlier run spent. Unset: no limit.
+  TORCH_ARG(std::optional<accounting::PrivacyBudget>, budget) = std::nullopt;
   /// Flat, per-layer or adaptive clipping.
   TORCH_ARG(ClippingMode, clipping) = ClippingMode::kFlat;
   /// Adaptive clipping: the target quantile γ of unclipped samples.
@@ -97,6 +102,7 @@ struct PrivacySettings {
   int64_t dataset_size = 0;
   uint64_t sampler_seed = 0;
   std::string accountant;
+  std::optional<accounting::PrivacyBudget> budget;  // the run's limit, when given
   ClippingMode clipping = ClippingMode::kFlat;
   int64_t rank = 0;        // this process's rank in a distributed job
   int64_t world_size = 1;  // the job's processes

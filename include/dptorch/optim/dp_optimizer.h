@@ -2,12 +2,15 @@
 
 #include <dptorch/accounting/accountant.h>
 #include <dptorch/clipping/per_sample_gradient_clipper.h>
+#include <dptorch/data/samplers.h>
 #include <dptorch/optim/noise.h>
 
 #include <torch/arg.h>
 #include <torch/optim/optimizer.h>
 
 #include <memory>
+#include <optional>
+#include <vector>
 
 namespace dptorch::distributed {
 class Group;
@@ -33,6 +36,15 @@ struct DPOptimizerOptions {
   /// noise, so the sum carries N(0, σ²C²) once; every rank then takes the same inner step.
   /// expected_batch_size and sample_rate are the whole job's.
   TORCH_ARG(std::shared_ptr<distributed::Group>, group) = nullptr;
+  /// The ε at δ the accountant may measure, at most. A step that would pass it is refused
+  /// before anything of it is drawn: accumulate() and step() throw accounting::BudgetExhausted,
+  /// saying what was spent, and drop the refused batch (as zero_grad()). Needs an accountant and
+  /// a sample rate. Unset: no limit.
+  TORCH_ARG(std::optional<accounting::PrivacyBudget>, budget) = std::nullopt;
+  /// How the batches are drawn (the loader's data::BatchSampler::sampling()). The accountants
+  /// analyse Poisson sampling only, so an optimiser with an accountant refuses
+  /// data::Sampling::kShuffled rather than report an ε computed for another sampler.
+  TORCH_ARG(data::Sampling, sampling) = data::Sampling::kPoisson;
 };
 
 /// DP-SGD around any torch::optim optimiser (docs/design.md): step() clips and accumulates the
@@ -88,6 +100,11 @@ class DPOptimizer {
   [[nodiscard]] int64_t steps() const { return steps_; }
   /// Sets the step count (for resuming from a checkpoint).
   void set_steps(int64_t steps) { steps_ = steps; }
+  /// How many more steps the budget allows after the accountant's history as it is now (it may
+  /// have been restored from a checkpoint or shared with another optimiser); -1 without a
+  /// budget. Recomputed (about 2·log2 of the answer ε queries) only when the history changed
+  /// other than by this optimiser's own steps.
+  [[nodiscard]] int64_t steps_within_budget();
 
  private:
   // Begins the clipper's accumulation with the clip weights scaled by 1/E[B] ("mean") and, when
@@ -97,6 +114,8 @@ class DPOptimizer {
   [[nodiscard]] double gradient_scale() const;
   // Whether this process draws the noise: always with one process, rank 0 of a group.
   [[nodiscard]] bool draws_noise() const;
+  // Throws BudgetExhausted if the budget does not allow one more step.
+  void check_budget();
 
   std::shared_ptr<torch::optim::Optimizer> inner_;
   std::shared_ptr<PerSampleGradientClipper> clipper_;
@@ -106,6 +125,9 @@ class DPOptimizer {
   std::shared_ptr<AdaptiveClipper> adaptive_;
   double gradient_sigma_;
   int64_t steps_ = 0;
+  // steps_within_budget() for the accountant's history as it was when last asked.
+  std::vector<accounting::HistoryEntry> budget_history_;
+  int64_t budget_allowance_ = -1;
 };
 
 }  // namespace dptorch::optim

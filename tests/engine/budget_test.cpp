@@ -1,0 +1,236 @@
+// A privacy budget holds: every way of spending past it is refused before anything is drawn.
+
+#include <dptorch/dptorch.h>
+#include <dptorch/engine/privacy_engine.h>
+
+#include <gmock/gmock.h>
+#include <gtest/gtest.h>
+
+#include "support/temp_dir.h"
+
+namespace dptorch {
+namespace {
+
+using ::testing::HasSubstr;
+using testing::TempDir;
+namespace tnn = torch::nn;
+
+tnn::Sequential mlp() {
+  return tnn::Sequential(nn::Linear(6, 8), tnn::Tanh(), nn::Linear(8, 3), tnn::LogSoftmax(1));
+}
+
+data::TensorPairDataset toy_data(int64_t n = 200) {
+  torch::manual_seed(5);
+  auto x = torch::randn({n, 6});
+  return data::TensorPairDataset(x, x.slice(1, 0, 3).argmax(1));
+}
+
+std::shared_ptr<torch::optim::SGD> sgd(const tnn::Sequential& m) {
+  return std::make_shared<torch::optim::SGD>(m->parameters(), torch::optim::SGDOptions(0.1));
+}
+
+// The steps a budget allows, by brute force: the largest n with ε(history + n steps) <= budget.
+int64_t brute_force(const accounting::Accountant& a, double sigma, double q,
+                    const accounting::PrivacyBudget& b, int64_t limit) {
+  auto probe = a.clone();
+  int64_t n = 0;
+  while (n < limit) {
+    auto h = a.history();
+    h.push_back({sigma, q, n + 1});
+    probe->set_history(h);
+    if (probe->epsilon(b.delta) > b.epsilon) break;
+    ++n;
+  }
+  return n;
+}
+
+TEST(PrivacyBudget, StepsWithinBudgetIsTheLargestCountThatFits) {
+  for (const char* name : {"rdp", "gdp", "pld"}) {
+    auto accountant = accounting::make_accountant(name);
+    const accounting::PrivacyBudget budget{1.0, 1e-5};
+    EXPECT_EQ(accounting::steps_within_budget(*accountant, 1.0, 0.05, budget, 400),
+              brute_force(*accountant, 1.0, 0.05, budget, 400))
+        << name;
+    accountant->step(1.5, 0.05, 30);  // another (σ, q) first
+    EXPECT_EQ(accounting::steps_within_budget(*accountant, 1.0, 0.05, budget, 400),
+              brute_force(*accountant, 1.0, 0.05, budget, 400))
+        << name;
+    EXPECT_EQ(accounting::steps_within_budget(*accountant, 1.0, 0.0, budget, 400), 400) << name;
+    EXPECT_EQ(accounting::steps_within_budget(*accountant, 1.0, 0.05, {0.0, 1e-5}, 400), 0)
+        << name;
+  }
+  EXPECT_THAT(
+      [] {
+        (void)accounting::steps_within_budget(*accounting::make_accountant("rdp"), 1, 0.1,
+                                              {-1, 1e-5});
+      },
+      ::testing::ThrowsMessage<c10::Error>(HasSubstr("budget's epsilon")));
+}
+
+struct BudgetedRun {
+  tnn::Sequential model = mlp();
+  PrivacyEngine engine;
+  data::TensorPairDataset data = toy_data();
+  PrivateTraining<data::TensorPairDataset> run;
+  explicit BudgetedRun(PrivacyOptions options)
+      : run(engine.make_private(model, sgd(model), data, std::move(options))) {}
+  void step() {
+    auto batch = run.loader.next();
+    torch::nll_loss(model->forward(batch.data), batch.target).backward();
+    run.optimizer->step();
+  }
+  // Steps until the budget refuses one (at most `limit`); the number taken.
+  int64_t steps_until_refused(int64_t limit) {
+    for (int64_t s = 0; s < limit; ++s) {
+      try {
+        step();
+      } catch (const accounting::BudgetExhausted&) {
+        return s;
+      }
+    }
+    return limit;
+  }
+};
+
+PrivacyOptions options_with_budget(double epsilon) {
+  return PrivacyOptions()
+      .noise_multiplier(1.0)
+      .expected_batch_size(20)
+      .epochs(100)
+      .accountant("rdp")
+      .seed(3)
+      .budget(accounting::PrivacyBudget{epsilon, 1e-5});
+}
+
+// More epochs than the budget allows: the run stops at the last step that fits, nothing of the
+// refused step is applied, drawn or accounted, and the message says what was spent.
+TEST(PrivacyBudget, TheEngineRefusesTheStepThatWouldPassIt) {
+  BudgetedRun r(options_with_budget(5.0));
+  const int64_t allowed = r.run.optimizer->steps_within_budget();
+  ASSERT_GT(allowed, 5);
+  ASSERT_LT(allowed, r.run.settings.steps);  // the plan would overspend
+  EXPECT_EQ(r.steps_until_refused(allowed + 10), allowed);
+  EXPECT_LE(r.engine.epsilon(1e-5), 5.0);
+  EXPECT_EQ(r.engine.accountant()->total_steps(), allowed);
+  // The refused step: parameters, noise stream and history unchanged; the same refusal again.
+  auto before = r.model->parameters()[0].clone();
+  const auto noise_state = r.run.optimizer->noise().state();
+  auto batch = r.run.loader.next();
+  torch::nll_loss(r.model->forward(batch.data), batch.target).backward();
+  EXPECT_THAT([&] { r.run.optimizer->step(); },
+              ::testing::ThrowsMessage<accounting::BudgetExhausted>(
+                  HasSubstr("privacy budget exhausted: after " + std::to_string(allowed) +
+                            " accounted steps the rdp accountant measures epsilon")));
+  // The refused batch was dropped: the next forward pass runs, and its accumulation is refused.
+  batch = r.run.loader.next();
+  torch::nll_loss(r.model->forward(batch.data), batch.target).backward();
+  EXPECT_THAT([&] { r.run.optimizer->accumulate(); },
+              ::testing::Throws<accounting::BudgetExhausted>());
+  EXPECT_TRUE(torch::equal(before, r.model->parameters()[0]));
+  EXPECT_EQ(r.run.optimizer->noise().state(), noise_state);
+  EXPECT_EQ(r.engine.accountant()->total_steps(), allowed);
+}
+
+// A resumed run starts from what the checkpoint spent: it gets only the rest of the budget.
+TEST(PrivacyBudget, HoldsAcrossResume) {
+  TempDir dir;
+  BudgetedRun first(options_with_budget(5.0));
+  const int64_t allowed = first.run.optimizer->steps_within_budget();
+  for (int64_t s = 0; s < allowed - 3; ++s) first.step();
+  first.engine.save_checkpoint(dir.file("ckpt.pt"), first.run);
+  BudgetedRun resumed(options_with_budget(5.0));
+  (void)resumed.engine.load_checkpoint(dir.file("ckpt.pt"), resumed.run);
+  EXPECT_EQ(resumed.run.optimizer->steps_within_budget(), 3);
+  EXPECT_EQ(resumed.steps_until_refused(10), 3);
+  EXPECT_LE(resumed.engine.epsilon(1e-5), 5.0);
+  // A second resume with a larger plan, even from the final state, gets nothing.
+  resumed.engine.save_checkpoint(dir.file("end.pt"), resumed.run);
+  BudgetedRun again(PrivacyOptions(options_with_budget(5.0)).epochs(1000));
+  (void)again.engine.load_checkpoint(dir.file("end.pt"), again.run);
+  EXPECT_EQ(again.steps_until_refused(5), 0);
+}
+
+// Changing σ or q midway (a new optimiser over the same accountant) is measured at the new
+// (σ, q): less noise leaves fewer steps.
+TEST(PrivacyBudget, HoldsWhenSigmaOrQChangeMidway) {
+  std::shared_ptr<accounting::Accountant> accountant = accounting::make_accountant("rdp");
+  const accounting::PrivacyBudget budget{5.0, 1e-5};
+  auto m = mlp();
+  auto data = toy_data();
+  auto clipper =
+      std::make_shared<PerSampleGradientClipper>(m, std::make_shared<ConstantFlatClipper>(1.0));
+  auto make = [&](double sigma, double q) {
+    return std::make_shared<optim::DPOptimizer>(
+        sgd(m), clipper, optim::DPOptimizerOptions(sigma, 20).sample_rate(q).budget(budget),
+        optim::make_noise_source(optim::NoiseOptions().seed(1)),
+        accountant);
+  };
+  auto step = [&](optim::DPOptimizer& opt) {
+    torch::nll_loss(m->forward(data.data().slice(0, 0, 20)), data.targets().slice(0, 0, 20))
+        .backward();
+    opt.step();
+  };
+  auto noisy = make(1.2, 0.1);
+  for (int i = 0; i < 20; ++i) step(*noisy);
+  auto quiet = make(0.7, 0.1);  // less noise from here
+  const int64_t left = quiet->steps_within_budget();
+  EXPECT_EQ(left, brute_force(*accountant, 0.7, 0.1, budget, 1000));
+  EXPECT_LT(left, noisy->steps_within_budget());
+  for (int64_t i = 0; i < left; ++i) step(*quiet);
+  EXPECT_THROW(step(*quiet), accounting::BudgetExhausted);
+  // The first optimiser sees the history the second wrote: its cheaper steps may still fit,
+  // exactly as many as brute force finds, and no more; a larger q gets what brute force allows.
+  auto wide = make(1.2, 0.5);
+  EXPECT_EQ(wide->steps_within_budget(), brute_force(*accountant, 1.2, 0.5, budget, 1000));
+  const int64_t more = noisy->steps_within_budget();
+  EXPECT_EQ(more, brute_force(*accountant, 1.2, 0.1, budget, 1000));
+  for (int64_t i = 0; i < more; ++i) step(*noisy);
+  EXPECT_THROW(step(*noisy), accounting::BudgetExhausted);
+  EXPECT_THROW(step(*wide), accounting::BudgetExhausted);
+  EXPECT_LE(accountant->epsilon(1e-5), 5.0);
+}
+
+TEST(PrivacyBudget, RefusesABudgetItCannotMeasure) {
+  auto m = mlp();
+  auto clipper =
+      std::make_shared<PerSampleGradientClipper>(m, std::make_shared<ConstantFlatClipper>(1.0));
+  EXPECT_THAT(
+      [&] {
+        optim::DPOptimizer(sgd(m), clipper,
+                           optim::DPOptimizerOptions(1.0, 10).budget(
+                               accounting::PrivacyBudget{1.0, 1e-5}),
+                           optim::make_noise_source(optim::NoiseOptions().seed(1)));
+      },
+      ::testing::ThrowsMessage<c10::Error>(HasSubstr("needs an accountant and a sample rate")));
+  EXPECT_THAT(
+      [&] {
+        PrivacyEngine engine;
+        (void)engine.make_private(m, sgd(m), toy_data(),
+                                  PrivacyOptions().noise_multiplier(1).expected_batch_size(20).budget(
+                                      accounting::PrivacyBudget{1.0, 2.0}));
+      },
+      ::testing::ThrowsMessage<c10::Error>(HasSubstr("delta")));
+}
+
+// No accountant here analyses shuffled fixed-size batches: an optimiser that would account
+// them is refused; without an accountant (nothing reported) they are allowed.
+TEST(SamplerAccounting, ShuffledBatchesAreNotAccountedAsPoisson) {
+  auto m = mlp();
+  auto clipper =
+      std::make_shared<PerSampleGradientClipper>(m, std::make_shared<ConstantFlatClipper>(1.0));
+  data::ShuffledSampler shuffled(200, 20, 1);
+  const auto options =
+      optim::DPOptimizerOptions(1.0, 20).sample_rate(0.1).sampling(shuffled.sampling());
+  EXPECT_THAT(
+      [&] {
+        optim::DPOptimizer(sgd(m), clipper, options,
+                           optim::make_noise_source(optim::NoiseOptions().seed(1)),
+                           accounting::make_accountant("prv"));
+      },
+      ::testing::ThrowsMessage<c10::Error>(HasSubstr("each assumes Poisson sampling")));
+  EXPECT_NO_THROW(optim::DPOptimizer(sgd(m), clipper, options,
+                                     optim::make_noise_source(optim::NoiseOptions().seed(1))));
+}
+
+}  // namespace
+}  // namespace dptorch
