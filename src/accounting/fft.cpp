@@ -441,4 +441,26 @@ std::vector<double> irfft(const std::vector<std::complex<double>>& spectrum, siz
   return std::vector<double>(data.begin(), data.end());
 }
 
+void raise_spectrum(double* z, size_t bins, int64_t steps) {
+  if (steps == 1) {
+    return;
+  }
+  const double power = static_cast<double>(steps);
+  constexpr double kLogSmallest = -745.2;  // log of the smallest subnormal double
+  for (size_t k = 0; k < bins; ++k) {
+    const double re = z[2 * k];
+    const double im = z[2 * k + 1];
+    const double log_magnitude = 0.5 * power * std::log(re * re + im * im);
+    if (!(log_magnitude > kLogSmallest)) {
+      z[2 * k] = 0.0;
+      z[2 * k + 1] = 0.0;
+      continue;
+    }
+    const double magnitude = std::exp(log_magnitude);
+    const double phase = power * std::atan2(im, re);
+    z[2 * k] = magnitude * std::cos(phase);
+    z[2 * k + 1] = magnitude * std::sin(phase);
+  }
+}
+
 }  // namespace dptorch::accounting::detail

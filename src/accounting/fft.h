@@ -2,6 +2,7 @@
 
 #include <complex>
 #include <cstddef>
+#include <cstdint>
 #include <memory>
 #include <vector>
 
@@ -73,6 +74,11 @@ void irfft_inplace(Buffer& data, size_t n, Buffer& scratch);
 
 /// The first n/2 + 1 DFT coefficients of a real sequence of power-of-two length n >= 2.
 std::vector<std::complex<double>> rfft(const std::vector<double>& x);
+
+/// z_k <- z_k^steps for `bins` interleaved complex values (the T-fold composition of a
+/// distribution whose spectrum z is), as |z|^T e^(i T arg z) so that large T neither overflows
+/// nor loses the phase; bins whose power underflows are set to 0 directly.
+void raise_spectrum(double* z, size_t bins, int64_t steps);
 
 /// The real sequence of length n whose rfft is `spectrum` (n/2 + 1 coefficients).
 std::vector<double> irfft(const std::vector<std::complex<double>>& spectrum, size_t n);

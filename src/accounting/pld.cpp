@@ -372,30 +372,6 @@ CompositionPlan plan_composition(const std::vector<HistoryEntry>& spending, Dire
   return plan;
 }
 
-// z_k <- z_k^steps for interleaved complex values, as |z|^T e^(iT arg z): no overflow for
-// large T, and bins whose power underflows are set to 0 directly.
-void raise_spectrum(double* z, size_t bins, int64_t steps) {
-  if (steps == 1) {
-    return;
-  }
-  const double power = static_cast<double>(steps);
-  constexpr double kLogSmallest = -745.0;
-  for (size_t k = 0; k < bins; ++k) {
-    const double re = z[2 * k];
-    const double im = z[2 * k + 1];
-    const double log_magnitude = 0.5 * power * std::log(re * re + im * im);
-    if (!(log_magnitude > kLogSmallest)) {
-      z[2 * k] = 0.0;
-      z[2 * k + 1] = 0.0;
-      continue;
-    }
-    const double magnitude = std::exp(log_magnitude);
-    const double phase = power * std::atan2(im, re);
-    z[2 * k] = magnitude * std::cos(phase);
-    z[2 * k + 1] = magnitude * std::sin(phase);
-  }
-}
-
 int64_t positive_mod(int64_t i, int64_t n) { return ((i % n) + n) % n; }
 
 // The composed PLD: P-mass pmf[j] at loss (first + j)Δ, and `extra`, the mass at +inf plus
@@ -439,7 +415,7 @@ ComposedPld compose(const CompositionPlan& plan) {
       index = index + 1 == n ? 0 : index + 1;
     }
     detail::rfft_inplace(target, scratch);
-    raise_spectrum(target.data(), bins, block.steps);
+    detail::raise_spectrum(target.data(), bins, block.steps);
     if (b > 0) {
       double* acc = product.data();
       const double* z = work.data();

@@ -343,30 +343,6 @@ double discretize_into(double sigma, double q, const PrvGrid& grid, double* out)
   return shift;
 }
 
-// z_k <- z_k^steps for interleaved complex values, as |z|^T e^(i T arg z) so that large T
-// neither overflows nor loses the phase; bins whose power underflows are set to 0 directly.
-void raise_spectrum(double* z, size_t bins, int64_t steps) {
-  if (steps == 1) {
-    return;
-  }
-  const double power = static_cast<double>(steps);
-  constexpr double kLogSmallest = -745.2;  // log of the smallest subnormal double
-  for (size_t k = 0; k < bins; ++k) {
-    const double re = z[2 * k];
-    const double im = z[2 * k + 1];
-    const double log_magnitude = 0.5 * power * std::log(re * re + im * im);
-    if (!(log_magnitude > kLogSmallest)) {
-      z[2 * k] = 0.0;
-      z[2 * k + 1] = 0.0;
-      continue;
-    }
-    const double magnitude = std::exp(log_magnitude);
-    const double phase = power * std::atan2(im, re);
-    z[2 * k] = magnitude * std::cos(phase);
-    z[2 * k + 1] = magnitude * std::sin(phase);
-  }
-}
-
 }  // namespace
 
 DiscretePrv discretize_prv(double noise_multiplier, double sample_rate, const PrvGrid& grid) {
@@ -391,7 +367,7 @@ DiscretePrv compose_prvs(const std::vector<HistoryEntry>& spending, const PrvGri
     const double shift =
         discretize_into(entry.noise_multiplier, entry.sample_rate, grid, target.data());
     rfft_inplace(target, scratch);
-    raise_spectrum(target.data(), bins, entry.steps);
+    detail::raise_spectrum(target.data(), bins, entry.steps);
     if (b > 0) {
       double* acc = product.data();
       const double* z = work.data();

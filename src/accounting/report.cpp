@@ -7,13 +7,12 @@
 
 namespace dptorch::accounting {
 
-std::vector<LedgerSegment> ledger_of(const std::vector<HistoryEntry>& history,
-                                     double max_grad_norm, const std::string& clipping,
-                                     const std::string& sampler) {
+std::vector<LedgerSegment> ledger_of(const std::vector<HistoryEntry>& history, double max_grad_norm,
+                                     const std::string& clipping, const std::string& sampler) {
   std::vector<LedgerSegment> ledger;
   for (const auto& entry : history) {
-    ledger.push_back({sampler, entry.noise_multiplier, entry.sample_rate, entry.steps,
-                      max_grad_norm, clipping});
+    ledger.push_back(
+        {sampler, entry.noise_multiplier, entry.sample_rate, entry.steps, max_grad_norm, clipping});
   }
   return ledger;
 }
@@ -40,8 +39,8 @@ std::string privacy_statement(double epsilon, double delta, const std::string& a
       << accountant << " accountant).";
     return s.str();
   }
-  s << "Privacy: (epsilon = " << epsilon << ", delta = " << delta
-    << ") by the " << accountant << " accountant. What is protected is any one training example: "
+  s << "Privacy: (epsilon = " << epsilon << ", delta = " << delta << ") by the " << accountant
+    << " accountant. What is protected is any one training example: "
     << "whether it was added to or removed from the data set changes the probability of any "
        "outcome of training (every model released during it included) by at most a factor of "
        "e^"

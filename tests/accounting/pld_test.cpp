@@ -56,11 +56,10 @@ TEST(PldAccountant, OneStepBoundsTheClosedFormInBothDirections) {
         const double remove = (1 - q) * normal_cdf(-x / sigma) + q * normal_cdf((1 - x) / sigma) -
                               std::exp(eps) * normal_cdf(-x / sigma);
         const double xa = x_of(sigma, q, -eps);
-        const double add = xa == -INFINITY
-                               ? 0.0
-                               : normal_cdf(xa / sigma) -
-                                     std::exp(eps) * ((1 - q) * normal_cdf(xa / sigma) +
-                                                      q * normal_cdf((xa - 1) / sigma));
+        const double add = xa == -INFINITY ? 0.0
+                                           : normal_cdf(xa / sigma) -
+                                                 std::exp(eps) * ((1 - q) * normal_cdf(xa / sigma) +
+                                                                  q * normal_cdf((xa - 1) / sigma));
         const double exact = std::max(remove, add);
         const double got = pld_of(sigma, q, 1).delta(eps);
         SCOPED_TRACE("sigma " + std::to_string(sigma) + " q " + std::to_string(q) + " eps " +
@@ -192,17 +191,21 @@ TEST(AccountantRegistry, ARegisteredAccountantIsEverywhere) {
                    rdp.epsilon(1e-5) / 2);
   EXPECT_THAT(
       [] {
-        register_accountant({"half-rdp-test", "again", [] {
-                               return std::make_unique<HalfRdpAccountant>();
-                             }});
+        register_accountant(
+            {"half-rdp-test", "again", [] { return std::make_unique<HalfRdpAccountant>(); }});
       },
       ThrowsMessage<c10::Error>(HasSubstr("already registered")));
-  EXPECT_THAT([] { register_accountant({"other-name", "wrong", [] {
-                                          return std::make_unique<HalfRdpAccountant>();
-                                        }}); },
-              ThrowsMessage<c10::Error>(HasSubstr("mechanism() is 'half-rdp-test'")));
-  EXPECT_THAT([] { register_accountant({"", "nameless", nullptr}); },
-              ThrowsMessage<c10::Error>(HasSubstr("needs a name")));
+  EXPECT_THAT(
+      [] {
+        register_accountant(
+            {"other-name", "wrong", [] { return std::make_unique<HalfRdpAccountant>(); }});
+      },
+      ThrowsMessage<c10::Error>(HasSubstr("mechanism() is 'half-rdp-test'")));
+  EXPECT_THAT(
+      [] {
+        register_accountant({"", "nameless", nullptr});
+      },
+      ThrowsMessage<c10::Error>(HasSubstr("needs a name")));
 }
 
 }  // namespace

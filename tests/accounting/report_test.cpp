@@ -44,8 +44,10 @@ TEST(PrivacyReport, StatementSaysWhatIsProtectedAndAssumed) {
   EXPECT_THAT(text, HasSubstr("added to or removed from"));
   EXPECT_THAT(text, HasSubstr("Poisson sampling"));
   EXPECT_THAT(text, HasSubstr("clipped to norm 0.1"));
-  EXPECT_THAT(privacy_statement(2.5, 1e-5, "rdp", "poisson", 0), ::testing::Not(HasSubstr("clipped")));
-  EXPECT_THAT(privacy_statement(INFINITY, 1e-5, "prv", "poisson", 1), HasSubstr("No privacy guarantee"));
+  EXPECT_THAT(privacy_statement(2.5, 1e-5, "rdp", "poisson", 0),
+              ::testing::Not(HasSubstr("clipped")));
+  EXPECT_THAT(privacy_statement(INFINITY, 1e-5, "prv", "poisson", 1),
+              HasSubstr("No privacy guarantee"));
 }
 
 }  // namespace

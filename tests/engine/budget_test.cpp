@@ -56,8 +56,7 @@ TEST(PrivacyBudget, StepsWithinBudgetIsTheLargestCountThatFits) {
               brute_force(*accountant, 1.0, 0.05, budget, 400))
         << name;
     EXPECT_EQ(accounting::steps_within_budget(*accountant, 1.0, 0.0, budget, 400), 400) << name;
-    EXPECT_EQ(accounting::steps_within_budget(*accountant, 1.0, 0.05, {0.0, 1e-5}, 400), 0)
-        << name;
+    EXPECT_EQ(accounting::steps_within_budget(*accountant, 1.0, 0.05, {0.0, 1e-5}, 400), 0) << name;
   }
   EXPECT_THAT(
       [] {
@@ -162,8 +161,7 @@ TEST(PrivacyBudget, HoldsWhenSigmaOrQChangeMidway) {
   auto make = [&](double sigma, double q) {
     return std::make_shared<optim::DPOptimizer>(
         sgd(m), clipper, optim::DPOptimizerOptions(sigma, 20).sample_rate(q).budget(budget),
-        optim::make_noise_source(optim::NoiseOptions().seed(1)),
-        accountant);
+        optim::make_noise_source(optim::NoiseOptions().seed(1)), accountant);
   };
   auto step = [&](optim::DPOptimizer& opt) {
     torch::nll_loss(m->forward(data.data().slice(0, 0, 20)), data.targets().slice(0, 0, 20))
@@ -196,18 +194,19 @@ TEST(PrivacyBudget, RefusesABudgetItCannotMeasure) {
       std::make_shared<PerSampleGradientClipper>(m, std::make_shared<ConstantFlatClipper>(1.0));
   EXPECT_THAT(
       [&] {
-        optim::DPOptimizer(sgd(m), clipper,
-                           optim::DPOptimizerOptions(1.0, 10).budget(
-                               accounting::PrivacyBudget{1.0, 1e-5}),
-                           optim::make_noise_source(optim::NoiseOptions().seed(1)));
+        optim::DPOptimizer(
+            sgd(m), clipper,
+            optim::DPOptimizerOptions(1.0, 10).budget(accounting::PrivacyBudget{1.0, 1e-5}),
+            optim::make_noise_source(optim::NoiseOptions().seed(1)));
       },
       ::testing::ThrowsMessage<c10::Error>(HasSubstr("needs an accountant and a sample rate")));
   EXPECT_THAT(
       [&] {
         PrivacyEngine engine;
-        (void)engine.make_private(m, sgd(m), toy_data(),
-                                  PrivacyOptions().noise_multiplier(1).expected_batch_size(20).budget(
-                                      accounting::PrivacyBudget{1.0, 2.0}));
+        (void)engine.make_private(
+            m, sgd(m), toy_data(),
+            PrivacyOptions().noise_multiplier(1).expected_batch_size(20).budget(
+                accounting::PrivacyBudget{1.0, 2.0}));
       },
       ::testing::ThrowsMessage<c10::Error>(HasSubstr("delta")));
 }
