@@ -25,18 +25,8 @@ DPOptimizer::DPOptimizer(std::shared_ptr<torch::optim::Optimizer> inner,
   dptorch::detail::check_positive("expected_batch_size", options_.expected_batch_size());
   dptorch::detail::check_in_range("sample_rate", options_.sample_rate(), 0, 1,
                                   dptorch::detail::Bounds::kClosed);
-  gradient_sigma_ = options_.noise_multiplier();
   adaptive_ = std::dynamic_pointer_cast<AdaptiveClipper>(clipper_->norm_clipper());
-  if (adaptive_) {
-    // Andrew et al. 2021, Thm 1: σ⁻² = σ_Δ⁻² + (2σ_b)⁻², so σ_Δ = (σ⁻² − (2σ_b)⁻²)^(−1/2).
-    const double sigma = options_.noise_multiplier();
-    const double sigma_b = adaptive_->options().unclipped_num_std();
-    TORCH_CHECK_VALUE(
-        sigma < 2 * sigma_b, "adaptive clipping needs noise_multiplier < 2·unclipped_num_std (",
-        2 * sigma_b, "), but noise_multiplier is ", sigma, "; raise unclipped_num_std");
-    gradient_sigma_ =
-        sigma == 0 ? 0 : std::pow(std::pow(sigma, -2) - std::pow(2 * sigma_b, -2), -0.5);
-  }
+  (void)gradient_noise_multiplier();  // checks the first step's σ
   TORCH_CHECK_VALUE(!options_.group() || clipper_->norm_clipper()->thresholds_fixed(),
                     "a distributed DPOptimizer needs clipping thresholds fixed for each step "
                     "(flat, per-layer, adaptive or automatic clipping): thresholds computed from "
@@ -69,13 +59,37 @@ DPOptimizer::DPOptimizer(std::shared_ptr<torch::optim::Optimizer> inner,
   }
 }
 
+double DPOptimizer::noise_multiplier() const {
+  if (!options_.noise_schedule()) return options_.noise_multiplier();
+  const double sigma = options_.noise_schedule()(steps_);
+  TORCH_CHECK_VALUE(std::isfinite(sigma) && sigma >= 0, "the noise schedule gave step ", steps_,
+                    " the noise multiplier ", sigma, "; it must be finite and >= 0");
+  return sigma;
+}
+
+double DPOptimizer::gradient_sigma(double sigma) const {
+  if (!adaptive_) return sigma;
+  // Andrew et al. 2021, Thm 1: σ⁻² = σ_Δ⁻² + (2σ_b)⁻², so σ_Δ = (σ⁻² − (2σ_b)⁻²)^(−1/2).
+  const double sigma_b = adaptive_->options().unclipped_num_std();
+  TORCH_CHECK_VALUE(sigma < 2 * sigma_b,
+                    "adaptive clipping needs noise_multiplier < 2·unclipped_num_std (", 2 * sigma_b,
+                    "), but noise_multiplier is ", sigma, "; raise unclipped_num_std");
+  return sigma == 0 ? 0 : std::pow(std::pow(sigma, -2) - std::pow(2 * sigma_b, -2), -0.5);
+}
+
+double DPOptimizer::gradient_noise_multiplier() const { return gradient_sigma(noise_multiplier()); }
+
 int64_t DPOptimizer::steps_within_budget() {
   const auto& budget = options_.budget();
   if (!budget) return -1;
-  if (budget_allowance_ < 0 || accountant_->history() != budget_history_) {
-    budget_allowance_ = accounting::steps_within_budget(*accountant_, options_.noise_multiplier(),
-                                                        options_.sample_rate(), *budget);
+  // Counted at the next step's σ: a schedule that changes σ asks again.
+  const double sigma = noise_multiplier();
+  if (budget_allowance_ < 0 || accountant_->history() != budget_history_ ||
+      sigma != budget_sigma_) {
+    budget_allowance_ =
+        accounting::steps_within_budget(*accountant_, sigma, options_.sample_rate(), *budget);
     budget_history_ = accountant_->history();
+    budget_sigma_ = sigma;
   }
   return budget_allowance_;
 }
@@ -87,9 +101,8 @@ void DPOptimizer::check_budget() {
   message << "privacy budget exhausted: after " << accountant_->total_steps()
           << " accounted steps the " << accountant_->mechanism() << " accountant measures epsilon "
           << accountant_->epsilon(budget.delta) << " at delta " << budget.delta
-          << ", and one more step (noise multiplier " << options_.noise_multiplier()
-          << ", sample rate " << options_.sample_rate() << ") would pass the budget of epsilon "
-          << budget.epsilon
+          << ", and one more step (noise multiplier " << noise_multiplier() << ", sample rate "
+          << options_.sample_rate() << ") would pass the budget of epsilon " << budget.epsilon
           << "; nothing of this step was drawn, applied or accounted, and its batch was dropped. "
              "Stop training here (the model so far is within the budget), or set a larger budget";
   // The recorded pass and anything accumulated go, so that the next forward pass starts clean.
@@ -122,7 +135,7 @@ void DPOptimizer::begin_accumulation() {
     // Noise first: the accumulators start as N(0, σ²C²)·scale and the clipped sums are added with
     // the same factor, so step() has nothing left to do to the gradients.
     start.noise_bound = clipper_->noise_bound();
-    const double stddev = gradient_sigma_ * start.noise_bound * start.scale;
+    const double stddev = gradient_noise_multiplier() * start.noise_bound * start.scale;
     start.fill = [this, stddev](const std::vector<torch::Tensor>& accumulators) {
       for (const auto& acc : accumulators) noise_->fill_gaussian_(acc, stddev);
     };
@@ -151,9 +164,10 @@ void DPOptimizer::step() {
   const double rescale = scale / acc.scale();
   const double bound = clipper_->noise_bound();
   const double drawn = acc.initial_noise_bound();
-  const double missing = bound > drawn && draws_noise()
-                             ? gradient_sigma_ * std::sqrt(bound * bound - drawn * drawn) * scale
-                             : 0.0;
+  const double missing =
+      bound > drawn && draws_noise()
+          ? gradient_noise_multiplier() * std::sqrt(bound * bound - drawn * drawn) * scale
+          : 0.0;
   for (const auto& sum : acc.sums()) {
     if (rescale != 1) sum.mul_(rescale);
     if (missing > 0) noise_->add_gaussian_(sum, missing);
@@ -188,11 +202,12 @@ void DPOptimizer::step() {
     if (adaptive_) adaptive_->update(count_noise(), options_.expected_batch_size());
   }
   inner_->step();
+  const double sigma = noise_multiplier();  // this step's
   ++steps_;
   if (accountant_ && options_.sample_rate() > 0) {
-    const bool cached =
-        options_.budget() && budget_allowance_ > 0 && accountant_->history() == budget_history_;
-    accountant_->step(options_.noise_multiplier(), options_.sample_rate());
+    const bool cached = options_.budget() && budget_allowance_ > 0 &&
+                        accountant_->history() == budget_history_ && sigma == budget_sigma_;
+    accountant_->step(sigma, options_.sample_rate());
     if (cached) {
       --budget_allowance_;
       budget_history_ = accountant_->history();

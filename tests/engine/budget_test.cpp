@@ -231,5 +231,86 @@ TEST(SamplerAccounting, ShuffledBatchesAreNotAccountedAsPoisson) {
                                      optim::make_noise_source(optim::NoiseOptions().seed(1))));
 }
 
+// A noise schedule: each step draws its own σ's noise and tells the accountant that σ, whose
+// history then holds one segment per σ. Every update is pure noise (zero per-sample gradients):
+// lr · N(0, σ_k² C²) / E[B]. Seed 17; 100×100 weights × 10 steps per σ; 2% of the std.
+TEST(NoiseSchedule, EachStepDrawsAndAccountsItsOwnSigma) {
+  torch::manual_seed(17);
+  tnn::Sequential m(nn::Linear(100, 100));
+  const double C = 0.7, E = 50, q = 0.01;
+  auto clipper =
+      std::make_shared<PerSampleGradientClipper>(m, std::make_shared<ConstantFlatClipper>(C));
+  auto sigma_of = [](int64_t step) { return step < 10 ? 2.0 : 0.8; };
+  auto gdp = std::make_shared<accounting::GdpAccountant>();
+  optim::DPOptimizer opt(
+      std::make_shared<torch::optim::SGD>(m->parameters(), torch::optim::SGDOptions(1.0)), clipper,
+      optim::DPOptimizerOptions(1.0, E).sample_rate(q).noise_schedule(sigma_of),
+      std::make_shared<optim::TorchNoise>(17), gdp);
+  std::vector<torch::Tensor> updates[2];
+  for (int step = 0; step < 20; ++step) {
+    EXPECT_EQ(opt.noise_multiplier(), sigma_of(step));
+    auto before = m->parameters()[0].detach().clone();
+    (m->forward(torch::randn({10, 100})) * 0).sum().backward();
+    opt.step();
+    updates[step < 10 ? 0 : 1].push_back((m->parameters()[0].detach() - before).flatten());
+  }
+  for (int k = 0; k < 2; ++k) {
+    const double sigma = k == 0 ? 2.0 : 0.8;
+    EXPECT_NEAR(torch::cat(updates[k]).std().item<double>(), sigma * C / E, 0.02 * sigma * C / E);
+  }
+  EXPECT_THAT(gdp->history(), ::testing::ElementsAre(accounting::HistoryEntry{2.0, q, 10},
+                                                     accounting::HistoryEntry{0.8, q, 10}));
+  // Gaussian DP composes by adding μ²: the run's μ from the two segments accounted apart.
+  accounting::GdpAccountant first, second;
+  first.step(2.0, q, 10);
+  second.step(0.8, q, 10);
+  EXPECT_NEAR(gdp->mu(), std::hypot(first.mu(), second.mu()), 1e-12);
+  EXPECT_THAT(
+      [&] {
+        optim::DPOptimizer(
+            std::make_shared<torch::optim::SGD>(m->parameters(), torch::optim::SGDOptions(1.0)),
+            clipper, optim::DPOptimizerOptions(1.0, E).noise_schedule([](int64_t) { return -1.0; }),
+            std::make_shared<optim::TorchNoise>(17));
+      },
+      ::testing::ThrowsMessage<c10::Error>(HasSubstr("the noise schedule gave step 0")));
+}
+
+// With a budget, a schedule's steps are measured at their own σ: the run stops exactly where
+// the accountant, told the schedule's segments, passes the budget.
+TEST(NoiseSchedule, TheBudgetMeasuresEachStepAtItsSigma) {
+  auto m = mlp();
+  auto data = toy_data();
+  auto clipper =
+      std::make_shared<PerSampleGradientClipper>(m, std::make_shared<ConstantFlatClipper>(1.0));
+  std::shared_ptr<accounting::Accountant> rdp = accounting::make_accountant("rdp");
+  auto sigma_of = [](int64_t step) { return step < 15 ? 1.5 : 0.9; };
+  optim::DPOptimizer opt(
+      sgd(m), clipper,
+      optim::DPOptimizerOptions(1.0, 20).sample_rate(0.1).noise_schedule(sigma_of).budget(
+          accounting::PrivacyBudget{4.0, 1e-5}),
+      optim::make_noise_source(optim::NoiseOptions().seed(1)), rdp);
+  int64_t taken = 0;
+  for (; taken < 1000; ++taken) {
+    torch::nll_loss(m->forward(data.data().slice(0, 0, 20)), data.targets().slice(0, 0, 20))
+        .backward();
+    try {
+      opt.step();
+    } catch (const accounting::BudgetExhausted&) {
+      break;
+    }
+  }
+  // Brute force: the most steps of the schedule whose ε stays within the budget.
+  int64_t expected = 0;
+  auto probe = accounting::make_accountant("rdp");
+  while (true) {
+    probe->step(sigma_of(expected), 0.1);
+    if (probe->epsilon(1e-5) > 4.0) break;
+    ++expected;
+  }
+  EXPECT_EQ(taken, expected);
+  EXPECT_GT(taken, 15);  // past the change of σ
+  EXPECT_LE(rdp->epsilon(1e-5), 4.0);
+}
+
 }  // namespace
 }  // namespace dptorch

@@ -8,6 +8,7 @@
 #include <torch/arg.h>
 #include <torch/optim/optimizer.h>
 
+#include <functional>
 #include <memory>
 #include <optional>
 #include <vector>
@@ -45,6 +46,12 @@ struct DPOptimizerOptions {
   /// analyse Poisson sampling only, so an optimiser with an accountant refuses
   /// data::Sampling::kShuffled rather than report an ε computed for another sampler.
   TORCH_ARG(data::Sampling, sampling) = data::Sampling::kPoisson;
+  /// A noise schedule: σ of optimiser step k (0-based, as steps() counts) instead of the fixed
+  /// noise_multiplier, e.g. a step decay. Each step draws noise with, and tells the accountant,
+  /// its own σ, so the accountant composes the segments of the schedule exactly, and a budget
+  /// measures every step at its σ. Each σ must be finite and >= 0 (and, with adaptive clipping,
+  /// below 2·unclipped_num_std). Null: noise_multiplier for every step.
+  TORCH_ARG(std::function<double(int64_t)>, noise_schedule) = nullptr;
 };
 
 /// DP-SGD around any torch::optim optimiser (docs/design.md): step() clips and accumulates the
@@ -94,8 +101,11 @@ class DPOptimizer {
   [[nodiscard]] NoiseSource& noise() { return *noise_; }
   /// The settings.
   [[nodiscard]] const DPOptimizerOptions& options() const { return options_; }
-  /// The std multiplier of the gradient noise (σ, or σ_Δ > σ with adaptive clipping).
-  [[nodiscard]] double gradient_noise_multiplier() const { return gradient_sigma_; }
+  /// The std multiplier of the next step's gradient noise (σ, or σ_Δ > σ with adaptive
+  /// clipping).
+  [[nodiscard]] double gradient_noise_multiplier() const;
+  /// σ of the next step: noise_schedule(steps()) if there is a schedule, else noise_multiplier.
+  [[nodiscard]] double noise_multiplier() const;
   /// Optimiser steps taken.
   [[nodiscard]] int64_t steps() const { return steps_; }
   /// Sets the step count (for resuming from a checkpoint).
@@ -116,6 +126,8 @@ class DPOptimizer {
   [[nodiscard]] bool draws_noise() const;
   // Throws BudgetExhausted if the budget does not allow one more step.
   void check_budget();
+  // The gradient's share of σ (σ itself, or σ_Δ with adaptive clipping), checked.
+  [[nodiscard]] double gradient_sigma(double sigma) const;
 
   std::shared_ptr<torch::optim::Optimizer> inner_;
   std::shared_ptr<PerSampleGradientClipper> clipper_;
@@ -123,10 +135,10 @@ class DPOptimizer {
   std::shared_ptr<NoiseSource> noise_;
   std::shared_ptr<accounting::Accountant> accountant_;
   std::shared_ptr<AdaptiveClipper> adaptive_;
-  double gradient_sigma_;
   int64_t steps_ = 0;
   // steps_within_budget() for the accountant's history as it was when last asked.
   std::vector<accounting::HistoryEntry> budget_history_;
+  double budget_sigma_ = -1;
   int64_t budget_allowance_ = -1;
 };
 
