@@ -497,6 +497,21 @@ std::vector<Direction> directions(const std::vector<HistoryEntry>& spending) {
   return {Direction::kRemove, Direction::kAdd};
 }
 
+// The largest of measure(plan, Δ) over the composition plans of the neighbouring directions:
+// every query reports the worse direction.
+template <typename Measure>
+double max_over_directions(const std::vector<HistoryEntry>& spending, const PldOptions& options,
+                           Measure measure) {
+  const double dl = resolved_interval(spending, options);
+  double out = 0.0;
+  for (Direction direction : directions(spending)) {
+    out = std::max(
+        out,
+        measure(plan_composition(spending, direction, dl, options.tail_mass_truncation()), dl));
+  }
+  return out;
+}
+
 }  // namespace
 
 // --- PldOptions ---------------------------------------------------------------------------
@@ -527,14 +542,10 @@ double PldAccountant::epsilon(double delta) const {
   if (detail::has_noiseless_step(spending)) {
     return kInf;
   }
-  const double dl = resolved_interval(spending, options_);
   const double tail = options_.tail_mass_truncation();
-  double out = 0.0;
-  for (Direction direction : directions(spending)) {
-    const ComposedPld pld = compose(plan_composition(spending, direction, dl, tail));
-    out = std::max(out, epsilon_of(pld, delta, dl, tail));
-  }
-  return out;
+  return max_over_directions(spending, options_, [&](const CompositionPlan& plan, double dl) {
+    return epsilon_of(compose(plan), delta, dl, tail);
+  });
 }
 
 double PldAccountant::delta(double epsilon) const {
@@ -543,14 +554,9 @@ double PldAccountant::delta(double epsilon) const {
   if (spending.empty()) {
     return 0.0;
   }
-  const double dl = resolved_interval(spending, options_);
-  double out = 0.0;
-  for (Direction direction : directions(spending)) {
-    const ComposedPld pld =
-        compose(plan_composition(spending, direction, dl, options_.tail_mass_truncation()));
-    out = std::max(out, delta_of(pld, epsilon, dl));
-  }
-  return out;
+  return max_over_directions(spending, options_, [&](const CompositionPlan& plan, double dl) {
+    return delta_of(compose(plan), epsilon, dl);
+  });
 }
 
 bool PldAccountant::answerable(double delta) const {
@@ -567,14 +573,8 @@ double PldAccountant::grid_size() const {
   if (spending.empty()) {
     return 0.0;
   }
-  const double dl = resolved_interval(spending, options_);
-  double out = 0.0;
-  for (Direction direction : directions(spending)) {
-    const CompositionPlan plan =
-        plan_composition(spending, direction, dl, options_.tail_mass_truncation());
-    out = std::max(out, plan.size);
-  }
-  return out;
+  return max_over_directions(spending, options_,
+                             [](const CompositionPlan& plan, double) { return plan.size; });
 }
 
 std::unique_ptr<Accountant> PldAccountant::clone() const {
