@@ -7,6 +7,7 @@
 #include <gtest/gtest.h>
 
 #include "support/temp_dir.h"
+#include "support/toy_training.h"
 
 namespace dptorch {
 namespace {
@@ -15,15 +16,8 @@ using ::testing::HasSubstr;
 using testing::TempDir;
 namespace tnn = torch::nn;
 
-tnn::Sequential mlp() {
-  return tnn::Sequential(nn::Linear(6, 8), tnn::Tanh(), nn::Linear(8, 3), tnn::LogSoftmax(1));
-}
-
-data::TensorPairDataset toy_data(int64_t n = 200) {
-  torch::manual_seed(5);
-  auto x = torch::randn({n, 6});
-  return data::TensorPairDataset(x, x.slice(1, 0, 3).argmax(1));
-}
+tnn::Sequential mlp() { return testing::toy_mlp(); }
+using testing::toy_data;
 
 std::shared_ptr<torch::optim::SGD> sgd(const tnn::Sequential& m) {
   return std::make_shared<torch::optim::SGD>(m->parameters(), torch::optim::SGDOptions(0.1));

@@ -10,6 +10,7 @@
 
 #include "support/temp_dir.h"
 #include "support/tensor_assert.h"
+#include "support/toy_training.h"
 
 namespace dptorch {
 namespace {
@@ -20,16 +21,8 @@ using testing::tensors_close;
 using ::testing::ThrowsMessage;
 namespace tnn = torch::nn;
 
-tnn::Sequential mlp() {
-  return tnn::Sequential(nn::Linear(6, 8), tnn::Tanh(), nn::Linear(8, 3), tnn::LogSoftmax(1));
-}
-
-data::TensorPairDataset toy_data(int64_t n = 200) {
-  torch::manual_seed(5);
-  auto x = torch::randn({n, 6});
-  auto y = (x.slice(1, 0, 3).argmax(1));
-  return data::TensorPairDataset(x, y);
-}
+tnn::Sequential mlp() { return testing::toy_mlp(); }
+using testing::toy_data;
 
 std::shared_ptr<torch::optim::SGD> sgd(const tnn::Sequential& m, double lr = 0.1) {
   return std::make_shared<torch::optim::SGD>(m->parameters(), torch::optim::SGDOptions(lr));
