@@ -56,6 +56,7 @@ struct Config {
   bool secure_rng = false;
   int64_t train_subset = 0;  // 0: the whole training set
   int64_t max_physical_batch_size = 0;
+  int64_t audit = 0;  // gradient canaries of the one-run audit (0: no audit)
   std::string data_dir = dptorch::data::FashionMnist::kDefaultRoot;
 };
 
@@ -75,6 +76,7 @@ json to_json(const Config& c) {
             {"secure_rng", c.secure_rng},
             {"train_subset", c.train_subset},
             {"max_physical_batch_size", c.max_physical_batch_size},
+            {"audit", c.audit},
             {"data_dir", c.data_dir}};
   j["noise_multiplier"] = c.noise_multiplier ? json(*c.noise_multiplier) : json(nullptr);
   j["budget"] = c.budget ? json(*c.budget) : json(nullptr);
@@ -101,6 +103,7 @@ Config from_json(const json& j) {
   c.secure_rng = j.at("secure_rng");
   c.train_subset = j.at("train_subset");
   c.max_physical_batch_size = j.at("max_physical_batch_size");
+  c.audit = j.value("audit", int64_t{0});
   c.data_dir = j.at("data_dir");
   return c;
 }
@@ -341,6 +344,16 @@ int run(const Config& config, const fs::path& out, bool resume, int threads,
     options.budget(dptorch::accounting::PrivacyBudget{*config.budget, config.delta});
   }
   if (config.no_privacy) options.noise_multiplier(0.0).target_epsilon(std::nullopt);
+  std::shared_ptr<dptorch::audit::GradientCanaries> canaries;
+  if (config.audit > 0) {
+    TORCH_CHECK_VALUE(!config.no_privacy, "--audit audits a private run; drop --no-privacy");
+    TORCH_CHECK_VALUE(!resume,
+                      "this run is audited, and the audit's canaries and scores are not saved in "
+                      "checkpoints, so it cannot be resumed; start it again (or without --audit)");
+    canaries = std::make_shared<dptorch::audit::GradientCanaries>(
+        dptorch::audit::CanaryOptions(config.audit).seed(config.seed));
+    options.audit(canaries);
+  }
 
   dptorch::PrivacyEngine engine;
   auto training =
@@ -574,6 +587,21 @@ int run(const Config& config, const fs::path& out, bool resume, int threads,
         config.clipping == "adaptive" ? 0.0 : settings.max_grad_norm);
     report["privacy_statement"] = statement;
     std::cout << statement << "\n";
+  }
+  if (canaries) {
+    const auto found = canaries->result(config.delta);
+    report["audit"] = {{"canaries", found.canaries},
+                       {"steps", found.steps},
+                       {"guesses", found.guesses},
+                       {"correct", found.correct},
+                       {"confidence", found.confidence},
+                       {"delta", found.delta},
+                       {"epsilon_lower_bound", found.epsilon_lower_bound}};
+    std::cout << "audit: epsilon >= " << found.epsilon_lower_bound << " at delta " << found.delta
+              << " with " << 100 * found.confidence << "% confidence (" << found.correct << " of "
+              << found.guesses << " guesses right about " << found.canaries
+              << " gradient canaries over " << found.steps
+              << " steps); the accountant's epsilon is " << engine.epsilon(config.delta) << "\n";
   }
   if (config.budget && !config.no_privacy) {
     report["budget"] = {{"epsilon", *config.budget}, {"delta", config.delta}};
@@ -825,6 +853,11 @@ int main(int argc, char** argv) {
                  "split logical batches into physical ones of at most this size (0: no split)")
       ->capture_default_str()
       ->check(CLI::NonNegativeNumber);
+  app.add_option("--audit", config.audit,
+                 "audit the run in one training run: N gradient canaries (each in the run with "
+                 "probability 1/2) give an epsilon lower bound at 95% confidence, reported next to "
+                 "the accountant's epsilon (Steinke, Nasr & Jagielski 2023)")
+      ->check(CLI::PositiveNumber);
   app.add_option("--data-dir", config.data_dir, "Fashion-MNIST directory (gzip IDX files)")
       ->capture_default_str();
   int nproc = 1, master_port = 0;

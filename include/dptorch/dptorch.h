@@ -11,6 +11,7 @@
 #include <dptorch/accounting/prv.h>
 #include <dptorch/accounting/rdp.h>
 #include <dptorch/accounting/report.h>
+#include <dptorch/audit/canaries.h>
 #include <dptorch/clipping/norm_clipper.h>
 #include <dptorch/clipping/per_sample_gradient_clipper.h>
 #include <dptorch/common.h>

@@ -21,6 +21,15 @@ torch::Tensor clip_factor(const torch::Tensor& norm, double threshold) {
 
 double NormClipper::noise_scale_norm() const { return l2_norm(thresholds()); }
 
+void NormClipper::set_threshold_factor(double factor) {
+  detail::check_positive("clipping threshold factor", factor);
+  TORCH_CHECK_VALUE(scalable() || factor == 1,
+                    "this clipper moves its own thresholds (dynamic or adaptive clipping), so a "
+                    "clipping schedule cannot scale them; use a constant flat, per-layer or "
+                    "automatic clipper with the schedule");
+  threshold_factor_ = factor;
+}
+
 ConstantFlatClipper::ConstantFlatClipper(double max_norm) : max_norm_(max_norm) {
   detail::check_positive("max_grad_norm", max_norm);
 }
@@ -31,7 +40,7 @@ std::vector<torch::Tensor> ConstantFlatClipper::clipping_factors(
                     "ConstantFlatClipper clips the flat norm: expected one norm "
                     "vector, got ",
                     norms.size());
-  return {clip_factor(norms[0], max_norm_)};
+  return {clip_factor(norms[0], max_norm_ * threshold_factor_)};
 }
 
 ConstantPerLayerClipper::ConstantPerLayerClipper(std::vector<double> max_norms)
@@ -56,8 +65,16 @@ std::vector<torch::Tensor> ConstantPerLayerClipper::clipping_factors(
   // A single threshold is every parameter's, from the first batch on (as the seed has it).
   if (max_norms_.size() == 1) max_norms_.assign(norms.size(), max_norms_.front());
   std::vector<torch::Tensor> factors;
-  for (size_t l = 0; l < norms.size(); ++l) factors.push_back(clip_factor(norms[l], max_norms_[l]));
+  for (size_t l = 0; l < norms.size(); ++l) {
+    factors.push_back(clip_factor(norms[l], max_norms_[l] * threshold_factor_));
+  }
   return factors;
+}
+
+std::vector<double> ConstantPerLayerClipper::thresholds() const {
+  std::vector<double> scaled = max_norms_;
+  for (double& c : scaled) c *= threshold_factor_;
+  return scaled;
 }
 
 DynamicClipper::DynamicClipper(DynamicClipperOptions options) : options_(std::move(options)) {
@@ -134,7 +151,7 @@ std::vector<torch::Tensor> AutomaticClipper::clipping_factors(
   TORCH_CHECK_VALUE(norms.size() == 1,
                     "AutomaticClipper normalises the flat norm: expected one norm vector, got ",
                     norms.size());
-  return {max_norm_ / (norms[0] + stability_)};
+  return {max_norm_ * threshold_factor_ / (norms[0] + stability_)};
 }
 
 }  // namespace dptorch
@@ -164,7 +181,7 @@ std::vector<torch::Tensor> AdaptiveClipper::clipping_factors(
   // the sensitivity behind the σ split of Andrew et al. 2021 (Thm 1); an uncentred count
   // would move by 1 and spend more privacy than is accounted.
   unclipped_ += (norms[0] <= max_norm_).sum().item<double>() - 0.5 * norms[0].numel();
-  return {clip_factor(norms[0], max_norm_)};
+  return {clip_factor(norms[0], max_norm_ * threshold_factor_)};
 }
 
 void AdaptiveClipper::update(double noise, double expected_batch_size) {

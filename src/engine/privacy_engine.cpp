@@ -215,6 +215,7 @@ std::shared_ptr<optim::DPOptimizer> PrivacyEngine::make_optimizer(
           .sample_rate(settings.sample_rate)
           .group(options.group())
           .budget(settings.budget)
+          .audit(options.audit())
           .sampling(data::Sampling::kPoisson),  // make_sampler's
       std::move(noise), accountant_);
 }

@@ -37,6 +37,20 @@ DPOptimizer::DPOptimizer(std::shared_ptr<torch::optim::Optimizer> inner,
       "dptorch's accountants analyse (each assumes Poisson sampling, where every example joins a "
       "batch independently with probability q), so the epsilon they reported would not hold: "
       "draw batches with a PoissonSampler (as PrivacyEngine does), or pass no accountant");
+  if (options_.clipping_schedule()) {
+    TORCH_CHECK_VALUE(clipper_->norm_clipper()->scalable(),
+                      "a clipping schedule scales the clipper's own thresholds, but this clipper "
+                      "moves them itself (dynamic or adaptive clipping); use flat, per-layer or "
+                      "automatic clipping with a clipping schedule");
+    apply_clipping_schedule();  // checks the first step's factor
+  }
+  if (const auto& audit = options_.audit()) {
+    TORCH_CHECK_VALUE(options_.sample_rate() > 0 && clipper_->norm_clipper()->thresholds_fixed(),
+                      "an audited DPOptimizer needs a sample rate (its canaries are sampled as "
+                      "any example is) and clipping thresholds fixed for each step (flat, "
+                      "per-layer, adaptive or automatic clipping)");
+    if (!audit->attached()) audit->attach(clipper_->grad_sample_module().parameters());
+  }
   if (const auto& budget = options_.budget()) {
     accounting::check_budget(*budget);
     TORCH_CHECK_VALUE(accountant_ != nullptr && options_.sample_rate() > 0,
@@ -65,6 +79,19 @@ double DPOptimizer::noise_multiplier() const {
   TORCH_CHECK_VALUE(std::isfinite(sigma) && sigma >= 0, "the noise schedule gave step ", steps_,
                     " the noise multiplier ", sigma, "; it must be finite and >= 0");
   return sigma;
+}
+
+void DPOptimizer::set_steps(int64_t steps) {
+  steps_ = steps;
+  apply_clipping_schedule();
+}
+
+void DPOptimizer::apply_clipping_schedule() {
+  if (!options_.clipping_schedule()) return;
+  const double factor = options_.clipping_schedule()(steps_);
+  TORCH_CHECK_VALUE(std::isfinite(factor) && factor > 0, "the clipping schedule gave step ", steps_,
+                    " the threshold factor ", factor, "; it must be finite and > 0");
+  clipper_->norm_clipper()->set_threshold_factor(factor);
 }
 
 double DPOptimizer::gradient_sigma(double sigma) const {
@@ -160,6 +187,11 @@ void DPOptimizer::step() {
   // add the noise they do not hold yet. The noise must be scaled with the thresholds this step
   // clipped at, C = ‖aggregated thresholds‖₂; Gaussian variances add, so noise drawn for C₀
   // needs N(0, σ²(C² − C₀²)) more (none when the thresholds were fixed, as they then are).
+  // The auditor's canaries join the batch as examples do, before the ranks' sums are combined.
+  const auto& audit = options_.audit();
+  if (audit && draws_noise()) {
+    audit->insert(acc, *clipper_->norm_clipper(), clipper_->noise_bound(), options_.sample_rate());
+  }
   const double scale = gradient_scale();
   const double rescale = scale / acc.scale();
   const double bound = clipper_->noise_bound();
@@ -201,9 +233,11 @@ void DPOptimizer::step() {
     acc.finish(clipper_->grad_sample_module().parameters());
     if (adaptive_) adaptive_->update(count_noise(), options_.expected_batch_size());
   }
+  if (audit && draws_noise()) audit->observe(clipper_->grad_sample_module().parameters(), scale);
   inner_->step();
   const double sigma = noise_multiplier();  // this step's
   ++steps_;
+  apply_clipping_schedule();
   if (accountant_ && options_.sample_rate() > 0) {
     const bool cached = options_.budget() && budget_allowance_ > 0 &&
                         accountant_->history() == budget_history_ && sigma == budget_sigma_;

@@ -306,5 +306,87 @@ TEST(NoiseSchedule, TheBudgetMeasuresEachStepAtItsSigma) {
   EXPECT_LE(rdp->epsilon(1e-5), 4.0);
 }
 
+// A clipping-norm schedule: step k clips every sample at s_k·C and draws noise σ·s_k·C, and
+// the accountant's history is the run's (σ, q, steps), as without the schedule.
+TEST(ClippingSchedule, EachStepClipsAndNoisesAtItsThreshold) {
+  torch::manual_seed(23);
+  tnn::Sequential m(nn::Linear(100, 100));
+  const double C = 0.7, E = 50, q = 0.01, B = 10;
+  auto clipper =
+      std::make_shared<PerSampleGradientClipper>(m, std::make_shared<ConstantFlatClipper>(C));
+  auto factor_of = [](int64_t step) { return step < 10 ? 1.0 : 0.25; };
+  auto gdp = std::make_shared<accounting::GdpAccountant>();
+  const auto make = [&](double sigma, std::shared_ptr<accounting::Accountant> accountant) {
+    return optim::DPOptimizer(
+        std::make_shared<torch::optim::SGD>(m->parameters(), torch::optim::SGDOptions(1.0)),
+        clipper, optim::DPOptimizerOptions(sigma, E).sample_rate(q).clipping_schedule(factor_of),
+        std::make_shared<optim::TorchNoise>(23), std::move(accountant));
+  };
+  // Without noise: B equal samples of a huge gradient, each clipped to norm s_k·C, so the step
+  // moves the weight and bias by lr·B·s_k·C/E in norm.
+  auto quiet = make(0.0, nullptr);
+  const auto x = torch::randn({1, 100}).expand({10, 100}) * 1e3;
+  for (int step = 0; step < 20; ++step) {
+    std::vector<torch::Tensor> before;
+    for (const auto& p : m->parameters()) before.push_back(p.detach().clone());
+    m->forward(x).sum().backward();
+    quiet.step();
+    double moved = 0;
+    for (size_t k = 0; k < before.size(); ++k) {
+      moved += (m->parameters()[k].detach() - before[k]).pow(2).sum().item<double>();
+    }
+    EXPECT_NEAR(std::sqrt(moved), B * factor_of(step) * C / E, 1e-4 * B * C / E) << step;
+  }
+  // With noise and no gradient: each segment's noise std is σ·s_k·C/E.
+  auto noisy = make(2.0, gdp);
+  std::vector<torch::Tensor> updates[2];
+  for (int step = 0; step < 20; ++step) {
+    auto before = m->parameters()[0].detach().clone();
+    (m->forward(torch::randn({10, 100})) * 0).sum().backward();
+    noisy.step();
+    updates[step < 10 ? 0 : 1].push_back((m->parameters()[0].detach() - before).flatten());
+  }
+  for (int k = 0; k < 2; ++k) {
+    const double expected = 2.0 * (k == 0 ? 1.0 : 0.25) * C / E;
+    EXPECT_NEAR(torch::cat(updates[k]).std().item<double>(), expected, 0.02 * expected);
+  }
+  EXPECT_THAT(gdp->history(), ::testing::ElementsAre(accounting::HistoryEntry{2.0, q, 20}));
+}
+
+TEST(ClippingSchedule, ScalesEveryThresholdOfAScalableClipper) {
+  ConstantPerLayerClipper per_layer({0.3, 0.4});
+  per_layer.set_threshold_factor(2);
+  EXPECT_THAT(per_layer.thresholds(), ::testing::ElementsAre(0.6, 0.8));
+  EXPECT_NEAR(per_layer.noise_scale_norm(), 1.0, 1e-12);
+  AutomaticClipper automatic(1.0, 0.5);
+  automatic.set_threshold_factor(3);
+  EXPECT_NEAR(automatic.clipping_factors({torch::tensor({1.5})})[0].item<double>(), 1.5, 1e-12);
+  AdaptiveClipper adaptive(AdaptiveClipperOptions(1.0));
+  EXPECT_THAT([&] { adaptive.set_threshold_factor(2); },
+              ::testing::ThrowsMessage<c10::Error>(HasSubstr("moves its own thresholds")));
+  auto m = mlp();
+  auto adaptive_clipper = std::make_shared<PerSampleGradientClipper>(
+      m, std::make_shared<AdaptiveClipper>(AdaptiveClipperOptions(1.0)));
+  EXPECT_THAT(
+      [&] {
+        optim::DPOptimizer(
+            sgd(m), adaptive_clipper,
+            optim::DPOptimizerOptions(1.0, 20).clipping_schedule([](int64_t) { return 0.5; }),
+            std::make_shared<optim::TorchNoise>(1));
+      },
+      ::testing::ThrowsMessage<c10::Error>(HasSubstr("use flat, per-layer or automatic")));
+  auto other = mlp();
+  auto flat =
+      std::make_shared<PerSampleGradientClipper>(other, std::make_shared<ConstantFlatClipper>(1.0));
+  EXPECT_THAT(
+      [&] {
+        optim::DPOptimizer(
+            sgd(other), flat,
+            optim::DPOptimizerOptions(1.0, 20).clipping_schedule([](int64_t) { return 0.0; }),
+            std::make_shared<optim::TorchNoise>(1));
+      },
+      ::testing::ThrowsMessage<c10::Error>(HasSubstr("the clipping schedule gave step 0")));
+}
+
 }  // namespace
 }  // namespace dptorch

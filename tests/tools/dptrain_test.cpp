@@ -125,6 +125,22 @@ TEST_F(DptrainTest, StopsCleanlyAtTheBudget) {
   EXPECT_EQ(resumed["epsilon"], report["epsilon"]);
 }
 
+// --audit reports the one-run audit beside the accountant's ε, below it; an audited run cannot
+// be resumed (its canaries are not in the checkpoint), and says so.
+TEST_F(DptrainTest, AuditsTheRun) {
+  auto r = run_tool("dptrain", kQuick + " --epsilon 8 --audit 500 --out " + out("audit"));
+  ASSERT_EQ(r.status, 0) << r.err;
+  EXPECT_THAT(r.out, HasSubstr("audit: epsilon >= "));
+  auto report = read_json(dir_ / "audit" / "report.json");
+  EXPECT_EQ(report["audit"]["canaries"], 500);
+  EXPECT_EQ(report["audit"]["steps"], report["steps"]);
+  EXPECT_GE(report["audit"]["epsilon_lower_bound"].get<double>(), 0.0);
+  EXPECT_LT(report["audit"]["epsilon_lower_bound"].get<double>(), report["epsilon"].get<double>());
+  auto again = run_tool("dptrain", "--resume " + out("audit"));
+  EXPECT_EQ(again.status, 2);
+  EXPECT_THAT(again.err, HasSubstr("cannot be resumed"));
+}
+
 TEST_F(DptrainTest, AutomaticClippingTrains) {
   auto r = run_tool("dptrain", kQuick + " --clipping automatic --epsilon 50 --out " + out("auto"));
   ASSERT_EQ(r.status, 0) << r.err;

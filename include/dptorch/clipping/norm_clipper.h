@@ -34,6 +34,20 @@ class NormClipper {
   /// false, is always correct (the noise is then added at the step, scaled with the thresholds
   /// the step clipped at).
   [[nodiscard]] virtual bool thresholds_fixed() const { return false; }
+  /// Whether set_threshold_factor() is taken: clippers whose thresholds are constants of their
+  /// own (constant flat, per-layer, automatic) say yes; those that move their thresholds
+  /// themselves (dynamic, adaptive) say no.
+  [[nodiscard]] virtual bool scalable() const { return false; }
+  /// Multiplies the clipper's own thresholds by `factor` (finite and > 0) from the next
+  /// clipping_factors() call on, thresholds() included: a clipping-norm schedule
+  /// (optim::DPOptimizerOptions::clipping_schedule) sets it before each step. Refused unless
+  /// scalable().
+  void set_threshold_factor(double factor);
+  /// The factor on the thresholds (1 unless set).
+  [[nodiscard]] double threshold_factor() const { return threshold_factor_; }
+
+ protected:
+  double threshold_factor_ = 1.0;
 };
 
 /// factor_i = min(1, C / (‖G_i‖ + 1e-6)) over all parameters together (Abadi et al. 2016).
@@ -42,9 +56,10 @@ class ConstantFlatClipper final : public NormClipper {
   /// `max_norm` C must be finite and > 0.
   explicit ConstantFlatClipper(double max_norm);
   std::vector<torch::Tensor> clipping_factors(const std::vector<torch::Tensor>& norms) override;
-  std::vector<double> thresholds() const override { return {max_norm_}; }
+  std::vector<double> thresholds() const override { return {max_norm_ * threshold_factor_}; }
   bool is_per_layer() const override { return false; }
   bool thresholds_fixed() const override { return true; }
+  bool scalable() const override { return true; }
 
  private:
   double max_norm_;
@@ -58,9 +73,10 @@ class ConstantPerLayerClipper final : public NormClipper {
   /// a single value is every parameter's threshold (it is repeated when the norms arrive).
   explicit ConstantPerLayerClipper(std::vector<double> max_norms);
   std::vector<torch::Tensor> clipping_factors(const std::vector<torch::Tensor>& norms) override;
-  std::vector<double> thresholds() const override { return max_norms_; }
+  std::vector<double> thresholds() const override;
   bool is_per_layer() const override { return true; }
   bool thresholds_fixed() const override { return true; }
+  bool scalable() const override { return true; }
   void check_parameters(const std::vector<std::string>& names) const override;
 
  private:
@@ -129,9 +145,10 @@ class AutomaticClipper final : public NormClipper {
   /// `max_norm` C (finite and > 0; 1 is the paper's form) and `stability` γ (finite and > 0).
   explicit AutomaticClipper(double max_norm = 1.0, double stability = 0.01);
   std::vector<torch::Tensor> clipping_factors(const std::vector<torch::Tensor>& norms) override;
-  std::vector<double> thresholds() const override { return {max_norm_}; }
+  std::vector<double> thresholds() const override { return {max_norm_ * threshold_factor_}; }
   bool is_per_layer() const override { return false; }
   bool thresholds_fixed() const override { return true; }
+  bool scalable() const override { return true; }
   /// γ.
   [[nodiscard]] double stability() const { return stability_; }
 

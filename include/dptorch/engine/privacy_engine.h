@@ -63,6 +63,10 @@ struct PrivacyOptions {
   /// would pass it, before drawing anything (optim::DPOptimizerOptions::budget), also after
   /// load_checkpoint restored what an earlier run spent. Unset: no limit.
   TORCH_ARG(std::optional<accounting::PrivacyBudget>, budget) = std::nullopt;
+  /// Gradient canaries that audit the run (audit::GradientCanaries; optim::DPOptimizerOptions::
+  /// audit): after training, audit->result(δ) gives an ε lower bound to set beside the
+  /// accountant's ε. Null: no audit.
+  TORCH_ARG(std::shared_ptr<audit::GradientCanaries>, audit) = nullptr;
   /// Flat, per-layer or adaptive clipping.
   TORCH_ARG(ClippingMode, clipping) = ClippingMode::kFlat;
   /// Adaptive clipping: the target quantile γ of unclipped samples.

@@ -1,6 +1,7 @@
 #pragma once
 
 #include <dptorch/accounting/accountant.h>
+#include <dptorch/audit/canaries.h>
 #include <dptorch/clipping/per_sample_gradient_clipper.h>
 #include <dptorch/data/samplers.h>
 #include <dptorch/optim/noise.h>
@@ -52,6 +53,18 @@ struct DPOptimizerOptions {
   /// measures every step at its σ. Each σ must be finite and >= 0 (and, with adaptive clipping,
   /// below 2·unclipped_num_std). Null: noise_multiplier for every step.
   TORCH_ARG(std::function<double(int64_t)>, noise_schedule) = nullptr;
+  /// A clipping-norm schedule: the factor s_k on the clipper's thresholds at optimiser step k
+  /// (C_k = s_k·C; per-layer: every C_l·s_k), as Opacus' gradient-clipping schedulers scale
+  /// max_grad_norm. The noise of step k is σ_k·C_k, so ε does not change with C (σ is relative
+  /// to it) and the accountant's history is the same as without the schedule. Each s_k must be
+  /// finite and > 0, and the clipper scalable() (constant flat, per-layer or automatic). Null:
+  /// the clipper's own thresholds.
+  TORCH_ARG(std::function<double(int64_t)>, clipping_schedule) = nullptr;
+  /// Gradient canaries that audit the run (audit::GradientCanaries): each step adds the sampled
+  /// included canaries to the clipped sums, clipped by this optimiser's clipper, and shows them
+  /// the released gradient. Needs a sample rate and thresholds fixed for each step. Null: no
+  /// audit.
+  TORCH_ARG(std::shared_ptr<audit::GradientCanaries>, audit) = nullptr;
 };
 
 /// DP-SGD around any torch::optim optimiser (docs/design.md): step() clips and accumulates the
@@ -109,7 +122,7 @@ class DPOptimizer {
   /// Optimiser steps taken.
   [[nodiscard]] int64_t steps() const { return steps_; }
   /// Sets the step count (for resuming from a checkpoint).
-  void set_steps(int64_t steps) { steps_ = steps; }
+  void set_steps(int64_t steps);
   /// How many more steps the budget allows after the accountant's history as it is now (it may
   /// have been restored from a checkpoint or shared with another optimiser); -1 without a
   /// budget. Recomputed (about 2·log2 of the answer ε queries) only when the history changed
@@ -128,6 +141,8 @@ class DPOptimizer {
   void check_budget();
   // The gradient's share of σ (σ itself, or σ_Δ with adaptive clipping), checked.
   [[nodiscard]] double gradient_sigma(double sigma) const;
+  // Sets the clipper's thresholds to the clipping schedule's factor for the next step.
+  void apply_clipping_schedule();
 
   std::shared_ptr<torch::optim::Optimizer> inner_;
   std::shared_ptr<PerSampleGradientClipper> clipper_;
