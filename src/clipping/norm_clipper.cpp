@@ -181,7 +181,7 @@ std::vector<torch::Tensor> AdaptiveClipper::clipping_factors(
   // the sensitivity behind the σ split of Andrew et al. 2021 (Thm 1); an uncentred count
   // would move by 1 and spend more privacy than is accounted.
   unclipped_ += (norms[0] <= max_norm_).sum().item<double>() - 0.5 * norms[0].numel();
-  return {clip_factor(norms[0], max_norm_ * threshold_factor_)};
+  return {clip_factor(norms[0], max_norm_)};
 }
 
 void AdaptiveClipper::update(double noise, double expected_batch_size) {
