@@ -37,6 +37,20 @@ std::atomic<bool> g_interrupted{false};
 // Test hook: behave as if Ctrl-C arrived after this many steps of this process (0: never).
 int64_t g_stop_after_steps = 0;
 
+// The training settings each model was tuned with (on a validation split of the training set,
+// never the test set; README, "Results"): what --epochs, --batch-size, --lr, --momentum and
+// --max-grad-norm default to for that --model.
+struct ModelDefaults {
+  double epochs, lr, momentum, max_grad_norm;
+  int64_t batch_size;
+};
+
+ModelDefaults defaults_for(const std::string& model) {
+  if (model == "scatter-linear") return {40, 16.0, 0.9, 0.1, 8192};
+  if (model == "scatter-cnn") return {40, 4.0, 0.9, 0.1, 8192};
+  return {40, 4.0, 0.9, 0.1, 2048};  // Tramèr & Boneh 2021's end-to-end CNN; also lstm, transformer
+}
+
 // Everything that defines a run; saved as config.json so that --resume rebuilds the same run.
 struct Config {
   double epsilon = 3.0;
@@ -56,7 +70,9 @@ struct Config {
   bool secure_rng = false;
   int64_t train_subset = 0;  // 0: the whole training set
   int64_t max_physical_batch_size = 0;
-  int64_t audit = 0;  // gradient canaries of the one-run audit (0: no audit)
+  int64_t audit = 0;          // gradient canaries of the one-run audit (0: no audit)
+  int64_t validation = 0;     // hold out the last N training examples and evaluate on them
+  std::string feature_cache;  // where scattering features are kept between runs ("": nowhere)
   std::string data_dir = dptorch::data::FashionMnist::kDefaultRoot;
 };
 
@@ -77,6 +93,8 @@ json to_json(const Config& c) {
             {"train_subset", c.train_subset},
             {"max_physical_batch_size", c.max_physical_batch_size},
             {"audit", c.audit},
+            {"validation", c.validation},
+            {"feature_cache", c.feature_cache},
             {"data_dir", c.data_dir}};
   j["noise_multiplier"] = c.noise_multiplier ? json(*c.noise_multiplier) : json(nullptr);
   j["budget"] = c.budget ? json(*c.budget) : json(nullptr);
@@ -104,6 +122,8 @@ Config from_json(const json& j) {
   c.train_subset = j.at("train_subset");
   c.max_physical_batch_size = j.at("max_physical_batch_size");
   c.audit = j.value("audit", int64_t{0});
+  c.validation = j.value("validation", int64_t{0});
+  c.feature_cache = j.value("feature_cache", std::string());
   c.data_dir = j.at("data_dir");
   return c;
 }
@@ -117,6 +137,60 @@ void write_file(const fs::path& path, const std::string& text) {
     if (!out.flush()) throw std::runtime_error("cannot write " + tmp.string());
   }
   fs::rename(tmp, path);
+}
+
+// FNV-1a over a tensor's bytes: what identifies a data set in the feature cache.
+uint64_t fingerprint(const torch::Tensor& t) {
+  const auto c = t.contiguous();
+  const auto* bytes = static_cast<const unsigned char*>(c.data_ptr());
+  uint64_t h = 0xcbf29ce484222325ULL;
+  for (size_t i = 0; i < c.nbytes(); ++i) h = (h ^ bytes[i]) * 0x100000001b3ULL;
+  return h;
+}
+
+// Scattering features of `images` [N, 1, 28, 28], from `cache_dir` when it holds the features of
+// exactly these images and transform (the file's header names the transform, the image count
+// and a fingerprint of the images, and the size must match), else computed and, with a cache
+// directory, written there atomically. An empty directory: computed in memory only.
+torch::Tensor scattering_features(const torch::Tensor& images, const std::string& cache_dir) {
+  dptorch::features::Scattering2D scattering(28, 28, /*J=*/2, /*L=*/8);
+  const int64_t n = images.size(0);
+  const int64_t per_image =
+      scattering.channels() * scattering.out_height() * scattering.out_width();
+  std::ostringstream id;
+  id << std::hex << fingerprint(images);
+  const std::string header = "dptorch scattering J=2 L=8 28x28 float32 n=" + std::to_string(n) +
+                             " images=" + id.str() + "\n";
+  const fs::path path =
+      cache_dir.empty()
+          ? fs::path()
+          : fs::path(cache_dir) / ("scattering-" + std::to_string(n) + "-" + id.str() + ".bin");
+  if (!path.empty()) {
+    std::ifstream in(path, std::ios::binary);
+    std::string line;
+    if (in && std::getline(in, line) && line + "\n" == header) {
+      auto features =
+          torch::empty({n, scattering.channels(), scattering.out_height(), scattering.out_width()},
+                       torch::kFloat);
+      const auto bytes = static_cast<std::streamsize>(n * per_image * sizeof(float));
+      in.read(static_cast<char*>(features.data_ptr()), bytes);
+      if (in.gcount() == bytes && in.peek() == std::char_traits<char>::eof()) return features;
+    }
+  }
+  auto features = scattering.forward(images.squeeze(1)).contiguous();
+  if (!path.empty()) {
+    fs::create_directories(path.parent_path());
+    const fs::path tmp = path.string() + ".tmp";
+    {
+      std::ofstream out(tmp, std::ios::binary | std::ios::trunc);
+      out << header;
+      out.write(static_cast<const char*>(features.data_ptr()),
+                static_cast<std::streamsize>(features.nbytes()));
+      if (!out.flush()) throw std::runtime_error("cannot write " + tmp.string());
+    }
+    fs::rename(tmp, path);
+  }
+  return features;
 }
 
 // An image's 28 rows as a sequence of 28 steps through an LSTM; its last state classifies.
@@ -165,10 +239,32 @@ struct PatchTransformerImpl : tnn::Module {
 };
 TORCH_MODULE(PatchTransformer);
 
-// The model of --model, built from dptorch layers.
+// The scattering models' features: the 2-D scattering transform (J = 2, L = 8) of the raw
+// [0, 1] images, 81 channels of 7x7, computed once per data set (Tramèr & Boneh 2021).
+bool uses_scattering(const std::string& kind) { return kind.rfind("scatter-", 0) == 0; }
+constexpr int64_t kScatterChannels = 81;
+
+// The model of --model, built from dptorch layers. The scattering models start with a
+// GroupNorm of 27 groups without parameters: each example's features are normalised on their
+// own, which costs no privacy.
 tnn::Sequential make_model(const std::string& kind) {
   if (kind == "lstm") return tnn::Sequential(RowLstm());
   if (kind == "transformer") return tnn::Sequential(PatchTransformer());
+  const auto scatter_norm = [] {
+    return dptorch::nn::GroupNorm(tnn::GroupNormOptions(27, kScatterChannels).affine(false));
+  };
+  if (kind == "scatter-linear") {
+    return tnn::Sequential(scatter_norm(), tnn::Flatten(),
+                           dptorch::nn::Linear(kScatterChannels * 7 * 7, 10));
+  }
+  if (kind == "scatter-cnn") {  // Tramèr & Boneh 2021's CNN on ScatterNet features, (F)MNIST
+    return tnn::Sequential(
+        scatter_norm(),
+        dptorch::nn::Conv2d(tnn::Conv2dOptions(kScatterChannels, 16, 3).stride(2).padding(1)),
+        tnn::Tanh(), dptorch::nn::Conv2d(tnn::Conv2dOptions(16, 32, 3).padding(1)), tnn::Tanh(),
+        tnn::Flatten(), dptorch::nn::Linear(32 * 4 * 4, 32), tnn::Tanh(),
+        dptorch::nn::Linear(32, 10));
+  }
   // Tramèr & Boneh 2021, Table 9 (Fashion-MNIST end-to-end CNN).
   return tnn::Sequential(dptorch::nn::Conv2d(tnn::Conv2dOptions(1, 16, 8).stride(2).padding(2)),
                          tnn::Tanh(), tnn::MaxPool2d(tnn::MaxPool2dOptions(2).stride(1)),
@@ -210,7 +306,8 @@ double accuracy(tnn::Sequential& model, const torch::Tensor& images, const torch
 // One line of progress: a bar on a terminal, plain lines otherwise (CI logs).
 class Progress {
  public:
-  explicit Progress(bool tty) : tty_(tty) {}
+  Progress(bool tty, std::string evaluated_on)
+      : tty_(tty), evaluated_on_(std::move(evaluated_on)) {}
   void update(int epoch, int epochs, int64_t step, int64_t steps, double examples_per_s,
               double loss, double eps) {
     if (!tty_) return;
@@ -228,14 +325,15 @@ class Progress {
                  double eps) {
     std::ostringstream line;
     line << "epoch " << epoch << "/" << epochs << "  " << std::fixed << std::setprecision(0)
-         << examples_per_s << " ex/s  loss " << std::setprecision(4) << loss << "  test acc "
-         << std::setprecision(2) << 100 * acc << "%";
+         << examples_per_s << " ex/s  loss " << std::setprecision(4) << loss << "  "
+         << evaluated_on_ << " acc " << std::setprecision(2) << 100 * acc << "%";
     if (eps >= 0) line << "  eps " << std::setprecision(3) << eps;
     std::cout << (tty_ ? "\r\033[K" : "") << line.str() << "\n" << std::flush;
   }
 
  private:
   bool tty_;
+  std::string evaluated_on_;
 };
 
 std::string svg_plot(const std::vector<json>& epochs, double target_eps) {
@@ -273,7 +371,8 @@ std::string svg_plot(const std::vector<json>& epochs, double target_eps) {
   acc << std::fixed << std::setprecision(1);
   eps << std::fixed << std::setprecision(1);
   for (size_t i = 0; i < epochs.size(); ++i) {
-    acc << x(static_cast<double>(i + 1)) << "," << y_acc(epochs[i].value("test_accuracy", 0.0))
+    acc << x(static_cast<double>(i + 1)) << ","
+        << y_acc(epochs[i].value("test_accuracy", epochs[i].value("validation_accuracy", 0.0)))
         << " ";
     if (epochs[i].contains("epsilon")) {
       eps << x(static_cast<double>(i + 1)) << "," << y_eps(epochs[i]["epsilon"].get<double>())
@@ -309,14 +408,41 @@ int run(const Config& config, const fs::path& out, bool resume, int threads,
 
   dptorch::data::FashionMnist train_set(config.data_dir, dptorch::data::FashionMnist::Mode::kTrain);
   dptorch::data::FashionMnist test_set(config.data_dir, dptorch::data::FashionMnist::Mode::kTest);
-  auto train_x = normalise(train_set.images());
+  auto train_x = train_set.images();
   auto train_y = train_set.labels();
+  auto test_x = test_set.images();
+  auto test_y = test_set.labels();
+  if (config.validation > 0) {
+    // Tuning never sees the test set: the last N training examples stand in for it.
+    const int64_t n = train_x.size(0);
+    TORCH_CHECK_VALUE(config.validation < n, "--validation ", config.validation,
+                      " holds out the whole training set of ", n,
+                      " examples; hold out fewer (10000 is usual)");
+    test_x = train_x.slice(0, n - config.validation);
+    test_y = train_y.slice(0, n - config.validation);
+    train_x = train_x.slice(0, 0, n - config.validation);
+    train_y = train_y.slice(0, 0, n - config.validation);
+  }
   if (config.train_subset > 0) {
     train_x = train_x.slice(0, 0, config.train_subset);
     train_y = train_y.slice(0, 0, config.train_subset);
   }
-  const auto test_x = normalise(test_set.images());
-  const auto test_y = test_set.labels();
+  const std::string evaluated_on = config.validation > 0 ? "validation" : "test";
+  const std::string accuracy_key = evaluated_on + "_accuracy";
+  if (uses_scattering(config.model)) {
+    // Features of the raw images, once per data set (they do not depend on the model).
+    const auto features_start = Clock::now();
+    train_x = scattering_features(train_x, config.feature_cache);
+    test_x = scattering_features(test_x, config.feature_cache);
+    if (lead) {
+      std::cout << "scattering features of " << train_x.size(0) + test_x.size(0) << " images in "
+                << std::fixed << std::setprecision(1)
+                << std::chrono::duration<double>(Clock::now() - features_start).count() << " s\n";
+    }
+  } else {
+    train_x = normalise(train_x);
+    test_x = normalise(test_x);
+  }
 
   torch::manual_seed(config.seed);
   auto model = make_model(config.model);
@@ -425,7 +551,7 @@ int run(const Config& config, const fs::path& out, bool resume, int threads,
     return torch::nn::functional::cross_entropy(logits, y);
   };
 
-  Progress progress(lead && isatty(STDOUT_FILENO) != 0);
+  Progress progress(lead && isatty(STDOUT_FILENO) != 0, evaluated_on);
   AllReduceLog allreduce;
   int64_t examples_seen = 0;
   int64_t steps_this_process = 0;
@@ -519,7 +645,7 @@ int run(const Config& config, const fs::path& out, bool resume, int threads,
     json entry = {{"epoch", epoch},
                   {"steps", training.loader.position()},
                   {"train_loss", loss_sum / std::max<int64_t>(loss_count, 1)},
-                  {"test_accuracy", acc},
+                  {accuracy_key, acc},
                   {"examples_per_second", epoch_examples / std::max(secs, 1e-9)},
                   {"seconds", secs}};
     if (!config.no_privacy) entry["epsilon"] = eps;
@@ -544,7 +670,7 @@ int run(const Config& config, const fs::path& out, bool resume, int threads,
   const double acc = accuracy(model, test_x, test_y, group);
   if (!lead) return 0;
   const double wall = std::chrono::duration<double>(Clock::now() - start).count();
-  json report = {{"test_accuracy", acc},
+  json report = {{accuracy_key, acc},
                  {"private", !config.no_privacy},
                  {"delta", config.delta},
                  {"noise_multiplier", settings.noise_multiplier},
@@ -625,7 +751,8 @@ int run(const Config& config, const fs::path& out, bool resume, int threads,
   write_file(out / "plot.svg", svg_plot(epochs_log, config.no_privacy ? 0 : config.epsilon));
 
   std::cout << std::fixed << "\n== dptrain report ==\n"
-            << "test accuracy   " << std::setprecision(2) << 100 * acc << "%\n";
+            << evaluated_on << " accuracy" << std::string(evaluated_on == "test" ? 3 : 1, ' ')
+            << std::setprecision(2) << 100 * acc << "%\n";
   if (!config.no_privacy) {
     std::cout << "privacy         eps = " << std::setprecision(3) << engine.epsilon(config.delta)
               << ", delta = " << std::scientific << std::setprecision(0) << config.delta
@@ -798,20 +925,19 @@ int main(int argc, char** argv) {
   app.add_option("--delta", config.delta, "target delta")
       ->capture_default_str()
       ->check(CLI::Range(0.0, 1.0));
-  app.add_option("--epochs", config.epochs, "training epochs")
-      ->capture_default_str()
+  app.add_option("--epochs", config.epochs,
+                 "training epochs (default: the value tuned for --model)")
       ->check(CLI::PositiveNumber);
-  app.add_option("--batch-size", config.batch_size, "expected (Poisson) batch size")
-      ->capture_default_str()
+  app.add_option("--batch-size", config.batch_size,
+                 "expected (Poisson) batch size (default: the value tuned for --model)")
       ->check(CLI::PositiveNumber);
-  app.add_option("--lr", config.lr, "SGD learning rate")
-      ->capture_default_str()
+  app.add_option("--lr", config.lr, "SGD learning rate (default: the value tuned for --model)")
       ->check(CLI::PositiveNumber);
-  app.add_option("--momentum", config.momentum, "SGD momentum")
-      ->capture_default_str()
+  app.add_option("--momentum", config.momentum,
+                 "SGD momentum (default: the value tuned for --model)")
       ->check(CLI::Range(0.0, 1.0));
-  app.add_option("--max-grad-norm", config.max_grad_norm, "per-sample gradient norm bound C")
-      ->capture_default_str()
+  app.add_option("--max-grad-norm", config.max_grad_norm,
+                 "per-sample gradient norm bound C (default: the value tuned for --model)")
       ->check(CLI::PositiveNumber);
   app.add_option("--budget", config.budget,
                  "privacy budget: training stops before the step that would spend more than this "
@@ -829,10 +955,11 @@ int main(int argc, char** argv) {
       ->capture_default_str()
       ->check(CLI::IsMember({"flat", "per-layer", "adaptive", "automatic"}));
   app.add_option("--model", config.model,
-                 "cnn (two convolutions), lstm (an image's rows as 28 steps), or transformer (an "
-                 "encoder layer over 7x7 patches)")
+                 "cnn (two convolutions), scatter-linear (a linear model on scattering features), "
+                 "scatter-cnn (a small CNN on them), lstm (an image's rows as 28 steps), or "
+                 "transformer (an encoder layer over 7x7 patches)")
       ->capture_default_str()
-      ->check(CLI::IsMember({"cnn", "lstm", "transformer"}));
+      ->check(CLI::IsMember({"cnn", "scatter-linear", "scatter-cnn", "lstm", "transformer"}));
   auto* seed_opt = app.add_option("--seed", config.seed, "seed of the model, sampler and noise")
                        ->capture_default_str();
   app.add_option("--threads", threads, "CPU threads")
@@ -858,6 +985,15 @@ int main(int argc, char** argv) {
                  "probability 1/2) give an epsilon lower bound at 95% confidence, reported next to "
                  "the accountant's epsilon (Steinke, Nasr & Jagielski 2023)")
       ->check(CLI::PositiveNumber);
+  app.add_option("--validation", config.validation,
+                 "hold out the last N training examples and report accuracy on them instead of "
+                 "the test set (for choosing hyper-parameters; 0: evaluate on the test set)")
+      ->capture_default_str()
+      ->check(CLI::NonNegativeNumber);
+  app.add_option("--feature-cache", config.feature_cache,
+                 "directory that keeps the scattering models' features between runs; a cached file "
+                 "is used only if it was made from the same images (default: none, computed each "
+                 "run)");
   app.add_option("--data-dir", config.data_dir, "Fashion-MNIST directory (gzip IDX files)")
       ->capture_default_str();
   int nproc = 1, master_port = 0;
@@ -888,6 +1024,12 @@ int main(int argc, char** argv) {
     return 2;
   }
   if (*sigma_opt) config.noise_multiplier = noise_multiplier;
+  const auto tuned = defaults_for(config.model);
+  if (app.count("--epochs") == 0) config.epochs = tuned.epochs;
+  if (app.count("--batch-size") == 0) config.batch_size = tuned.batch_size;
+  if (app.count("--lr") == 0) config.lr = tuned.lr;
+  if (app.count("--momentum") == 0) config.momentum = tuned.momentum;
+  if (app.count("--max-grad-norm") == 0) config.max_grad_norm = tuned.max_grad_norm;
   if (config.no_privacy && app.count("--lr") == 0) config.lr = 0.05;  // no clipping: a usual lr
   config.clipping = clipping;
 

@@ -22,6 +22,7 @@
 #include <dptorch/data/samplers.h>
 #include <dptorch/distributed/group.h>
 #include <dptorch/engine/privacy_engine.h>
+#include <dptorch/features/scattering.h>
 #include <dptorch/grad_sample/grad_sample_module.h>
 #include <dptorch/grad_sample/rules.h>
 #include <dptorch/memory.h>

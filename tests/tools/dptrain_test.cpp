@@ -46,7 +46,8 @@ TEST_F(DptrainTest, HelpExplainsEveryOption) {
   for (const char* option :
        {"--epsilon", "--delta", "--epochs", "--batch-size", "--lr", "--max-grad-norm",
         "--noise-multiplier", "--accountant", "--clipping", "--seed", "--threads", "--out",
-        "--resume", "--no-privacy", "--secure-rng", "--model"}) {
+        "--resume", "--no-privacy", "--secure-rng", "--model", "--audit", "--validation",
+        "--feature-cache"}) {
     EXPECT_THAT(r.out, HasSubstr(option));
   }
 }
@@ -139,6 +140,36 @@ TEST_F(DptrainTest, AuditsTheRun) {
   auto again = run_tool("dptrain", "--resume " + out("audit"));
   EXPECT_EQ(again.status, 2);
   EXPECT_THAT(again.err, HasSubstr("cannot be resumed"));
+}
+
+// The scattering models train on features computed once per data set; --validation evaluates
+// on held-out training examples; --feature-cache keeps the features, and a damaged cache file is
+// recomputed, not read.
+TEST_F(DptrainTest, ScatteringModelsTrainOnCachedFeatures) {
+  const std::string args =
+      " --train-subset 2048 --validation 1000 --batch-size 256 --epochs 2 --noise-multiplier 1.0 "
+      "--epsilon 50 --threads 2 --seed 3 --feature-cache " +
+      out("cache");
+  for (const std::string model : {"scatter-linear", "scatter-cnn"}) {
+    SCOPED_TRACE(model);
+    auto r = run_tool("dptrain", "--model " + model + args + " --out " + out(model));
+    ASSERT_EQ(r.status, 0) << r.err;
+    EXPECT_THAT(r.out, HasSubstr("validation accuracy"));
+    auto report = read_json(dir_ / model / "report.json");
+    EXPECT_FALSE(report.contains("test_accuracy"));
+    EXPECT_GT(report["validation_accuracy"].get<double>(), 0.5);  // chance is 0.1
+  }
+  // Two files: the 2048 training and the 1000 validation images.
+  std::vector<fs::path> cached;
+  for (const auto& entry : fs::directory_iterator(dir_ / "cache")) cached.push_back(entry.path());
+  ASSERT_EQ(cached.size(), 2u);
+  const auto first = read_json(dir_ / "scatter-linear" / "report.json");
+  for (const auto& file : cached) fs::resize_file(file, fs::file_size(file) / 2);
+  auto again = run_tool("dptrain", "--model scatter-linear" + args + " --out " + out("again"));
+  ASSERT_EQ(again.status, 0) << again.err;
+  EXPECT_EQ(read_json(dir_ / "again" / "report.json")["validation_accuracy"],
+            first["validation_accuracy"]);
+  for (const auto& file : cached) EXPECT_GT(fs::file_size(file), 1000u * 81 * 49 * 4);
 }
 
 TEST_F(DptrainTest, AutomaticClippingTrains) {
