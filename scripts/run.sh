@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Sets everything up on a fresh Debian 12 machine, builds, and runs the main job: dptrain, private
-# training of a CNN on Fashion-MNIST at epsilon = 3. Extra arguments go to dptrain (see --help).
+# training on Fashion-MNIST at epsilon = 3 (a linear model on scattering features, dptrain's default).
+# Extra arguments go to dptrain (see --help).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh

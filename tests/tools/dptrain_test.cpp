@@ -17,10 +17,12 @@ using ::testing::HasSubstr;
 using ::testing::StartsWith;
 namespace fs = std::filesystem;
 
-// Small and fast: 512 examples, expected batch 64, 2 epochs (16 steps), fixed σ.
-const std::string kQuick =
+// Small and fast: 512 examples, expected batch 64, 2 epochs (16 steps), fixed σ; kQuick with the
+// CNN.
+const std::string kQuickSettings =
     "--train-subset 512 --batch-size 64 --epochs 2 --noise-multiplier 1.0 --lr 0.5 --max-grad-norm "
     "1.0 --threads 2 --seed 3";
+const std::string kQuick = "--model cnn " + kQuickSettings;
 
 class DptrainTest : public ::testing::Test {
  protected:
@@ -106,10 +108,11 @@ TEST_F(DptrainTest, ShortRunWritesEveryOutput) {
 // --budget stops the run before the step that would pass it, with its report; resuming the run
 // gets no further.
 TEST_F(DptrainTest, StopsCleanlyAtTheBudget) {
-  auto r = run_tool("dptrain",
-                    "--train-subset 512 --batch-size 64 --epochs 4 --noise-multiplier 1.0 --lr 0.5 "
-                    "--max-grad-norm 1.0 --threads 2 --seed 3 --epsilon 50 --budget 4 --out " +
-                        out("budget"));
+  auto r =
+      run_tool("dptrain",
+               "--model cnn --train-subset 512 --batch-size 64 --epochs 4 --noise-multiplier 1.0 "
+               "--lr 0.5 --max-grad-norm 1.0 --threads 2 --seed 3 --epsilon 50 --budget 4 --out " +
+                   out("budget"));
   ASSERT_EQ(r.status, 0) << r.err;
   EXPECT_THAT(r.out, HasSubstr("stopped at the privacy budget"));
   auto report = read_json(dir_ / "budget" / "report.json");
@@ -182,8 +185,8 @@ TEST_F(DptrainTest, AutomaticClippingTrains) {
 TEST_F(DptrainTest, SequenceModelsTrain) {
   for (const std::string model : {"lstm", "transformer"}) {
     SCOPED_TRACE(model);
-    auto r =
-        run_tool("dptrain", kQuick + " --model " + model + " --epsilon 50 --out " + out(model));
+    auto r = run_tool("dptrain",
+                      kQuickSettings + " --model " + model + " --epsilon 50 --out " + out(model));
     ASSERT_EQ(r.status, 0) << r.err;
     EXPECT_EQ(read_json(dir_ / model / "config.json")["model"], model);
     auto report = read_json(dir_ / model / "report.json");
@@ -224,11 +227,13 @@ TEST_F(DptrainTest, TwoProcessesTrainTheOneProcessRun) {
   EXPECT_EQ(b["epsilon"], c["epsilon"]);
 }
 
+// With --ema, the checkpoint holds the parameters' average too: the resumed run evaluates the
+// same average as the uninterrupted one.
 TEST_F(DptrainTest, InterruptedRunResumesToTheSameResult) {
-  auto whole = run_tool("dptrain", kQuick + " --epsilon 50 --out " + out("whole"));
+  auto whole = run_tool("dptrain", kQuick + " --epsilon 50 --ema 0.8 --out " + out("whole"));
   ASSERT_EQ(whole.status, 0) << whole.err;
-  auto part =
-      run_tool("dptrain", kQuick + " --epsilon 50 --stop-after-steps 11 --out " + out("part"));
+  auto part = run_tool(
+      "dptrain", kQuick + " --epsilon 50 --ema 0.8 --stop-after-steps 11 --out " + out("part"));
   ASSERT_EQ(part.status, 130) << part.err;
   EXPECT_THAT(part.out, HasSubstr("--resume"));
   auto rest = run_tool("dptrain", "--resume " + out("part"));
@@ -236,6 +241,7 @@ TEST_F(DptrainTest, InterruptedRunResumesToTheSameResult) {
   auto a = read_json(dir_ / "whole" / "report.json");
   auto b = read_json(dir_ / "part" / "report.json");
   EXPECT_EQ(a["test_accuracy"], b["test_accuracy"]);
+  EXPECT_GT(a["test_accuracy"].get<double>(), 0.3);  // the average of trained parameters
   EXPECT_EQ(a["epsilon"], b["epsilon"]);
   EXPECT_EQ(a["steps"], b["steps"]);
   // Resuming a finished run takes no further step and spends nothing more.
