@@ -8,7 +8,6 @@
 
 #include <algorithm>
 #include <cmath>
-#include <numeric>
 #include <unordered_map>
 
 namespace dptorch::audit {
@@ -141,9 +140,8 @@ void GradientCanaries::insert(Accumulation& accumulation, NormClipper& clipper, 
   // others, clipped as the clipper clips any sample.
   const double raw = options_.norm_multiple() * noise_bound;
   std::vector<torch::Tensor> norms;
-  std::vector<std::vector<int64_t>> rows(coordinates_.size());  // per parameter: its samples
-  std::vector<int64_t> parameter_of;                            // per sample
-  std::vector<int64_t> index_of;                                // per sample: its canary slot
+  std::vector<int64_t> parameter_of;  // per sample
+  std::vector<int64_t> index_of;      // per sample: its canary slot
   for (size_t p = 0; p < coordinates_.size(); ++p) {
     const auto* owner = owners_[p].data_ptr<int64_t>();
     for (int64_t k = 0; k < owners_[p].numel(); ++k) {
