@@ -24,6 +24,7 @@
 #include <limits>
 #include <optional>
 #include <sstream>
+#include <string_view>
 #include <thread>
 
 namespace {
@@ -132,16 +133,18 @@ Config from_json(const json& j) {
   return c;
 }
 
-// Writes `text` to `path` atomically: a reader sees the old file or the new one, never a part.
-void write_file(const fs::path& path, const std::string& text) {
+// Writes `parts`, one after the other, to `path` atomically: a reader sees the old file or the
+// new one, never a part.
+void write_file(const fs::path& path, std::initializer_list<std::string_view> parts) {
   const fs::path tmp = path.string() + ".tmp";
   {
     std::ofstream out(tmp, std::ios::binary | std::ios::trunc);
-    out << text;
+    for (const auto part : parts) out.write(part.data(), static_cast<std::streamsize>(part.size()));
     if (!out.flush()) throw std::runtime_error("cannot write " + tmp.string());
   }
   fs::rename(tmp, path);
 }
+void write_file(const fs::path& path, const std::string& text) { write_file(path, {text}); }
 
 // FNV-1a over a tensor's bytes: what identifies a data set in the feature cache.
 uint64_t fingerprint(const torch::Tensor& t) {
@@ -159,8 +162,6 @@ uint64_t fingerprint(const torch::Tensor& t) {
 torch::Tensor scattering_features(const torch::Tensor& images, const std::string& cache_dir) {
   dptorch::features::Scattering2D scattering(28, 28, /*J=*/2, /*L=*/8);
   const int64_t n = images.size(0);
-  const int64_t per_image =
-      scattering.channels() * scattering.out_height() * scattering.out_width();
   std::ostringstream id;
   id << std::hex << fingerprint(images);
   const std::string header = "dptorch scattering J=2 L=8 28x28 float32 n=" + std::to_string(n) +
@@ -176,7 +177,7 @@ torch::Tensor scattering_features(const torch::Tensor& images, const std::string
       auto features =
           torch::empty({n, scattering.channels(), scattering.out_height(), scattering.out_width()},
                        torch::kFloat);
-      const auto bytes = static_cast<std::streamsize>(n * per_image * sizeof(float));
+      const auto bytes = static_cast<std::streamsize>(features.nbytes());
       in.read(static_cast<char*>(features.data_ptr()), bytes);
       if (in.gcount() == bytes && in.peek() == std::char_traits<char>::eof()) return features;
     }
@@ -184,15 +185,8 @@ torch::Tensor scattering_features(const torch::Tensor& images, const std::string
   auto features = scattering.forward(images.squeeze(1)).contiguous();
   if (!path.empty()) {
     fs::create_directories(path.parent_path());
-    const fs::path tmp = path.string() + ".tmp";
-    {
-      std::ofstream out(tmp, std::ios::binary | std::ios::trunc);
-      out << header;
-      out.write(static_cast<const char*>(features.data_ptr()),
-                static_cast<std::streamsize>(features.nbytes()));
-      if (!out.flush()) throw std::runtime_error("cannot write " + tmp.string());
-    }
-    fs::rename(tmp, path);
+    write_file(path, {header, std::string_view(static_cast<const char*>(features.data_ptr()),
+                                               features.nbytes())});
   }
   return features;
 }
