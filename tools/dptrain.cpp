@@ -40,17 +40,17 @@ int64_t g_stop_after_steps = 0;
 
 // The training settings each model was tuned with (on a validation split of the training set,
 // never the test set; README, "Measured"): what --epochs, --batch-size, --lr, --momentum,
-// --max-grad-norm and --ema default to for that --model.
+// --max-grad-norm, --ema and --whitening default to for that --model.
 struct ModelDefaults {
   double epochs, lr, momentum, max_grad_norm;
   int64_t batch_size;
-  double ema;
+  double ema, whitening;
 };
 
 ModelDefaults defaults_for(const std::string& model) {
-  if (model == "scatter-linear") return {40, 16.0, 0.9, 0.1, 8192, 0.9};
+  if (model == "scatter-linear") return {40, 16.0, 0.9, 0.1, 8192, 0.9, 1.0};
   // Tramèr & Boneh 2021's end-to-end CNN; also the scattering CNN, lstm and transformer.
-  return {40, 4.0, 0.9, 0.1, 2048, 0.0};
+  return {40, 4.0, 0.9, 0.1, 2048, 0.0, 0.0};
 }
 
 // Everything that defines a run; saved as config.json so that --resume rebuilds the same run.
@@ -76,6 +76,8 @@ struct Config {
   int64_t validation = 0;     // hold out the last N training examples and evaluate on them
   std::string feature_cache;  // where scattering features are kept between runs ("": nowhere)
   double ema = 0;             // decay of the parameters' moving average that is evaluated (0: none)
+  double whitening = 0;       // λ of the scattering features' private whitening (0: none)
+  double whitening_noise = 20;  // σ of the whitening's released sums
   std::string data_dir = dptorch::data::FashionMnist::kDefaultRoot;
 };
 
@@ -99,6 +101,8 @@ json to_json(const Config& c) {
             {"validation", c.validation},
             {"feature_cache", c.feature_cache},
             {"ema", c.ema},
+            {"whitening", c.whitening},
+            {"whitening_noise", c.whitening_noise},
             {"data_dir", c.data_dir}};
   j["noise_multiplier"] = c.noise_multiplier ? json(*c.noise_multiplier) : json(nullptr);
   j["budget"] = c.budget ? json(*c.budget) : json(nullptr);
@@ -129,6 +133,8 @@ Config from_json(const json& j) {
   c.validation = j.value("validation", int64_t{0});
   c.feature_cache = j.value("feature_cache", std::string());
   c.ema = j.value("ema", 0.0);
+  c.whitening = j.value("whitening", 0.0);
+  c.whitening_noise = j.value("whitening_noise", 20.0);
   c.data_dir = j.at("data_dir");
   return c;
 }
@@ -242,34 +248,116 @@ TORCH_MODULE(PatchTransformer);
 bool uses_scattering(const std::string& kind) { return kind.rfind("scatter-", 0) == 0; }
 constexpr int64_t kScatterChannels = 81;
 
-// The model of --model, built from dptorch layers. The scattering models start with a
-// GroupNorm of 27 groups without parameters: each example's features are normalised on their
-// own, which costs no privacy.
-tnn::Sequential make_model(const std::string& kind) {
+// The GroupNorm that starts the scattering models: 27 groups without parameters, so that each
+// example's features are normalised on their own, which costs no privacy.
+constexpr int64_t kScatterGroups = 27;
+
+// The model of --model, built from dptorch layers. The scattering models start with the
+// GroupNorm, unless their features come `whitened` (the GroupNorm and the whitening applied to
+// them once, before training: run_whitening).
+tnn::Sequential make_model(const std::string& kind, bool whitened) {
   if (kind == "lstm") return tnn::Sequential(RowLstm());
   if (kind == "transformer") return tnn::Sequential(PatchTransformer());
-  const auto scatter_norm = [] {
-    return dptorch::nn::GroupNorm(tnn::GroupNormOptions(27, kScatterChannels).affine(false));
-  };
+  if (kind == "cnn") {  // Tramèr & Boneh 2021, Table 9 (Fashion-MNIST end-to-end CNN).
+    return tnn::Sequential(dptorch::nn::Conv2d(tnn::Conv2dOptions(1, 16, 8).stride(2).padding(2)),
+                           tnn::Tanh(), tnn::MaxPool2d(tnn::MaxPool2dOptions(2).stride(1)),
+                           dptorch::nn::Conv2d(tnn::Conv2dOptions(16, 32, 4).stride(2)),
+                           tnn::Tanh(), tnn::MaxPool2d(tnn::MaxPool2dOptions(2).stride(1)),
+                           tnn::Flatten(), dptorch::nn::Linear(32 * 4 * 4, 32), tnn::Tanh(),
+                           dptorch::nn::Linear(32, 10));
+  }
+  tnn::Sequential model;
+  if (!whitened) {
+    model->push_back(dptorch::nn::GroupNorm(
+        tnn::GroupNormOptions(kScatterGroups, kScatterChannels).affine(false)));
+  }
   if (kind == "scatter-linear") {
-    return tnn::Sequential(scatter_norm(), tnn::Flatten(),
-                           dptorch::nn::Linear(kScatterChannels * 7 * 7, 10));
+    model->push_back(tnn::Flatten());
+    model->push_back(dptorch::nn::Linear(kScatterChannels * 7 * 7, 10));
+  } else {  // scatter-cnn: Tramèr & Boneh 2021's CNN on ScatterNet features, (F)MNIST
+    model->push_back(
+        dptorch::nn::Conv2d(tnn::Conv2dOptions(kScatterChannels, 16, 3).stride(2).padding(1)));
+    model->push_back(tnn::Tanh());
+    model->push_back(dptorch::nn::Conv2d(tnn::Conv2dOptions(16, 32, 3).padding(1)));
+    model->push_back(tnn::Tanh());
+    model->push_back(tnn::Flatten());
+    model->push_back(dptorch::nn::Linear(32 * 4 * 4, 32));
+    model->push_back(tnn::Tanh());
+    model->push_back(dptorch::nn::Linear(32, 10));
   }
-  if (kind == "scatter-cnn") {  // Tramèr & Boneh 2021's CNN on ScatterNet features, (F)MNIST
-    return tnn::Sequential(
-        scatter_norm(),
-        dptorch::nn::Conv2d(tnn::Conv2dOptions(kScatterChannels, 16, 3).stride(2).padding(1)),
-        tnn::Tanh(), dptorch::nn::Conv2d(tnn::Conv2dOptions(16, 32, 3).padding(1)), tnn::Tanh(),
-        tnn::Flatten(), dptorch::nn::Linear(32 * 4 * 4, 32), tnn::Tanh(),
-        dptorch::nn::Linear(32, 10));
+  return model;
+}
+
+// --whitening: the channel whitening of the GroupNorm-ed training features, from one private
+// release of their sums (noise from the run's seed, or the OS's CSPRNG under --secure-rng),
+// kept in the output directory as whitening.pt; a resumed run loads it from there. In a
+// distributed job rank 0 fits (or loads) it and sends it to the others: the job releases the
+// sums once.
+dptorch::features::ChannelWhitening run_whitening(
+    const torch::Tensor& train_x, const Config& config,
+    const std::shared_ptr<dptorch::distributed::Group>& group, const fs::path& out, bool resume) {
+  constexpr uint64_t kWhiteningSeedSalt = 0x5eed5ca77e2ULL;
+  constexpr int64_t kFeatures = kScatterChannels * 7 * 7;
+  const fs::path saved = out / "whitening.pt";
+  const dptorch::accounting::HistoryEntry release{config.whitening_noise / std::sqrt(2.0), 1.0, 1};
+  dptorch::features::ChannelWhitening fitted{nullptr};
+  if ((!group || group->rank() == 0) && resume) {
+    TORCH_CHECK_VALUE(fs::exists(saved), "cannot resume: ", saved.string(),
+                      " (the run's feature whitening) is missing; start the run again");
+    auto loaded = dptorch::features::ChannelWhitening(kScatterChannels, std::vector<int64_t>{7, 7});
+    torch::load(loaded, saved.string());
+    fitted = dptorch::features::ChannelWhitening(loaded->mean(), loaded->matrix(), release);
+  } else if (!group || group->rank() == 0) {
+    auto noise = dptorch::optim::make_noise_source(
+        dptorch::optim::NoiseOptions()
+            .secure_mode(config.secure_rng)
+            .seed(config.secure_rng ? std::nullopt
+                                    : std::optional<uint64_t>(config.seed ^ kWhiteningSeedSalt)));
+    // After the GroupNorm, an example's features have norm at most √(its number of features).
+    fitted = dptorch::features::fit_channel_whitening(
+        torch::group_norm(train_x, kScatterGroups),
+        dptorch::features::ChannelWhiteningOptions()
+            .norm_bound(std::sqrt(static_cast<double>(kFeatures)))
+            .noise_multiplier(config.whitening_noise)
+            .regularization(config.whitening),
+        *noise);
+    std::ostringstream bytes;
+    torch::save(fitted, bytes);
+    write_file(saved, bytes.str());
   }
-  // Tramèr & Boneh 2021, Table 9 (Fashion-MNIST end-to-end CNN).
-  return tnn::Sequential(dptorch::nn::Conv2d(tnn::Conv2dOptions(1, 16, 8).stride(2).padding(2)),
-                         tnn::Tanh(), tnn::MaxPool2d(tnn::MaxPool2dOptions(2).stride(1)),
-                         dptorch::nn::Conv2d(tnn::Conv2dOptions(16, 32, 4).stride(2)), tnn::Tanh(),
-                         tnn::MaxPool2d(tnn::MaxPool2dOptions(2).stride(1)), tnn::Flatten(),
-                         dptorch::nn::Linear(32 * 4 * 4, 32), tnn::Tanh(),
-                         dptorch::nn::Linear(32, 10));
+  if (!group) return fitted;
+  // Rank 0's buffers, as raw float32 bytes.
+  auto send = [&](const torch::Tensor& t) {
+    return std::string(static_cast<const char*>(t.data_ptr()), t.numel() * sizeof(float));
+  };
+  const std::string mean_bytes = group->broadcast(fitted ? send(fitted->mean()) : std::string());
+  const std::string matrix_bytes =
+      group->broadcast(fitted ? send(fitted->matrix()) : std::string());
+  if (fitted) return fitted;
+  auto mean = torch::empty({kScatterChannels, 7, 7});
+  auto matrix = torch::empty({kScatterChannels, kScatterChannels});
+  TORCH_CHECK(mean_bytes.size() == mean.numel() * sizeof(float) &&
+                  matrix_bytes.size() == matrix.numel() * sizeof(float),
+              "rank 0 sent a whitening of the wrong size");
+  std::memcpy(mean.data_ptr(), mean_bytes.data(), mean_bytes.size());
+  std::memcpy(matrix.data_ptr(), matrix_bytes.data(), matrix_bytes.size());
+  return dptorch::features::ChannelWhitening(mean, matrix, release);
+}
+
+// The scattering features after the models' GroupNorm and the whitening, computed once (a
+// chunk at a time) so that training does not repeat the whitening's products every step.
+torch::Tensor whiten(const torch::Tensor& features,
+                     dptorch::features::ChannelWhitening& whitening) {
+  torch::NoGradGuard no_grad;
+  auto out = torch::empty_like(features);
+  constexpr int64_t kChunk = 4096;
+  for (int64_t begin = 0; begin < features.size(0); begin += kChunk) {
+    const auto end = std::min(features.size(0), begin + kChunk);
+    out.slice(0, begin, end)
+        .copy_(
+            whitening->forward(torch::group_norm(features.slice(0, begin, end), kScatterGroups)));
+  }
+  return out;
 }
 
 // Fashion-MNIST pixels standardised with the training set's mean and std.
@@ -488,8 +576,16 @@ int run(const Config& config, const fs::path& out, bool resume, int threads,
     test_x = normalise(test_x);
   }
 
+  // The whitening's statistics are released once, before training; their ε joins the run's.
+  dptorch::features::ChannelWhitening whitening{nullptr};
+  if (config.whitening > 0) {
+    whitening = run_whitening(train_x, config, group, out, resume);
+    train_x = whiten(train_x, whitening);
+    test_x = whiten(test_x, whitening);
+  }
+
   torch::manual_seed(config.seed);
-  auto model = make_model(config.model);
+  auto model = make_model(config.model, static_cast<bool>(whitening));
   ParameterAverage average(model, config.ema);
   auto sgd = std::make_shared<torch::optim::SGD>(
       model->parameters(), torch::optim::SGDOptions(config.lr).momentum(config.momentum));
@@ -514,6 +610,7 @@ int run(const Config& config, const fs::path& out, bool resume, int threads,
   if (config.budget && !config.no_privacy) {
     options.budget(dptorch::accounting::PrivacyBudget{*config.budget, config.delta});
   }
+  if (whitening && !config.no_privacy) options.prior_releases({*whitening->release()});
   if (config.no_privacy) options.noise_multiplier(0.0).target_epsilon(std::nullopt);
   std::shared_ptr<dptorch::audit::GradientCanaries> canaries;
   if (config.audit > 0) {
@@ -541,6 +638,7 @@ int run(const Config& config, const fs::path& out, bool resume, int threads,
   if (!config.no_privacy) {
     // The whole run must fit the budget before the first step is taken.
     auto planned = dptorch::accounting::make_accountant(settings.accountant);
+    planned->set_history(settings.prior_releases);
     planned->step(settings.noise_multiplier, settings.sample_rate, settings.steps);
     const double planned_eps = planned->epsilon(config.delta);
     TORCH_CHECK_VALUE(planned_eps <= config.epsilon * (1 + 1e-9),
@@ -738,8 +836,10 @@ int run(const Config& config, const fs::path& out, bool resume, int threads,
     // The ledger (every segment of the run) and ε under every accountant, for a reader to check.
     const auto& history = engine.accountant()->history();
     json ledger = json::array();
-    for (const auto& s :
-         dptorch::accounting::ledger_of(history, settings.max_grad_norm, config.clipping)) {
+    const auto releases =
+        static_cast<std::ptrdiff_t>(std::min(settings.prior_releases.size(), history.size()));
+    for (const auto& s : dptorch::accounting::ledger_of({history.begin() + releases, history.end()},
+                                                        settings.max_grad_norm, config.clipping)) {
       ledger.push_back({{"sampler", s.sampler},
                         {"noise_multiplier", s.noise_multiplier},
                         {"sample_rate", s.sample_rate},
@@ -748,6 +848,14 @@ int run(const Config& config, const fs::path& out, bool resume, int threads,
                         {"clipping", s.clipping}});
     }
     report["privacy_ledger"] = ledger;
+    if (whitening) {
+      // The features' statistics, released once before training (fit_channel_whitening).
+      report["feature_release"] = {
+          {"what", "mean and channel covariance of the scattering features (--whitening)"},
+          {"mechanism", "gaussian"},
+          {"noise_multiplier", whitening->release()->noise_multiplier},
+          {"regularization", config.whitening}};
+    }
     json by_accountant = json::object();
     for (const auto& [name, e] :
          dptorch::accounting::epsilon_by_accountant(history, config.delta)) {
@@ -822,7 +930,8 @@ int run(const Config& config, const fs::path& out, bool resume, int threads,
               << " bytes per step\n";
   }
   std::cout << "outputs         " << out.string() << "/{report.json, metrics.jsonl, plot.svg, "
-            << (config.no_privacy ? "model.pt" : "checkpoint.pt") << "}\n";
+            << (config.no_privacy ? "model.pt" : "checkpoint.pt")
+            << (whitening ? ", whitening.pt" : "") << "}\n";
   return 0;
 }
 
@@ -1046,6 +1155,17 @@ int main(int argc, char** argv) {
                  "decay, e.g. 0.9 (post-processing: no privacy cost; default: the value tuned for "
                  "--model, 0 = the last parameters)")
       ->check(CLI::Range(0.0, 0.9999));
+  app.add_option("--whitening", config.whitening,
+                 "scattering models: centre the features and whiten them across channels, with "
+                 "(Σ + λI)^(-1/2) of their covariance Σ, from statistics released privately once "
+                 "before training (their ε is counted in the run's); this sets λ > 0 (default: the "
+                 "value tuned for --model, 0 = none)")
+      ->check(CLI::NonNegativeNumber);
+  app.add_option("--whitening-noise", config.whitening_noise,
+                 "noise multiplier of the whitening's released sums (larger: less ε, a noisier "
+                 "estimate)")
+      ->capture_default_str()
+      ->check(CLI::PositiveNumber);
   app.add_option("--data-dir", config.data_dir, "Fashion-MNIST directory (gzip IDX files)")
       ->capture_default_str();
   int nproc = 1, master_port = 0;
@@ -1083,9 +1203,15 @@ int main(int argc, char** argv) {
   if (app.count("--momentum") == 0) config.momentum = tuned.momentum;
   if (app.count("--max-grad-norm") == 0) config.max_grad_norm = tuned.max_grad_norm;
   if (app.count("--ema") == 0) config.ema = tuned.ema;
+  if (app.count("--whitening") == 0) config.whitening = tuned.whitening;
   if (config.no_privacy && app.count("--lr") == 0) config.lr = 0.05;  // no clipping: a usual lr
   config.clipping = clipping;
 
+  if (config.whitening > 0 && !uses_scattering(config.model)) {
+    std::cerr << "dptrain: error: --whitening whitens the scattering features; use it with "
+                 "--model scatter-linear or scatter-cnn, or drop it\n";
+    return 2;
+  }
   if (nproc > 1 && config.no_privacy) {
     std::cerr << "dptrain: error: --nproc trains privately; run --no-privacy in one process\n";
     return 2;

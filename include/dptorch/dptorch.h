@@ -23,6 +23,7 @@
 #include <dptorch/distributed/group.h>
 #include <dptorch/engine/privacy_engine.h>
 #include <dptorch/features/scattering.h>
+#include <dptorch/features/whitening.h>
 #include <dptorch/grad_sample/grad_sample_module.h>
 #include <dptorch/grad_sample/rules.h>
 #include <dptorch/memory.h>

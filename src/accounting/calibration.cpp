@@ -100,6 +100,12 @@ CalibrationOptions& CalibrationOptions::epsilon_tolerance(double value) {
   return *this;
 }
 
+CalibrationOptions& CalibrationOptions::prior(std::vector<HistoryEntry> value) {
+  for (const auto& entry : value) detail::check_entry(entry);
+  prior_ = std::move(value);
+  return *this;
+}
+
 int64_t CalibrationOptions::resolved_steps() const {
   const double q = required(sample_rate_, "sample_rate");
   const int64_t steps = resolve_steps(steps_, epochs_, q);
@@ -116,10 +122,25 @@ double noise_multiplier_for_epsilon(const CalibrationOptions& options) {
   const double tolerance = options.epsilon_tolerance();
   const std::unique_ptr<Accountant> accountant = make_accountant(options.accountant());
 
+  // The history of a probe: the prior releases, then the steps at σ.
+  auto probe = [&](double sigma) {
+    auto history = options.prior();
+    history.push_back({sigma, q, steps});
+    accountant->set_history(std::move(history));
+  };
   auto epsilon_at = [&](double sigma) {
-    accountant->set_history({{sigma, q, steps}});
+    probe(sigma);
     return accountant->epsilon(delta);
   };
+
+  if (!options.prior().empty()) {
+    accountant->set_history(options.prior());
+    const double spent = accountant->epsilon(delta);
+    TORCH_CHECK_VALUE(spent < target, "target_epsilon ", target,
+                      " is unreachable: the prior releases alone spend epsilon ", spent,
+                      " at delta ", delta, " by the ", options.accountant(),
+                      " accountant; raise target_epsilon or the prior releases' noise");
+  }
 
   double sigma_low = 0.0;
   double sigma_high = 10.0;
@@ -143,7 +164,7 @@ double noise_multiplier_for_epsilon(const CalibrationOptions& options) {
     // Below the optimum the grids of the PRV and PLD accountants grow as ε does; a query over
     // the accountant's limits means ε is far above the target there, so the probe is
     // infeasible (never unsafe).
-    accountant->set_history({{sigma, q, steps}});
+    probe(sigma);
     if (!accountant->answerable(delta)) {
       sigma_low = sigma;
       continue;

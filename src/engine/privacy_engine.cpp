@@ -79,6 +79,7 @@ PrivacySettings resolve(const PrivacyOptions& options, int64_t dataset_size) {
   if (options.budget()) accounting::check_budget(*options.budget());
   s.budget = options.budget();
   s.clipping = options.clipping();
+  s.prior_releases = options.prior_releases();
   s.steps_per_epoch = std::max<int64_t>(1, std::llround(1.0 / s.sample_rate));
   s.steps = std::max<int64_t>(1, std::llround(options.epochs() * s.steps_per_epoch));
   if (options.noise_multiplier()) {
@@ -92,7 +93,8 @@ PrivacySettings resolve(const PrivacyOptions& options, int64_t dataset_size) {
                                                      .delta(s.delta)
                                                      .sample_rate(s.sample_rate)
                                                      .steps(s.steps)
-                                                     .accountant(s.accountant));
+                                                     .accountant(s.accountant)
+                                                     .prior(s.prior_releases));
   }
   if (const auto& group = options.group()) {
     s.rank = group->rank();
@@ -209,6 +211,7 @@ std::shared_ptr<optim::DPOptimizer> PrivacyEngine::make_optimizer(
           .seed(options.seed() ? std::optional<uint64_t>(*options.seed() ^ kNoiseSeedSalt)
                                : std::nullopt));
   accountant_ = accounting::make_accountant(settings.accountant);
+  accountant_->set_history(settings.prior_releases);
   return std::make_shared<optim::DPOptimizer>(
       std::move(optimizer), std::move(clipper),
       optim::DPOptimizerOptions(settings.noise_multiplier, settings.expected_batch_size)

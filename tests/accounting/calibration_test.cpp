@@ -6,10 +6,12 @@
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
 
+#include <cmath>
 #include <cstdint>
 #include <optional>
 #include <ostream>
 #include <string>
+#include <vector>
 
 namespace dptorch::accounting {
 namespace {
@@ -112,6 +114,78 @@ TEST(CalibrationTest, UnreachableTargetSaysTheSmallestReachable) {
               ThrowsMessage<c10::Error>(AllOf(HasSubstr("target_epsilon 0.01 is unreachable"),
                                               HasSubstr("the smallest reachable is"),
                                               HasSubstr("noise_multiplier 2000"))));
+}
+
+// A release before training (one Gaussian mechanism on the whole data set, q = 1) composes with
+// the steps: σ grows so that both together stay within the target, under every accountant.
+TEST(CalibrationTest, PriorReleasesShareTheTarget) {
+  const std::vector<HistoryEntry> prior{{14.142, 1.0, 1}};
+  for (const std::string name : {"prv", "rdp", "gdp"}) {
+    SCOPED_TRACE(name);
+    auto options = CalibrationOptions()
+                       .target_epsilon(3.0)
+                       .delta(1e-5)
+                       .sample_rate(0.1365)
+                       .steps(293)
+                       .accountant(name);
+    const double alone = noise_multiplier_for_epsilon(options);
+    const double with_prior = noise_multiplier_for_epsilon(options.prior(prior));
+    EXPECT_GT(with_prior, alone);
+    auto accountant = make_accountant(name);
+    accountant->set_history({prior[0], {with_prior, 0.1365, 293}});
+    const double total = accountant->epsilon(1e-5);
+    EXPECT_LE(total, 3.0);
+    EXPECT_GE(total, 3.0 - 0.01);
+    // The steps alone at the new σ spend less than the target: the prior took its share.
+    accountant->set_history({{with_prior, 0.1365, 293}});
+    EXPECT_LT(accountant->epsilon(1e-5), total);
+  }
+}
+
+// ε at δ of the Gaussian mechanism with noise multiplier σ, from its exact privacy profile
+// (Balle & Wang 2018): δ(ε) = Φ(−εσ + 1/(2σ)) − e^ε·Φ(−εσ − 1/(2σ)), solved by bisection.
+double gaussian_mechanism_epsilon(double sigma, double delta) {
+  const auto phi = [](double x) { return 0.5 * std::erfc(-x / std::sqrt(2.0)); };
+  const auto delta_at = [&](double eps) {
+    return phi(-eps * sigma + 0.5 / sigma) - std::exp(eps) * phi(-eps * sigma - 0.5 / sigma);
+  };
+  double low = 0.0, high = 50.0;
+  for (int i = 0; i < 200; ++i) {
+    const double mid = (low + high) / 2;
+    (delta_at(mid) > delta ? low : high) = mid;
+  }
+  return high;
+}
+
+// At q = 1 one step is the Gaussian mechanism (a release before training): the PLD accountant
+// gives its exact ε, and the PRV accountant an upper bound within its error bound (0.01).
+TEST(CalibrationTest, OneFullBatchStepIsTheGaussianMechanism) {
+  EXPECT_NEAR(gaussian_mechanism_epsilon(2.0, 1e-5), 1.99309, 1e-5);
+  for (const double sigma : {2.0, 14.142}) {
+    SCOPED_TRACE(sigma);
+    const double exact = gaussian_mechanism_epsilon(sigma, 1e-5);
+    auto pld = make_accountant("pld");
+    pld->step(sigma, 1.0);
+    EXPECT_NEAR(pld->epsilon(1e-5), exact, 1e-3 * exact);
+    auto prv = make_accountant("prv");
+    prv->step(sigma, 1.0);
+    EXPECT_GE(prv->epsilon(1e-5), exact);
+    EXPECT_LE(prv->epsilon(1e-5), exact + 0.011);
+  }
+}
+
+TEST(CalibrationTest, PriorReleasesPastTheTargetAreRefused) {
+  const auto options =
+      CalibrationOptions().target_epsilon(1.0).delta(1e-5).sample_rate(0.01).steps(100).prior(
+          {{1.0, 1.0, 1}});
+  EXPECT_THAT([&] { (void)noise_multiplier_for_epsilon(options); },
+              ThrowsMessage<c10::Error>(AllOf(HasSubstr("target_epsilon 1 is unreachable"),
+                                              HasSubstr("the prior releases alone spend"))));
+  EXPECT_THAT(
+      [] {
+        CalibrationOptions().prior({{-1.0, 1.0, 1}});
+      },
+      ThrowsMessage<c10::Error>(HasSubstr("noise_multiplier")));
 }
 
 TEST(CalibrationTest, RejectsBadOptions) {

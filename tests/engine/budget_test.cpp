@@ -207,6 +207,41 @@ TEST(PrivacyBudget, RefusesABudgetItCannotMeasure) {
 
 // No accountant here analyses shuffled fixed-size batches: an optimiser that would account
 // them is refused; without an accountant (nothing reported) they are allowed.
+// A release made before training (a private feature statistic) is part of the run's ε: the
+// accountant starts with it, a target ε calibrates σ for both, and the budget counts it.
+TEST(PriorReleases, CountInTheRunsEpsilonCalibrationAndBudget) {
+  const accounting::HistoryEntry release{3.0, 1.0, 1};
+  const auto base =
+      PrivacyOptions().target_epsilon(4.0).expected_batch_size(20).epochs(5).accountant("rdp").seed(
+          3);
+  BudgetedRun plain(base);
+  BudgetedRun with_prior(PrivacyOptions(base).prior_releases({release}));
+  EXPECT_GT(with_prior.run.settings.noise_multiplier, plain.run.settings.noise_multiplier);
+  ASSERT_EQ(with_prior.engine.accountant()->history().size(), 1U);
+  EXPECT_EQ(with_prior.engine.accountant()->history()[0], release);
+  EXPECT_GT(with_prior.engine.epsilon(1e-5), 0.0);  // before any step
+  for (int64_t s = 0; s < with_prior.run.settings.steps; ++s) with_prior.step();
+  const double eps = with_prior.engine.epsilon(1e-5);
+  EXPECT_LE(eps, 4.0);
+  EXPECT_GE(eps, 4.0 - 0.01);
+  // The same σ without the release spends less.
+  auto steps_only = accounting::make_accountant("rdp");
+  steps_only->step(with_prior.run.settings.noise_multiplier, with_prior.run.settings.sample_rate,
+                   with_prior.run.settings.steps);
+  EXPECT_LT(steps_only->epsilon(1e-5), eps - 0.1);
+
+  // A budget below what the release alone spends refuses the first step.
+  auto prior_only = accounting::make_accountant("rdp");
+  prior_only->set_history({release});
+  BudgetedRun refused(
+      PrivacyOptions(base)
+          .target_epsilon(std::nullopt)
+          .noise_multiplier(1.0)
+          .prior_releases({release})
+          .budget(accounting::PrivacyBudget{prior_only->epsilon(1e-5) * 0.99, 1e-5}));
+  EXPECT_EQ(refused.steps_until_refused(3), 0);
+}
+
 TEST(SamplerAccounting, ShuffledBatchesAreNotAccountedAsPoisson) {
   auto m = mlp();
   auto clipper =

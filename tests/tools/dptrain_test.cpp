@@ -4,6 +4,7 @@
 #include <gtest/gtest.h>
 #include <nlohmann/json.hpp>
 
+#include <cmath>
 #include <filesystem>
 #include <fstream>
 
@@ -173,6 +174,52 @@ TEST_F(DptrainTest, ScatteringModelsTrainOnCachedFeatures) {
   EXPECT_EQ(read_json(dir_ / "again" / "report.json")["validation_accuracy"],
             first["validation_accuracy"]);
   for (const auto& file : cached) EXPECT_GT(fs::file_size(file), 1000u * 81 * 49 * 4);
+}
+
+// scatter-linear whitens its features by default: the released statistics are counted in ε
+// (σ is calibrated for both), kept as whitening.pt, loaded again on --resume (the resumed run
+// ends as the uninterrupted one) and shared by the ranks of a distributed job.
+TEST_F(DptrainTest, FeatureWhiteningIsCountedAndKept) {
+  const std::string args =
+      " --model scatter-linear --train-subset 2048 --validation 1000 --batch-size 256 --epochs 2 "
+      "--epsilon 3 --threads 1 --seed 3 --feature-cache " +
+      out("cache");
+  auto whitened = run_tool("dptrain", args + " --out " + out("whitened"));
+  ASSERT_EQ(whitened.status, 0) << whitened.err;
+  EXPECT_THAT(whitened.out, HasSubstr("whitening.pt"));
+  EXPECT_TRUE(fs::exists(dir_ / "whitened" / "whitening.pt"));
+  auto plain = run_tool("dptrain", args + " --whitening 0 --out " + out("plain"));
+  ASSERT_EQ(plain.status, 0) << plain.err;
+  EXPECT_FALSE(fs::exists(dir_ / "plain" / "whitening.pt"));
+  const auto w = read_json(dir_ / "whitened" / "report.json");
+  const auto p = read_json(dir_ / "plain" / "report.json");
+  EXPECT_EQ(w["config"]["whitening"], 1.0);
+  EXPECT_DOUBLE_EQ(w["feature_release"]["noise_multiplier"].get<double>(), 20.0 / std::sqrt(2.0));
+  EXPECT_FALSE(p.contains("feature_release"));
+  EXPECT_GT(w["noise_multiplier"].get<double>(), p["noise_multiplier"].get<double>());
+  EXPECT_LE(w["epsilon"].get<double>(), 3.0);
+  EXPECT_GT(w["epsilon"].get<double>(), 2.95);
+  ASSERT_EQ(w["privacy_ledger"].size(), 1u);  // the training steps; the release is separate
+  EXPECT_EQ(w["privacy_ledger"][0]["steps"], w["steps"]);
+  EXPECT_GT(w["validation_accuracy"].get<double>(), 0.5);
+
+  auto part = run_tool("dptrain", args + " --stop-after-steps 5 --out " + out("part"));
+  ASSERT_EQ(part.status, 130) << part.err;
+  auto rest = run_tool("dptrain", "--resume " + out("part"));
+  ASSERT_EQ(rest.status, 0) << rest.err;
+  const auto r = read_json(dir_ / "part" / "report.json");
+  EXPECT_EQ(r["validation_accuracy"], w["validation_accuracy"]);
+  EXPECT_EQ(r["epsilon"], w["epsilon"]);
+
+  auto two = run_tool("dptrain", args + " --nproc 2 --out " + out("two"));
+  ASSERT_EQ(two.status, 0) << two.err;
+  const auto t = read_json(dir_ / "two" / "report.json");
+  EXPECT_EQ(t["epsilon"], w["epsilon"]);
+  EXPECT_NEAR(t["validation_accuracy"].get<double>(), w["validation_accuracy"].get<double>(), 0.01);
+
+  auto pixels = run_tool("dptrain", kQuick + " --whitening 1 --out " + out("pixels"));
+  EXPECT_EQ(pixels.status, 2);
+  EXPECT_THAT(pixels.err, HasSubstr("--whitening whitens the scattering features"));
 }
 
 TEST_F(DptrainTest, AutomaticClippingTrains) {

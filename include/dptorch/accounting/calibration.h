@@ -3,6 +3,9 @@
 #include <cstdint>
 #include <optional>
 #include <string>
+#include <vector>
+
+#include <dptorch/accounting/accountant.h>
 
 namespace dptorch::accounting {
 
@@ -36,6 +39,10 @@ class CalibrationOptions {
   CalibrationOptions& accountant(std::string value);
   /// The bisection stops once ε is within this of the target (from below); default 0.01.
   CalibrationOptions& epsilon_tolerance(double value);
+  /// Releases of the same data set before the steps (for example a private feature statistic,
+  /// features::ChannelWhitening::release()), as history blocks: σ is calibrated so that they
+  /// and the steps together stay within the target. Empty by default.
+  CalibrationOptions& prior(std::vector<HistoryEntry> value);
 
   /// The values as set (empty where not set); see the setters.
   std::optional<double> target_epsilon() const noexcept { return target_epsilon_; }
@@ -45,6 +52,7 @@ class CalibrationOptions {
   std::optional<double> epochs() const noexcept { return epochs_; }
   const std::string& accountant() const noexcept { return accountant_; }
   double epsilon_tolerance() const noexcept { return epsilon_tolerance_; }
+  const std::vector<HistoryEntry>& prior() const noexcept { return prior_; }
 
   /// The number of steps: `steps`, or int(epochs / sample_rate). Throws if neither or both
   /// were set, or if the result is < 1.
@@ -58,13 +66,15 @@ class CalibrationOptions {
   std::optional<double> epochs_;
   std::string accountant_ = "prv";
   double epsilon_tolerance_ = 0.01;
+  std::vector<HistoryEntry> prior_;
 };
 
 /// The noise multiplier σ that keeps ε at or below the target after the given steps: the
 /// bisection of Opacus's get_noise_multiplier, reproduced exactly. Starting from σ = 20 it
 /// doubles σ until ε(σ) <= target, then bisects [0, σ] keeping the upper end feasible until
 /// target - ε(σ) <= epsilon_tolerance, and returns the feasible upper end, so it never
-/// overshoots the target. Throws if the target needs σ > kMaxNoiseMultiplier.
+/// overshoots the target. ε is that of the prior releases followed by the steps. Throws if the
+/// target needs σ > kMaxNoiseMultiplier (or the prior alone spends it).
 [[nodiscard]] double noise_multiplier_for_epsilon(const CalibrationOptions& options);
 
 /// What to measure: ε after `steps` (or `epochs`) steps with noise multiplier σ and sample

@@ -67,6 +67,11 @@ struct PrivacyOptions {
   /// audit): after training, audit->result(δ) gives an ε lower bound to set beside the
   /// accountant's ε. Null: no audit.
   TORCH_ARG(std::shared_ptr<audit::GradientCanaries>, audit) = nullptr;
+  /// Releases of the training set made before training, as accountant history blocks (e.g. a
+  /// private feature statistic: features::ChannelWhitening::release()). The accountant starts
+  /// with them, so ε and the budget count them, and a target_epsilon calibrates σ for them and
+  /// the training steps together. Empty by default.
+  TORCH_ARG(std::vector<accounting::HistoryEntry>, prior_releases) = {};
   /// Flat, per-layer or adaptive clipping.
   TORCH_ARG(ClippingMode, clipping) = ClippingMode::kFlat;
   /// Adaptive clipping: the target quantile γ of unclipped samples.
@@ -106,7 +111,8 @@ struct PrivacySettings {
   int64_t dataset_size = 0;
   uint64_t sampler_seed = 0;
   std::string accountant;
-  std::optional<accounting::PrivacyBudget> budget;  // the run's limit, when given
+  std::optional<accounting::PrivacyBudget> budget;       // the run's limit, when given
+  std::vector<accounting::HistoryEntry> prior_releases;  // spent before training
   ClippingMode clipping = ClippingMode::kFlat;
   int64_t rank = 0;        // this process's rank in a distributed job
   int64_t world_size = 1;  // the job's processes
