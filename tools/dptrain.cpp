@@ -863,9 +863,16 @@ int run(const Config& config, const fs::path& out, bool resume, int threads,
     }
     report["epsilon_by_accountant"] = by_accountant;
     // Adaptive clipping moves the bound during training: no single C to state.
-    const std::string statement = dptorch::accounting::privacy_statement(
+    std::string statement = dptorch::accounting::privacy_statement(
         eps, config.delta, settings.accountant, "poisson",
         config.clipping == "adaptive" ? 0.0 : settings.max_grad_norm);
+    if (whitening) {
+      std::ostringstream release;
+      release << " Epsilon also counts one release, before training, of the training features' "
+                 "mean and channel covariance (the Gaussian mechanism with noise multiplier "
+              << whitening->release()->noise_multiplier << ").";
+      statement += release.str();
+    }
     report["privacy_statement"] = statement;
     std::cout << statement << "\n";
   }
