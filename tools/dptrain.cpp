@@ -2,6 +2,7 @@
 // and reports test accuracy with the (ε, δ) the run spent.
 #include <dptorch/distributed/group.h>
 #include <dptorch/dptorch.h>
+#include <dptorch/io/atomic_file.h>
 
 #include <CLI/CLI.hpp>
 #include <nlohmann/json.hpp>
@@ -139,18 +140,21 @@ Config from_json(const json& j) {
   return c;
 }
 
-// Writes `parts`, one after the other, to `path` atomically: a reader sees the old file or the
-// new one, never a part.
+// Writes `parts`, one after the other, to `path` so that a crash leaves the old file or the new
+// one, never a part (dptorch::io::write_file_atomically: fsync'ed, renamed, directory fsync'ed).
 void write_file(const fs::path& path, std::initializer_list<std::string_view> parts) {
-  const fs::path tmp = path.string() + ".tmp";
-  {
-    std::ofstream out(tmp, std::ios::binary | std::ios::trunc);
-    for (const auto part : parts) out.write(part.data(), static_cast<std::streamsize>(part.size()));
-    if (!out.flush()) throw std::runtime_error("cannot write " + tmp.string());
-  }
-  fs::rename(tmp, path);
+  dptorch::io::write_file_atomically(path.string(), parts);
 }
 void write_file(const fs::path& path, const std::string& text) { write_file(path, {text}); }
+
+// `text` with every byte outside printable ASCII shown as '?': messages that quote a file's
+// bytes (a parser's "last read: ...") stay one readable line.
+std::string readable(std::string text) {
+  for (char& c : text) {
+    if (c < 0x20 || c > 0x7e) c = '?';
+  }
+  return text;
+}
 
 // FNV-1a over a tensor's bytes: what identifies a data set in the feature cache.
 uint64_t fingerprint(const torch::Tensor& t) {
@@ -301,9 +305,8 @@ dptorch::features::ChannelWhitening run_whitening(
   const fs::path saved = out / "whitening.pt";
   const dptorch::accounting::HistoryEntry release{config.whitening_noise / std::sqrt(2.0), 1.0, 1};
   dptorch::features::ChannelWhitening fitted{nullptr};
-  if ((!group || group->rank() == 0) && resume) {
-    TORCH_CHECK_VALUE(fs::exists(saved), "cannot resume: ", saved.string(),
-                      " (the run's feature whitening) is missing; start the run again");
+  // A run killed before it saved the whitening released nothing: a resumed one fits it anew.
+  if ((!group || group->rank() == 0) && resume && fs::exists(saved)) {
     auto loaded = dptorch::features::ChannelWhitening(kScatterChannels, std::vector<int64_t>{7, 7});
     torch::load(loaded, saved.string());
     fitted = dptorch::features::ChannelWhitening(loaded->mean(), loaded->matrix(), release);
@@ -649,20 +652,38 @@ int run(const Config& config, const fs::path& out, bool resume, int threads,
 
   std::vector<json> epochs_log;
   const fs::path checkpoint = out / "checkpoint.pt";
-  if (resume) {
+  // A run killed before its first checkpoint resumes from the start.
+  if (resume && fs::exists(config.no_privacy ? out / "model.pt" : checkpoint)) {
     if (!config.no_privacy) {
       (void)engine.load_checkpoint(checkpoint.string(), training);
     } else {
-      torch::load(model, (out / "model.pt").string());
-      torch::load(*sgd, (out / "optimizer.pt").string());
-      training.loader.set_position(json::parse(std::ifstream(out / "position.json"))["position"]);
+      // One archive: the model, the optimiser and the loader's position, written together.
+      torch::serialize::InputArchive archive;
+      archive.load_from((out / "model.pt").string());
+      torch::serialize::InputArchive part;
+      archive.read("model", part);
+      model->load(part);
+      archive.read("optimizer", part);
+      sgd->load(part);
+      c10::IValue position;
+      archive.read("position", position);
+      training.loader.set_position(position.toInt());
     }
+    // The epochs the checkpoint holds (a crash between checkpoint and metrics leaves none past).
     std::ifstream metrics(out / "metrics.jsonl");
+    int64_t line_number = 0;
     for (std::string line; lead && std::getline(metrics, line);) {
-      if (!line.empty()) epochs_log.push_back(json::parse(line));
+      ++line_number;
+      if (line.empty()) continue;
+      const json entry = json::parse(line, nullptr, /*allow_exceptions=*/false);
+      TORCH_CHECK_VALUE(
+          entry.is_object() && entry.contains("steps") && entry["steps"].is_number_integer(),
+          "cannot resume: line ", line_number, " of ", (out / "metrics.jsonl").string(),
+          " is not an epoch's metrics; restore the file or start the run again");
+      if (entry["steps"].get<int64_t>() <= training.loader.position()) epochs_log.push_back(entry);
     }
   } else if (lead) {
-    std::ofstream(out / "metrics.jsonl", std::ios::trunc);
+    write_file(out / "metrics.jsonl", std::string());
   }
 
   const int64_t per_epoch = settings.steps_per_epoch;
@@ -683,9 +704,15 @@ int run(const Config& config, const fs::path& out, bool resume, int threads,
 
   auto save = [&] {
     if (config.no_privacy) {
-      torch::save(model, (out / "model.pt").string());
-      torch::save(*sgd, (out / "optimizer.pt").string());
-      write_file(out / "position.json", json{{"position", training.loader.position()}}.dump());
+      torch::serialize::OutputArchive archive, model_part, optimizer_part;
+      model->save(model_part);
+      sgd->save(optimizer_part);
+      archive.write("model", model_part);
+      archive.write("optimizer", optimizer_part);
+      archive.write("position", c10::IValue(training.loader.position()));
+      std::ostringstream bytes;
+      archive.save_to(bytes);
+      write_file(out / "model.pt", bytes.str());
     } else {
       engine.save_checkpoint(checkpoint.string(), training);
     }
@@ -795,13 +822,14 @@ int run(const Config& config, const fs::path& out, bool resume, int threads,
                   {"seconds", secs}};
     if (!config.no_privacy) entry["epsilon"] = eps;
     epochs_log.push_back(entry);
-    {
-      std::ofstream metrics(out / "metrics.jsonl", std::ios::app);
-      metrics << entry.dump() << "\n";
-    }
+    // The checkpoint first, then the whole metrics file again (a crash leaves the old lines or
+    // the new ones; one that falls between the two loses this epoch's line, never repeats it).
+    save();
+    std::string lines;
+    for (const auto& e : epochs_log) lines += e.dump() + "\n";
+    write_file(out / "metrics.jsonl", lines);
     progress.end_epoch(epoch, epochs_total, entry["examples_per_second"], entry["train_loss"], acc,
                        eps);
-    save();
   }
 
   // Each rank's time in the gradients' all-reduce (waiting for slower ranks included).
@@ -1285,7 +1313,14 @@ int main(int argc, char** argv) {
             << " holds no dptrain run (no config.json); resume a directory that a run wrote\n";
         return 2;
       }
-      config = from_json(json::parse(in));
+      const std::string config_path = (fs::path(resume_dir) / "config.json").string();
+      try {
+        config = from_json(json::parse(in));
+      } catch (const json::exception& e) {
+        std::cerr << "dptrain: error: " << config_path << " is not a dptrain run's settings ("
+                  << readable(e.what()) << "); restore it or start the run again\n";
+        return 2;
+      }
       out = resume_dir;
       resume = true;
     } else if (!group || group->rank() == 0) {

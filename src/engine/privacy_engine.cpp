@@ -1,5 +1,7 @@
 #include <dptorch/engine/privacy_engine.h>
 
+#include <dptorch/io/atomic_file.h>
+
 #include <dptorch/accounting/calibration.h>
 #include <dptorch/distributed/group.h>
 
@@ -239,20 +241,19 @@ std::string rank_state(const CheckpointInfo& info, optim::NoiseSource& noise) {
   return out.str();
 }
 
-// Writes `archive` to `path` through a temporary file renamed into place.
+// Writes `archive` to `path` so that a crash leaves the old checkpoint or the new one
+// (io::write_file_atomically).
 void write_atomically(torch::serialize::OutputArchive& archive, const std::string& path) {
-  const std::string tmp = path + ".tmp";
+  std::ostringstream bytes;
+  archive.save_to(bytes);
   try {
-    archive.save_to(tmp);
+    io::write_file_atomically(path, bytes.str());
   } catch (const c10::Error& e) {
-    std::remove(tmp.c_str());
-    TORCH_CHECK(false, "could not write checkpoint ", path, ": ", detail::first_line(e.what()),
-                "; check that its directory exists and is writable");
-  }
-  if (std::rename(tmp.c_str(), path.c_str()) != 0) {
-    std::remove(tmp.c_str());
-    TORCH_CHECK(false, "could not move checkpoint into place at ", path,
-                "; check that its directory is writable");
+    // "could not write <path>: <reason>", said of the checkpoint.
+    std::string reason = detail::first_line(e.what_without_backtrace());
+    const std::string prefix = "could not write " + path + ": ";
+    if (reason.rfind(prefix, 0) == 0) reason = reason.substr(prefix.size());
+    TORCH_CHECK(false, "could not write checkpoint ", path, ": ", reason);
   }
 }
 
@@ -273,8 +274,11 @@ void PrivacyEngine::save_checkpoint(const std::string& path, optim::DPOptimizer&
       archive.write("format", c10::IValue(std::string(kCheckpointFormat)));
       archive.write("fingerprint", c10::IValue(fingerprint(module)));
       archive.write("accountant", c10::IValue(accountant_->serialize()));
+      // Secure mode keeps its sampler seed out of the file: the batches stay secret from a
+      // reader of the checkpoint, and a resumed secure run draws a fresh seed (load_checkpoint).
+      const uint64_t sampler_seed = optimizer.noise().is_secure() ? 0 : info.sampler_seed;
       archive.write("info", torch::tensor({info.loader_position, info.optimizer_steps,
-                                           static_cast<int64_t>(info.sampler_seed)},
+                                           static_cast<int64_t>(sampler_seed)},
                                           torch::kLong));
       if (optimizer.noise().resumable()) {
         archive.write("noise", c10::IValue(optimizer.noise().state()));

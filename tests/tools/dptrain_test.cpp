@@ -4,9 +4,19 @@
 #include <gtest/gtest.h>
 #include <nlohmann/json.hpp>
 
+#include <fcntl.h>
+#include <signal.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <chrono>
 #include <cmath>
 #include <filesystem>
 #include <fstream>
+#include <random>
+#include <sstream>
+#include <thread>
+#include <vector>
 
 #include "support/run_tool.h"
 
@@ -272,6 +282,103 @@ TEST_F(DptrainTest, TwoProcessesTrainTheOneProcessRun) {
   auto c = read_json(dir_ / "part" / "report.json");
   EXPECT_EQ(b["test_accuracy"], c["test_accuracy"]);
   EXPECT_EQ(b["epsilon"], c["epsilon"]);
+}
+
+// Starts dptrain with `args` in a child process (output discarded); its pid.
+pid_t start_dptrain(const std::vector<std::string>& args) {
+  const pid_t pid = ::fork();
+  if (pid == 0) {
+    const int null = ::open("/dev/null", O_WRONLY);
+    ::dup2(null, 1);
+    ::dup2(null, 2);
+    std::vector<char*> argv{const_cast<char*>("dptrain")};
+    for (const auto& a : args) argv.push_back(const_cast<char*>(a.c_str()));
+    argv.push_back(nullptr);
+    ::execv(tool_path("dptrain").c_str(), argv.data());
+    ::_exit(127);
+  }
+  return pid;
+}
+
+// Killed with SIGKILL at random moments (before its first checkpoint, while writing one, between
+// files), and resumed each time from whatever it left: the run ends as the uninterrupted one.
+TEST_F(DptrainTest, KilledAtRandomMomentsResumesToTheSameResult) {
+  const std::string settings = kQuick + " --epsilon 50 --ema 0.8";
+  const auto started_at = std::chrono::steady_clock::now();
+  auto whole = run_tool("dptrain", settings + " --out " + out("whole"));
+  ASSERT_EQ(whole.status, 0) << whole.err;
+  const auto whole_ms = std::chrono::duration_cast<std::chrono::milliseconds>(
+                            std::chrono::steady_clock::now() - started_at)
+                            .count();
+  std::vector<std::string> fresh;
+  std::istringstream words(settings);
+  for (std::string w; words >> w;) fresh.push_back(w);
+  fresh.push_back("--out");
+  fresh.push_back(out("killed"));
+  // Six starts killed after a random part of the whole run's time (0.1 to 1.1 of it: before the
+  // first checkpoint, mid-epoch, while writing), then one left to finish.
+  std::mt19937 rng(5);
+  constexpr int kKills = 6;
+  for (int attempt = 0; attempt <= kKills; ++attempt) {
+    // Until the run has written its settings, it starts afresh; then it resumes.
+    const bool started = fs::exists(dir_ / "killed" / "config.json");
+    const pid_t pid =
+        start_dptrain(started ? std::vector<std::string>{"--resume", out("killed")} : fresh);
+    ASSERT_GT(pid, 0);
+    int status = 0;
+    if (attempt < kKills) {
+      const auto delay = whole_ms / 10 + static_cast<int64_t>(rng() % (whole_ms + 1));
+      const auto deadline = std::chrono::steady_clock::now() + std::chrono::milliseconds(delay);
+      pid_t done = 0;
+      while ((done = ::waitpid(pid, &status, WNOHANG)) == 0 &&
+             std::chrono::steady_clock::now() < deadline) {
+        std::this_thread::sleep_for(std::chrono::milliseconds(5));
+      }
+      if (done == 0) {
+        ::kill(pid, SIGKILL);
+        ::waitpid(pid, &status, 0);
+        continue;
+      }
+    } else {
+      ::waitpid(pid, &status, 0);
+    }
+    // A run that ended on its own (before its kill, or the last one) ended well.
+    ASSERT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0)
+        << "attempt " << attempt << " ended with status " << status;
+  }
+  const auto a = read_json(dir_ / "whole" / "report.json");
+  const auto b = read_json(dir_ / "killed" / "report.json");
+  EXPECT_EQ(a["test_accuracy"], b["test_accuracy"]);
+  EXPECT_EQ(a["epsilon"], b["epsilon"]);
+  EXPECT_EQ(a["steps"], b["steps"]);
+  // No temporary file is left behind, and the metrics hold each epoch once.
+  for (const auto& entry : fs::directory_iterator(dir_ / "killed")) {
+    EXPECT_NE(entry.path().extension(), ".tmp") << entry.path();
+  }
+  std::ifstream metrics(dir_ / "killed" / "metrics.jsonl");
+  int64_t last_epoch = 0;
+  for (std::string line; std::getline(metrics, line);) {
+    const auto epoch = nlohmann::json::parse(line)["epoch"].get<int64_t>();
+    EXPECT_GT(epoch, last_epoch);
+    last_epoch = epoch;
+  }
+}
+
+// A garbled config.json is refused with the file's name, and none of its bytes unreadable.
+TEST_F(DptrainTest, GarbledSettingsAreRefusedByName) {
+  fs::create_directories(dir_ / "garbled");
+  std::ofstream(dir_ / "garbled" / "config.json") << "{\"epsilon\": 3,\x01\xff\xfe";
+  auto r = run_tool("dptrain", "--resume " + out("garbled"));
+  EXPECT_EQ(r.status, 2);
+  EXPECT_THAT(r.err, HasSubstr((dir_ / "garbled" / "config.json").string() +
+                               " is not a dptrain run's settings"));
+  for (const char c : r.err) {
+    EXPECT_TRUE(c == '\n' || (c >= 0x20 && c <= 0x7e)) << "byte " << static_cast<int>(c);
+  }
+  std::ofstream(dir_ / "garbled" / "config.json") << "{\"epsilon\": \"three\"}";
+  r = run_tool("dptrain", "--resume " + out("garbled"));
+  EXPECT_EQ(r.status, 2);
+  EXPECT_THAT(r.err, HasSubstr("is not a dptrain run's settings"));
 }
 
 // With --ema, the checkpoint holds the parameters' average too: the resumed run evaluates the

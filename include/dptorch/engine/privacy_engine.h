@@ -210,10 +210,14 @@ class PrivacyEngine {
   /// Restores what save_checkpoint wrote into `run` (same model architecture and accountant);
   /// the run continues exactly where the saved one was. Nothing changes if the checkpoint is
   /// refused. In a distributed job every rank calls it: rank 0 reads the file and sends it to
-  /// the others; a checkpoint of a job with another number of processes is refused.
+  /// the others; a checkpoint of a job with another number of processes is refused. In secure
+  /// mode no seed comes from the file (none is written there): the run samples on with its own.
   template <typename Dataset>
   CheckpointInfo load_checkpoint(const std::string& path, PrivateTraining<Dataset>& run) {
     auto info = load_checkpoint(path, *run.optimizer);
+    // A secure run never takes a seed from a file: it goes on sampling with its own, fresh one
+    // (each Poisson step is independent of the others, so the accounting is unchanged).
+    if (run.optimizer->noise().is_secure()) info.sampler_seed = run.settings.sampler_seed;
     if (info.sampler_seed != run.settings.sampler_seed) {
       run.settings.sampler_seed = info.sampler_seed;
       run.loader =
