@@ -4,6 +4,8 @@
 #include <dptorch/dptorch.h>
 #include <dptorch/io/atomic_file.h>
 
+#include "dptrain_config.h"
+
 #include <CLI/CLI.hpp>
 #include <nlohmann/json.hpp>
 
@@ -54,91 +56,9 @@ ModelDefaults defaults_for(const std::string& model) {
   return {40, 4.0, 0.9, 0.1, 2048, 0.0, 0.0};
 }
 
-// Everything that defines a run; saved as config.json so that --resume rebuilds the same run.
-struct Config {
-  double epsilon = 3.0;
-  std::optional<double> noise_multiplier;
-  std::optional<double> budget;  // ε at delta that training stops before passing
-  double delta = 1e-5;
-  double epochs = 40;
-  int64_t batch_size = 2048;
-  double lr = 4.0;
-  double momentum = 0.9;
-  double max_grad_norm = 0.1;
-  std::string accountant = "prv";
-  std::string clipping = "flat";
-  std::string model = "scatter-linear";
-  uint64_t seed = 0;
-  bool no_privacy = false;
-  bool secure_rng = false;
-  int64_t train_subset = 0;  // 0: the whole training set
-  int64_t max_physical_batch_size = 0;
-  int64_t audit = 0;          // gradient canaries of the one-run audit (0: no audit)
-  int64_t validation = 0;     // hold out the last N training examples and evaluate on them
-  std::string feature_cache;  // where scattering features are kept between runs ("": nowhere)
-  double ema = 0;             // decay of the parameters' moving average that is evaluated (0: none)
-  double whitening = 0;       // λ of the scattering features' private whitening (0: none)
-  double whitening_noise = 20;  // σ of the whitening's released sums
-  std::string data_dir = dptorch::data::FashionMnist::kDefaultRoot;
-};
-
-json to_json(const Config& c) {
-  json j = {{"epsilon", c.epsilon},
-            {"delta", c.delta},
-            {"epochs", c.epochs},
-            {"batch_size", c.batch_size},
-            {"lr", c.lr},
-            {"momentum", c.momentum},
-            {"max_grad_norm", c.max_grad_norm},
-            {"accountant", c.accountant},
-            {"clipping", c.clipping},
-            {"model", c.model},
-            {"seed", c.seed},
-            {"no_privacy", c.no_privacy},
-            {"secure_rng", c.secure_rng},
-            {"train_subset", c.train_subset},
-            {"max_physical_batch_size", c.max_physical_batch_size},
-            {"audit", c.audit},
-            {"validation", c.validation},
-            {"feature_cache", c.feature_cache},
-            {"ema", c.ema},
-            {"whitening", c.whitening},
-            {"whitening_noise", c.whitening_noise},
-            {"data_dir", c.data_dir}};
-  j["noise_multiplier"] = c.noise_multiplier ? json(*c.noise_multiplier) : json(nullptr);
-  j["budget"] = c.budget ? json(*c.budget) : json(nullptr);
-  return j;
-}
-
-Config from_json(const json& j) {
-  Config c;
-  c.epsilon = j.at("epsilon");
-  if (!j.at("noise_multiplier").is_null())
-    c.noise_multiplier = j.at("noise_multiplier").get<double>();
-  if (j.contains("budget") && !j.at("budget").is_null()) c.budget = j.at("budget").get<double>();
-  c.delta = j.at("delta");
-  c.epochs = j.at("epochs");
-  c.batch_size = j.at("batch_size");
-  c.lr = j.at("lr");
-  c.momentum = j.at("momentum");
-  c.max_grad_norm = j.at("max_grad_norm");
-  c.accountant = j.at("accountant");
-  c.clipping = j.at("clipping");
-  c.model = j.value("model", std::string("cnn"));
-  c.seed = j.at("seed");
-  c.no_privacy = j.at("no_privacy");
-  c.secure_rng = j.at("secure_rng");
-  c.train_subset = j.at("train_subset");
-  c.max_physical_batch_size = j.at("max_physical_batch_size");
-  c.audit = j.value("audit", int64_t{0});
-  c.validation = j.value("validation", int64_t{0});
-  c.feature_cache = j.value("feature_cache", std::string());
-  c.ema = j.value("ema", 0.0);
-  c.whitening = j.value("whitening", 0.0);
-  c.whitening_noise = j.value("whitening_noise", 20.0);
-  c.data_dir = j.at("data_dir");
-  return c;
-}
+using dptrain::Config;
+using dptrain::from_json;
+using dptrain::to_json;
 
 // Writes `parts`, one after the other, to `path` so that a crash leaves the old file or the new
 // one, never a part (dptorch::io::write_file_atomically: fsync'ed, renamed, directory fsync'ed).
@@ -1316,9 +1236,12 @@ int main(int argc, char** argv) {
       const std::string config_path = (fs::path(resume_dir) / "config.json").string();
       try {
         config = from_json(json::parse(in));
-      } catch (const json::exception& e) {
+      } catch (const std::exception& e) {  // the JSON parser's, or check()'s
+        const auto* c10_error = dynamic_cast<const c10::Error*>(&e);
+        const std::string what = c10_error ? c10_error->what_without_backtrace() : e.what();
         std::cerr << "dptrain: error: " << config_path << " is not a dptrain run's settings ("
-                  << readable(e.what()) << "); restore it or start the run again\n";
+                  << readable(what.substr(0, what.find('\n')))
+                  << "); restore it or start the run again\n";
         return 2;
       }
       out = resume_dir;

@@ -82,12 +82,22 @@ std::string joined_names() {
 
 // Parses serialize()'s JSON into (mechanism, history); every problem is a c10::ValueError
 // that starts with "accountant state".
+// A piece of an untrusted state for an error message: printable ASCII only (other bytes as '?'),
+// at most `limit` characters.
+std::string printable(std::string text, size_t limit = 60) {
+  if (text.size() > limit) text = text.substr(0, limit - 3) + "...";
+  for (char& c : text) {
+    if (c < 0x20 || c > 0x7e) c = '?';
+  }
+  return text;
+}
+
 std::pair<std::string, std::vector<HistoryEntry>> parse_state(const std::string& state) {
   nlohmann::json json;
   try {
     json = nlohmann::json::parse(state);
   } catch (const nlohmann::json::exception& e) {
-    TORCH_CHECK_VALUE(false, "accountant state is not valid JSON (", e.what(),
+    TORCH_CHECK_VALUE(false, "accountant state is not valid JSON (", printable(e.what(), 300),
                       "); pass the string that Accountant::serialize() returned");
   }
   TORCH_CHECK_VALUE(json.is_object() && json.value("format", "") == kStateFormat,
@@ -107,9 +117,11 @@ std::pair<std::string, std::vector<HistoryEntry>> parse_state(const std::string&
                              item["noise_multiplier"].is_number() && item.contains("sample_rate") &&
                              item["sample_rate"].is_number() && item.contains("steps") &&
                              item["steps"].is_number_integer();
-    TORCH_CHECK_VALUE(well_formed, "accountant state has a malformed history entry ", item.dump(),
-                      "; expected {\"noise_multiplier\": number, ",
-                      "\"sample_rate\": number, \"steps\": integer}");
+    TORCH_CHECK_VALUE(
+        well_formed, "accountant state has a malformed history entry ",
+        printable(item.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace)),
+        "; expected {\"noise_multiplier\": number, ",
+        "\"sample_rate\": number, \"steps\": integer}");
     HistoryEntry entry{item["noise_multiplier"].get<double>(), item["sample_rate"].get<double>(),
                        item["steps"].get<int64_t>()};
     detail::check_entry(entry);
@@ -177,9 +189,9 @@ std::string Accountant::serialize() const {
 void Accountant::deserialize(const std::string& state) {
   auto [state_mechanism, history] = parse_state(state);
   TORCH_CHECK_VALUE(state_mechanism == mechanism(), "accountant state is of mechanism '",
-                    state_mechanism, "', but this accountant is '", mechanism(),
-                    "'; load it with load_accountant(state) or make_accountant(\"", state_mechanism,
-                    "\")");
+                    printable(state_mechanism), "', but this accountant is '", mechanism(),
+                    "'; load it with load_accountant(state) or make_accountant(\"",
+                    printable(state_mechanism), "\")");
   history_ = std::move(history);
 }
 
@@ -246,8 +258,8 @@ std::unique_ptr<Accountant> make_accountant(const std::string& name) {
       if (type.name == name) make = type.make;
     }
   }
-  TORCH_CHECK_VALUE(static_cast<bool>(make), "unknown accountant '", name, "'; valid names are ",
-                    joined_names());
+  TORCH_CHECK_VALUE(static_cast<bool>(make), "unknown accountant '", printable(name),
+                    "'; valid names are ", joined_names());
   return make();
 }
 
@@ -255,7 +267,7 @@ std::unique_ptr<Accountant> load_accountant(const std::string& state) {
   auto [mechanism, history] = parse_state(state);
   const auto names = accountant_names();
   TORCH_CHECK_VALUE(std::find(names.begin(), names.end(), mechanism) != names.end(),
-                    "accountant state is of unknown mechanism '", mechanism,
+                    "accountant state is of unknown mechanism '", printable(mechanism),
                     "'; valid mechanisms are ", joined_names(),
                     " (register a user's accountant with register_accountant before loading)");
   auto accountant = make_accountant(mechanism);

@@ -235,6 +235,21 @@ TEST(AccountantTest, DeserialiseRejectsCorruptState) {
         << state;
   };
   rejects("", "not valid JSON");
+  // Bytes of the state quoted in a message are printable ASCII, and a long one is cut.
+  for (const std::string& state :
+       {std::string(
+            "{\"format\": \"dptorch.accountant\", \"version\": 1, \"mechanism\": \"\x01\xff") +
+            std::string(500, 'x') + "\", \"history\": []}",
+        std::string("\x01\x02\xfe garbage")}) {
+    try {
+      (void)load_accountant(state);
+      ADD_FAILURE() << "accepted a corrupt state";
+    } catch (const c10::Error& e) {
+      const std::string message = e.what_without_backtrace();
+      EXPECT_LT(message.size(), 600u);
+      for (const char c : message) EXPECT_TRUE(c >= 0x20 && c <= 0x7e) << static_cast<int>(c);
+    }
+  }
   rejects("{\"format\": \"dptorch.accountant\", ", "not valid JSON");
   rejects(good.substr(0, good.size() / 2), "not valid JSON");
   rejects("[1, 2]", "not a dptorch accountant state");

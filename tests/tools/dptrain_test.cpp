@@ -366,6 +366,10 @@ TEST_F(DptrainTest, KilledAtRandomMomentsResumesToTheSameResult) {
 
 // A garbled config.json is refused with the file's name, and none of its bytes unreadable.
 TEST_F(DptrainTest, GarbledSettingsAreRefusedByName) {
+  // A real run's settings, to garble below.
+  auto made = run_tool(
+      "dptrain", kQuick + " --epsilon 50 --stop-after-steps 1 --out " + out("whole_settings"));
+  ASSERT_EQ(made.status, 130) << made.err;
   fs::create_directories(dir_ / "garbled");
   std::ofstream(dir_ / "garbled" / "config.json") << "{\"epsilon\": 3,\x01\xff\xfe";
   auto r = run_tool("dptrain", "--resume " + out("garbled"));
@@ -379,6 +383,19 @@ TEST_F(DptrainTest, GarbledSettingsAreRefusedByName) {
   r = run_tool("dptrain", "--resume " + out("garbled"));
   EXPECT_EQ(r.status, 2);
   EXPECT_THAT(r.err, HasSubstr("is not a dptrain run's settings"));
+  // Well-formed JSON with a value dptrain's options would refuse: named.
+  auto settings = read_json(dir_ / "whole_settings" / "config.json");
+  settings["model"] = "resnet-1000";
+  std::ofstream(dir_ / "garbled" / "config.json") << settings.dump();
+  r = run_tool("dptrain", "--resume " + out("garbled"));
+  EXPECT_EQ(r.status, 2);
+  EXPECT_THAT(r.err, HasSubstr("\"model\" must be cnn, scatter-linear"));
+  settings["model"] = "cnn";
+  settings["batch_size"] = -4;
+  std::ofstream(dir_ / "garbled" / "config.json") << settings.dump();
+  r = run_tool("dptrain", "--resume " + out("garbled"));
+  EXPECT_EQ(r.status, 2);
+  EXPECT_THAT(r.err, HasSubstr("\"batch_size\" must be >= 1, but is -4"));
 }
 
 // With --ema, the checkpoint holds the parameters' average too: the resumed run evaluates the
