@@ -3,14 +3,14 @@
 # runs each for ${FUZZ_SECONDS:-60} seconds, inputs up to 4 KiB, 512 MB per allocation, 10 s per
 # input. A finding is written as fuzz/findings/<target>/crash-* (or leak-*, timeout-*, oom-*) and
 # makes the script fail; turn each into a regression test with its input. Usage:
-#   scripts/fuzz.sh [target...]   (default: every target: idx accountant_state checkpoint
-#                                  dptrain_config dpaccount_args)
+#   scripts/fuzz.sh [target...]   (default: every target: idx accountant_state dptrain_config
+#                                  dpaccount_args)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 build_dir=${BUILD_DIR:-build-fuzz}
 seconds=${FUZZ_SECONDS:-60}
 targets=("$@")
-[ ${#targets[@]} -gt 0 ] || targets=(idx accountant_state checkpoint dptrain_config dpaccount_args)
+[ ${#targets[@]} -gt 0 ] || targets=(idx accountant_state dptrain_config dpaccount_args)
 CC=clang CXX=clang++ cmake -S . -B "$build_dir" -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo \
   -DDPTORCH_FUZZ=ON -DDPTORCH_BUILD_TESTS=OFF -DDPTORCH_BUILD_EXAMPLES=OFF -DDPTORCH_BUILD_TOOLS=OFF \
   -DDPTORCH_BUILD_BENCH=OFF -DDPTORCH_INSTALL=OFF >/dev/null
