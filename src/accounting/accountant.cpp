@@ -144,11 +144,29 @@ std::ostream& operator<<(std::ostream& os, const HistoryEntry& entry) {
             << ", sample_rate=" << entry.sample_rate << ", steps=" << entry.steps << ")";
 }
 
+Accountant::Accountant(const Accountant& other) : history_(other.history()) {}
+
+Accountant& Accountant::operator=(const Accountant& other) {
+  if (this != &other) set_history(other.history());
+  return *this;
+}
+
+std::vector<HistoryEntry> Accountant::history() const {
+  std::lock_guard<std::mutex> lock(mutex_);
+  return history_;
+}
+
+void Accountant::reset() {
+  std::lock_guard<std::mutex> lock(mutex_);
+  history_.clear();
+}
+
 void Accountant::step(double noise_multiplier, double sample_rate, int64_t steps) {
   detail::check_entry({noise_multiplier, sample_rate, steps});
   if (steps == 0) {
     return;
   }
+  std::lock_guard<std::mutex> lock(mutex_);
   if (!history_.empty() && history_.back().noise_multiplier == noise_multiplier &&
       history_.back().sample_rate == sample_rate) {
     history_.back().steps += steps;
@@ -161,12 +179,13 @@ void Accountant::set_history(std::vector<HistoryEntry> history) {
   for (const auto& entry : history) {
     detail::check_entry(entry);
   }
+  std::lock_guard<std::mutex> lock(mutex_);
   history_ = std::move(history);
 }
 
-int64_t Accountant::total_steps() const noexcept {
+int64_t Accountant::total_steps() const {
   int64_t total = 0;
-  for (const auto& entry : history_) {
+  for (const auto& entry : history()) {
     total += entry.steps;
   }
   return total;
@@ -174,7 +193,7 @@ int64_t Accountant::total_steps() const noexcept {
 
 std::string Accountant::serialize() const {
   nlohmann::json history = nlohmann::json::array();
-  for (const auto& entry : history_) {
+  for (const auto& entry : this->history()) {
     history.push_back({{"noise_multiplier", entry.noise_multiplier},
                        {"sample_rate", entry.sample_rate},
                        {"steps", entry.steps}});
@@ -192,6 +211,7 @@ void Accountant::deserialize(const std::string& state) {
                     printable(state_mechanism), "', but this accountant is '", mechanism(),
                     "'; load it with load_accountant(state) or make_accountant(\"",
                     printable(state_mechanism), "\")");
+  std::lock_guard<std::mutex> lock(mutex_);
   history_ = std::move(history);
 }
 

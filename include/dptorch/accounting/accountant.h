@@ -4,6 +4,7 @@
 #include <functional>
 #include <iosfwd>
 #include <memory>
+#include <mutex>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -30,6 +31,10 @@ std::ostream& operator<<(std::ostream& os, const HistoryEntry& entry);
 /// and q as the last block extends it, so a run with a fixed schedule is a single block.
 /// Composition over blocks with different (σ, q) is exact for every accountant.
 ///
+/// Thread safety: the history is guarded by a mutex, so one thread may record steps (the
+/// training loop) while others query epsilon(), history() or serialize(); each query sees the
+/// history as it was at one moment.
+///
 /// Example:
 /// ```
 ///   auto accountant = dptorch::accounting::make_accountant("prv");
@@ -46,18 +51,18 @@ class Accountant {
   /// q in [0, 1] and steps >= 0; zero steps record nothing.
   void step(double noise_multiplier, double sample_rate, int64_t steps = 1);
 
-  /// The recorded (σ, q, steps) blocks, oldest first.
-  const std::vector<HistoryEntry>& history() const noexcept { return history_; }
+  /// The recorded (σ, q, steps) blocks, oldest first (a copy: the history as it is now).
+  std::vector<HistoryEntry> history() const;
 
   /// Replaces the history (for example with one block when calibrating σ). Every entry is
   /// validated as in step(); entries are kept as given, not merged.
   void set_history(std::vector<HistoryEntry> history);
 
   /// Forgets the history.
-  void reset() noexcept { history_.clear(); }
+  void reset();
 
   /// Total number of recorded steps over all blocks.
-  int64_t total_steps() const noexcept;
+  int64_t total_steps() const;
 
   /// The ε spent by the recorded history at the given δ in (0, 1). ε = 0 when no step has a
   /// positive sample rate; ε = +infinity when a step with q > 0 has σ = 0.
@@ -88,10 +93,12 @@ class Accountant {
 
  protected:
   Accountant() = default;
-  Accountant(const Accountant&) = default;
-  Accountant& operator=(const Accountant&) = default;
+  /// Copies the history (under the other's lock); each accountant keeps its own mutex.
+  Accountant(const Accountant& other);
+  Accountant& operator=(const Accountant& other);
 
  private:
+  mutable std::mutex mutex_;
   std::vector<HistoryEntry> history_;
 };
 
