@@ -3,6 +3,7 @@
 #include <dptorch/distributed/group.h>
 #include <dptorch/dptorch.h>
 #include <dptorch/io/atomic_file.h>
+#include <dptorch/io/checked_file.h>
 
 #include "dptrain_config.h"
 
@@ -67,14 +68,11 @@ void write_file(const fs::path& path, std::initializer_list<std::string_view> pa
 }
 void write_file(const fs::path& path, const std::string& text) { write_file(path, {text}); }
 
-// `text` with every byte outside printable ASCII shown as '?': messages that quote a file's
-// bytes (a parser's "last read: ...") stay one readable line.
-std::string readable(std::string text) {
-  for (char& c : text) {
-    if (c < 0x20 || c > 0x7e) c = '?';
-  }
-  return text;
-}
+// The kinds of dptrain's checked files (dptorch::io::write_checked_file): a file is read back
+// only if it is whole and of its kind. The feature cache's kind names the transform.
+constexpr const char* kWhiteningKind = "whitening";
+constexpr const char* kModelKind = "dptrain-model";
+constexpr const char* kFeaturesKind = "scattering-J2-L8-28x28-float32";
 
 // FNV-1a over a tensor's bytes: what identifies a data set in the feature cache.
 uint64_t fingerprint(const torch::Tensor& t) {
@@ -86,37 +84,41 @@ uint64_t fingerprint(const torch::Tensor& t) {
 }
 
 // Scattering features of `images` [N, 1, 28, 28], from `cache_dir` when it holds the features of
-// exactly these images and transform (the file's header names the transform, the image count
-// and a fingerprint of the images, and the size must match), else computed and, with a cache
-// directory, written there atomically. An empty directory: computed in memory only.
+// exactly these images (the file's name holds the image count and a fingerprint of the images,
+// its checked header the transform, and the size must match), else computed and, with a cache
+// directory, written there as a checked file. A cached file that is damaged is computed again
+// and replaced. An empty directory: computed in memory only.
 torch::Tensor scattering_features(const torch::Tensor& images, const std::string& cache_dir) {
   dptorch::features::Scattering2D scattering(28, 28, /*J=*/2, /*L=*/8);
   const int64_t n = images.size(0);
+  const std::vector<int64_t> sizes{n, scattering.channels(), scattering.out_height(),
+                                   scattering.out_width()};
   std::ostringstream id;
   id << std::hex << fingerprint(images);
-  const std::string header = "dptorch scattering J=2 L=8 28x28 float32 n=" + std::to_string(n) +
-                             " images=" + id.str() + "\n";
   const fs::path path =
       cache_dir.empty()
           ? fs::path()
           : fs::path(cache_dir) / ("scattering-" + std::to_string(n) + "-" + id.str() + ".bin");
-  if (!path.empty()) {
-    std::ifstream in(path, std::ios::binary);
-    std::string line;
-    if (in && std::getline(in, line) && line + "\n" == header) {
-      auto features =
-          torch::empty({n, scattering.channels(), scattering.out_height(), scattering.out_width()},
-                       torch::kFloat);
-      const auto bytes = static_cast<std::streamsize>(features.nbytes());
-      in.read(static_cast<char*>(features.data_ptr()), bytes);
-      if (in.gcount() == bytes && in.peek() == std::char_traits<char>::eof()) return features;
+  if (!path.empty() && fs::exists(path)) {
+    try {
+      auto bytes = std::make_unique<std::string>(
+          dptorch::io::read_checked_file(path.string(), kFeaturesKind));
+      const auto count = sizes[0] * sizes[1] * sizes[2] * sizes[3];
+      if (bytes->size() == static_cast<size_t>(count) * sizeof(float)) {
+        // The tensor keeps the bytes it was read into: no second copy of ~1 GB.
+        void* data = bytes->data();
+        return torch::from_blob(
+            data, sizes, [owner = bytes.release()](void*) { delete owner; }, torch::kFloat);
+      }
+    } catch (const c10::Error&) {  // damaged or of an older format: computed again below
     }
   }
   auto features = scattering.forward(images.squeeze(1)).contiguous();
   if (!path.empty()) {
     fs::create_directories(path.parent_path());
-    write_file(path, {header, std::string_view(static_cast<const char*>(features.data_ptr()),
-                                               features.nbytes())});
+    dptorch::io::write_checked_file(
+        path.string(), kFeaturesKind,
+        std::string_view(static_cast<const char*>(features.data_ptr()), features.nbytes()));
   }
   return features;
 }
@@ -228,7 +230,8 @@ dptorch::features::ChannelWhitening run_whitening(
   // A run killed before it saved the whitening released nothing: a resumed one fits it anew.
   if ((!group || group->rank() == 0) && resume && fs::exists(saved)) {
     auto loaded = dptorch::features::ChannelWhitening(kScatterChannels, std::vector<int64_t>{7, 7});
-    torch::load(loaded, saved.string());
+    std::istringstream bytes(dptorch::io::read_checked_file(saved.string(), kWhiteningKind));
+    torch::load(loaded, bytes);
     fitted = dptorch::features::ChannelWhitening(loaded->mean(), loaded->matrix(), release);
   } else if (!group || group->rank() == 0) {
     auto noise = dptorch::optim::make_noise_source(
@@ -246,7 +249,7 @@ dptorch::features::ChannelWhitening run_whitening(
         *noise);
     std::ostringstream bytes;
     torch::save(fitted, bytes);
-    write_file(saved, bytes.str());
+    dptorch::io::write_checked_file(saved.string(), kWhiteningKind, bytes.str());
   }
   if (!group) return fitted;
   // Rank 0's buffers, as raw float32 bytes.
@@ -578,16 +581,24 @@ int run(const Config& config, const fs::path& out, bool resume, int threads,
       (void)engine.load_checkpoint(checkpoint.string(), training);
     } else {
       // One archive: the model, the optimiser and the loader's position, written together.
+      const std::string saved = (out / "model.pt").string();
       torch::serialize::InputArchive archive;
-      archive.load_from((out / "model.pt").string());
-      torch::serialize::InputArchive part;
-      archive.read("model", part);
-      model->load(part);
-      archive.read("optimizer", part);
-      sgd->load(part);
-      c10::IValue position;
-      archive.read("position", position);
-      training.loader.set_position(position.toInt());
+      std::istringstream bytes(dptorch::io::read_checked_file(saved, kModelKind));
+      try {
+        archive.load_from(bytes);
+        torch::serialize::InputArchive part;
+        archive.read("model", part);
+        model->load(part);
+        archive.read("optimizer", part);
+        sgd->load(part);
+        c10::IValue position;
+        archive.read("position", position);
+        training.loader.set_position(position.toInt());
+      } catch (const c10::Error& e) {
+        TORCH_CHECK_VALUE(false, "cannot resume from ", saved, ": ",
+                          dptorch::detail::first_line(e.what_without_backtrace()),
+                          "; start the run again");
+      }
     }
     // The epochs the checkpoint holds (a crash between checkpoint and metrics leaves none past).
     std::ifstream metrics(out / "metrics.jsonl");
@@ -632,7 +643,7 @@ int run(const Config& config, const fs::path& out, bool resume, int threads,
       archive.write("position", c10::IValue(training.loader.position()));
       std::ostringstream bytes;
       archive.save_to(bytes);
-      write_file(out / "model.pt", bytes.str());
+      dptorch::io::write_checked_file((out / "model.pt").string(), kModelKind, bytes.str());
     } else {
       engine.save_checkpoint(checkpoint.string(), training);
     }
@@ -1240,7 +1251,7 @@ int main(int argc, char** argv) {
         const auto* c10_error = dynamic_cast<const c10::Error*>(&e);
         const std::string what = c10_error ? c10_error->what_without_backtrace() : e.what();
         std::cerr << "dptrain: error: " << config_path << " is not a dptrain run's settings ("
-                  << readable(what.substr(0, what.find('\n')))
+                  << dptorch::detail::printable(dptorch::detail::first_line(what))
                   << "); restore it or start the run again\n";
         return 2;
       }

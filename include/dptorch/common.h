@@ -43,6 +43,16 @@ namespace detail {
   return text.substr(0, text.find('\n'));
 }
 
+/// Untrusted bytes made fit for an error message: printable ASCII only (any other byte shows
+/// as '?'), cut to at most `limit` characters ("..." marks the cut).
+[[nodiscard]] inline std::string printable(std::string text, size_t limit = std::string::npos) {
+  if (text.size() > limit) text = text.substr(0, limit < 3 ? 0 : limit - 3) + "...";
+  for (char& c : text) {
+    if (c < 0x20 || c > 0x7e) c = '?';
+  }
+  return text;
+}
+
 // One phrasing for every option check: "<name> must be <condition>, but is <value>".
 
 /// Which ends of a range belong to it.

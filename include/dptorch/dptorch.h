@@ -26,6 +26,8 @@
 #include <dptorch/features/whitening.h>
 #include <dptorch/grad_sample/grad_sample_module.h>
 #include <dptorch/grad_sample/rules.h>
+#include <dptorch/io/atomic_file.h>
+#include <dptorch/io/checked_file.h>
 #include <dptorch/memory.h>
 #include <dptorch/nn/convert.h>
 #include <dptorch/nn/layer.h>

@@ -82,14 +82,9 @@ std::string joined_names() {
 
 // Parses serialize()'s JSON into (mechanism, history); every problem is a c10::ValueError
 // that starts with "accountant state".
-// A piece of an untrusted state for an error message: printable ASCII only (other bytes as '?'),
-// at most `limit` characters.
+// A piece of an untrusted state for an error message: printable, at most 60 characters.
 std::string printable(std::string text, size_t limit = 60) {
-  if (text.size() > limit) text = text.substr(0, limit - 3) + "...";
-  for (char& c : text) {
-    if (c < 0x20 || c > 0x7e) c = '?';
-  }
-  return text;
+  return dptorch::detail::printable(std::move(text), limit);
 }
 
 std::pair<std::string, std::vector<HistoryEntry>> parse_state(const std::string& state) {
@@ -100,7 +95,8 @@ std::pair<std::string, std::vector<HistoryEntry>> parse_state(const std::string&
     TORCH_CHECK_VALUE(false, "accountant state is not valid JSON (", printable(e.what(), 300),
                       "); pass the string that Accountant::serialize() returned");
   }
-  TORCH_CHECK_VALUE(json.is_object() && json.value("format", "") == kStateFormat,
+  TORCH_CHECK_VALUE(json.is_object() && json.contains("format") && json["format"].is_string() &&
+                        json["format"].get<std::string>() == kStateFormat,
                     "accountant state is not a dptorch accountant state (no \"format\": \"",
                     kStateFormat, "\"); pass the string that Accountant::serialize() returned");
   TORCH_CHECK_VALUE(json.contains("version") && json["version"].is_number_integer() &&

@@ -1,6 +1,6 @@
 #include <dptorch/engine/privacy_engine.h>
 
-#include <dptorch/io/atomic_file.h>
+#include <dptorch/io/checked_file.h>
 
 #include <dptorch/accounting/calibration.h>
 #include <dptorch/distributed/group.h>
@@ -241,13 +241,16 @@ std::string rank_state(const CheckpointInfo& info, optim::NoiseSource& noise) {
   return out.str();
 }
 
-// Writes `archive` to `path` so that a crash leaves the old checkpoint or the new one
-// (io::write_file_atomically).
+// What a checkpoint file holds after its checked header (io::write_checked_file).
+constexpr const char* kCheckpointKind = "checkpoint";
+
+// Writes `archive` to `path` as a checked file, so that a crash leaves the old checkpoint or the
+// new one, and a file damaged later is refused before torch's reader sees it.
 void write_atomically(torch::serialize::OutputArchive& archive, const std::string& path) {
   std::ostringstream bytes;
   archive.save_to(bytes);
   try {
-    io::write_file_atomically(path, bytes.str());
+    io::write_checked_file(path, kCheckpointKind, bytes.str());
   } catch (const c10::Error& e) {
     // "could not write <path>: <reason>", said of the checkpoint.
     std::string reason = detail::first_line(e.what_without_backtrace());
@@ -311,28 +314,79 @@ void PrivacyEngine::save_checkpoint(const std::string& path, optim::DPOptimizer&
   }
 }
 
+namespace {
+
+// Checks that `archive` holds a tensor of the same shape and dtype, contiguous, for every
+// parameter and buffer of `module` and its children, as Module::load will read them: a
+// checkpoint whose model part is damaged is refused before any weight changes.
+void check_module_state(const torch::nn::Module& module, torch::serialize::InputArchive& archive,
+                        const std::string& path, const std::string& prefix) {
+  auto check = [&](const std::string& key, const torch::Tensor& expected) {
+    torch::Tensor saved;
+    TORCH_CHECK_VALUE(archive.try_read(key, saved) && saved.defined(), "checkpoint ", path,
+                      " has no state for ", prefix, key, "; it is damaged");
+    TORCH_CHECK_VALUE(saved.sizes() == expected.sizes() && saved.dtype() == expected.dtype() &&
+                          saved.is_contiguous(),
+                      "checkpoint ", path, " holds ", prefix, key, " as ", saved.dtype(), " ",
+                      saved.sizes(), ", but the model's is ", expected.dtype(), " ",
+                      expected.sizes(), "; it is damaged");
+  };
+  for (const auto& p : module.named_parameters(/*recurse=*/false)) check(p.key(), p.value());
+  for (const auto& b : module.named_buffers(/*recurse=*/false)) check(b.key(), b.value());
+  for (const auto& child : module.named_children()) {
+    if (!child.value()->is_serializable()) continue;
+    torch::serialize::InputArchive child_archive;
+    TORCH_CHECK_VALUE(archive.try_read(child.key(), child_archive), "checkpoint ", path,
+                      " has no state for ", prefix, child.key(), "; it is damaged");
+    check_module_state(*child.value(), child_archive, path, prefix + child.key() + ".");
+  }
+}
+
+// An archive's bytes, to restore from if what follows fails.
+std::string bytes_of(const std::function<void(torch::serialize::OutputArchive&)>& save) {
+  torch::serialize::OutputArchive archive;
+  save(archive);
+  std::ostringstream out;
+  archive.save_to(out);
+  return out.str();
+}
+
+void load_bytes(const std::string& bytes,
+                const std::function<void(torch::serialize::InputArchive&)>& load) {
+  torch::serialize::InputArchive archive;
+  std::istringstream in(bytes);
+  archive.load_from(in);
+  load(archive);
+}
+
+}  // namespace
+
 CheckpointInfo PrivacyEngine::load_checkpoint(const std::string& path,
                                               optim::DPOptimizer& optimizer) {
   TORCH_CHECK_VALUE(accountant_ != nullptr, "load_checkpoint needs make_private first");
   const auto& group = optimizer.options().group();
-  // The file's bytes after a '+', read here or by rank 0 and sent to every rank (empty: missing).
+  // The file's payload, read and checked (kind, size, CRC-32) here or by rank 0 and sent to every
+  // rank after a '+'; or rank 0's reason for refusing it after a '-'.
   std::string bytes;
   if (!group || group->rank() == 0) {
-    std::ifstream in(path, std::ios::binary);
-    if (in) {
-      bytes = "+";
-      bytes.append(std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>());
+    try {
+      bytes = "+" + io::read_checked_file(path, kCheckpointKind);
+    } catch (const c10::Error& e) {
+      if (!group) throw;
+      bytes = "-" + detail::first_line(e.what_without_backtrace());
     }
   }
   if (group) bytes = group->broadcast(bytes);
-  TORCH_CHECK_VALUE(!bytes.empty(), "checkpoint ", path, " does not exist",
-                    group && group->rank() != 0 ? " on rank 0" : "");
+  TORCH_CHECK_VALUE(!bytes.empty() && bytes[0] == '+', bytes.substr(1),
+                    group && group->rank() != 0 ? " (read on rank 0)" : "");
   bytes.erase(0, 1);
   auto& module = *optimizer.clipper().grad_sample_module().module();
+  auto adaptive = std::dynamic_pointer_cast<AdaptiveClipper>(optimizer.clipper().norm_clipper());
   torch::serialize::InputArchive archive, model_archive, optimizer_archive;
   c10::IValue value;
   std::optional<std::string> noise_state;
   std::optional<int64_t> position;
+  std::optional<double> max_norm;
   std::string accountant_state;
   torch::Tensor info_tensor;
   // Everything is read and checked before anything changes.
@@ -367,11 +421,15 @@ CheckpointInfo PrivacyEngine::load_checkpoint(const std::string& path,
       const auto& mine = value.toListRef()[static_cast<size_t>(group->rank())];
       TORCH_CHECK(mine.isString(), "checkpoint ", path, " has a damaged rank state");
       torch::serialize::InputArchive rank_archive;
-      std::istringstream in(mine.toStringRef());
-      rank_archive.load_from(in);
+      try {
+        std::istringstream in(mine.toStringRef());
+        rank_archive.load_from(in);
+      } catch (const c10::Error&) {
+        TORCH_CHECK(false, "checkpoint ", path, " has a damaged rank state");
+      }
       c10::IValue v;
-      TORCH_CHECK(rank_archive.try_read("position", v) && v.isInt(), "checkpoint ", path,
-                  " has a damaged rank state");
+      TORCH_CHECK(rank_archive.try_read("position", v) && v.isInt() && v.toInt() >= 0,
+                  "checkpoint ", path, " has a damaged rank state");
       position = v.toInt();
       if (rank_archive.try_read("noise", v) && v.isString()) noise_state = v.toStringRef();
     } else if (archive.try_read("noise", value)) {
@@ -383,16 +441,33 @@ CheckpointInfo PrivacyEngine::load_checkpoint(const std::string& path,
                       " is from a different model (parameters and shapes differ); build the same "
                       "model to resume it");
     accountant_state = read_string("accountant");
-    auto saved = accounting::load_accountant(accountant_state);
+    std::unique_ptr<accounting::Accountant> saved;
+    try {
+      saved = accounting::load_accountant(accountant_state);
+    } catch (const c10::Error& e) {
+      TORCH_CHECK_VALUE(false, "checkpoint ", path, " has a damaged accountant state (",
+                        detail::first_line(e.what()), ")");
+    }
     TORCH_CHECK_VALUE(saved->mechanism() == accountant_->mechanism(), "checkpoint ", path,
                       " was written with the ", saved->mechanism(),
                       " accountant, but this run uses ", accountant_->mechanism(),
                       "; resume with the same accountant");
-    TORCH_CHECK(archive.try_read("info", info_tensor) && info_tensor.numel() == 3, "checkpoint ",
-                path, " is not a dptorch checkpoint (no info)");
+    TORCH_CHECK(archive.try_read("info", info_tensor) && info_tensor.defined() &&
+                    info_tensor.dim() == 1 && info_tensor.numel() == 3 &&
+                    info_tensor.scalar_type() == torch::kLong,
+                "checkpoint ", path, " is not a dptorch checkpoint (no info)");
+    TORCH_CHECK(info_tensor[0].item<int64_t>() >= 0 && info_tensor[1].item<int64_t>() >= 0,
+                "checkpoint ", path, " has a damaged position (", info_tensor[0].item<int64_t>(),
+                ", ", info_tensor[1].item<int64_t>(), " steps)");
     TORCH_CHECK(archive.try_read("model", model_archive) &&
                     archive.try_read("optimizer", optimizer_archive),
                 "checkpoint ", path, " is not a dptorch checkpoint (no model or optimizer state)");
+    check_module_state(module, model_archive, path, "");
+    if (adaptive && archive.try_read("max_norm", value)) {
+      TORCH_CHECK(value.isDouble() && std::isfinite(value.toDouble()) && value.toDouble() > 0,
+                  "checkpoint ", path, " has a damaged clipping threshold");
+      max_norm = value.toDouble();
+    }
   };
   if (!group) {
     check();
@@ -408,16 +483,36 @@ CheckpointInfo PrivacyEngine::load_checkpoint(const std::string& path,
                       error.empty() ? "another rank of the job refused checkpoint " + path : error);
   }
 
-  // Everything is checked: restore. The noise state goes first: set_state() refuses a state of
-  // another kind of source before anything else has changed.
-  if (optimizer.noise().resumable() && noise_state) optimizer.noise().set_state(*noise_state);
-  module.load(model_archive);
-  optimizer.inner().load(optimizer_archive);
-  accountant_->deserialize(accountant_state);
-  if (auto adaptive =
-          std::dynamic_pointer_cast<AdaptiveClipper>(optimizer.clipper().norm_clipper())) {
-    if (archive.try_read("max_norm", value)) adaptive->set_max_norm(value.toDouble());
+  // Everything is checked: restore. The noise source refuses a state of another kind before it
+  // changes anything; the optimiser's state is checked only by loading it, so the noise state
+  // and the optimiser's are put back if that fails, and nothing has changed.
+  auto& noise = optimizer.noise();
+  const std::optional<std::string> noise_before =
+      noise.resumable() && noise_state ? std::optional<std::string>(noise.state()) : std::nullopt;
+  if (noise_before) {
+    try {
+      noise.set_state(*noise_state);
+    } catch (const c10::Error& e) {
+      TORCH_CHECK_VALUE(false, "checkpoint ", path, ": ", detail::first_line(e.what()));
+    }
   }
+  const std::string optimizer_before =
+      bytes_of([&](torch::serialize::OutputArchive& a) { optimizer.inner().save(a); });
+  try {
+    optimizer.inner().load(optimizer_archive);
+  } catch (const std::exception& e) {
+    if (noise_before) noise.set_state(*noise_before);
+    load_bytes(optimizer_before,
+               [&](torch::serialize::InputArchive& a) { optimizer.inner().load(a); });
+    TORCH_CHECK_VALUE(false, "checkpoint ", path, " has a damaged optimizer state (",
+                      detail::printable(detail::first_line(e.what()), 200),
+                      "); nothing was restored");
+  }
+  // The model's tensors are checked (check_module_state), the accountant's state was parsed:
+  // these cannot fail.
+  module.load(model_archive);
+  accountant_->deserialize(accountant_state);
+  if (adaptive && max_norm) adaptive->set_max_norm(*max_norm);
   optimizer.zero_grad();
   CheckpointInfo info;
   info.loader_position = position ? *position : info_tensor[0].item<int64_t>();

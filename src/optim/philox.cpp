@@ -9,7 +9,9 @@
 #include <cstring>
 #include <stdexcept>
 
-#if defined(__x86_64__) && defined(__GNUC__)
+#if defined(__x86_64__) && defined(__clang__)
+#include <immintrin.h>
+#elif defined(__x86_64__) && defined(__GNUC__)
 // GCC 12's AVX-512 headers start some intrinsics from _mm512_undefined_*(), which its
 // -Wmaybe-uninitialized then reports wherever they are inlined (GCC bug 105593).
 #pragma GCC diagnostic push
@@ -33,18 +35,6 @@ constexpr int64_t kGroupBlocks = 32;
 constexpr int64_t kGroupEntries = 4 * kGroupBlocks;
 
 #define DPTORCH_INLINE __attribute__((always_inline)) inline
-
-DPTORCH_INLINE uint32_t bits_of(float f) {
-  uint32_t u;
-  std::memcpy(&u, &f, sizeof u);
-  return u;
-}
-
-DPTORCH_INLINE float float_of(uint32_t u) {
-  float f;
-  std::memcpy(&f, &u, sizeof f);
-  return f;
-}
 
 // GCC vector types of kBytes bytes (16: SSE2 or NEON; 32: AVX2): arithmetic, comparisons and
 // selects on them are element-wise, so the math below is written once for every width.
@@ -70,9 +60,10 @@ DPTORCH_INLINE void store(T* p, V v) {
 
 // ln x for normal floats x > 0: x = m·2^e with m in [√½, √2), then the Cephes logf polynomial
 // in m − 1 (coefficients from S. L. Moshier's Cephes library) and ln 2 in two parts, so that
-// e·ln 2 is exact. Branch-free.
+// e·ln 2 is exact. Branch-free. Vectors go in and out by reference: an AVX-512 caller passing
+// them by value to this untargeted template would change the call's ABI, which clang refuses.
 template <int kBytes>
-DPTORCH_INLINE typename Lanes<kBytes>::F log_lanes(typename Lanes<kBytes>::F x) {
+DPTORCH_INLINE void log_lanes(const typename Lanes<kBytes>::F& x, typename Lanes<kBytes>::F& out) {
   using L = Lanes<kBytes>;
   using F = typename L::F;
   using I = typename L::I;
@@ -97,14 +88,14 @@ DPTORCH_INLINE typename Lanes<kBytes>::F log_lanes(typename Lanes<kBytes>::F x) 
   y = y * f * z;
   y += -2.12194440E-4f * e;
   y += -0.5f * z;
-  return (f + y) + 0.693359375f * e;
+  out = (f + y) + 0.693359375f * e;
 }
 
 // sin and cos of 2π·u for u in [0, 1): 4u (exact) in quarter turns, the nearest whole quarter q
 // split off exactly, the rest in [-π/4, π/4] through the Cephes sinf/cosf polynomials, and the
 // pair rotated by q: (s, c), (c, -s), (-s, -c), (-c, s) for q mod 4 = 0, 1, 2, 3.
 template <int kBytes>
-DPTORCH_INLINE void sincos_lanes(typename Lanes<kBytes>::F u, typename Lanes<kBytes>::F& s,
+DPTORCH_INLINE void sincos_lanes(const typename Lanes<kBytes>::F& u, typename Lanes<kBytes>::F& s,
                                  typename Lanes<kBytes>::F& c) {
   using F = typename Lanes<kBytes>::F;
   using I = typename Lanes<kBytes>::I;
@@ -203,7 +194,9 @@ DPTORCH_INLINE void box_muller_lanes(const uint32_t* radius_words, const uint32_
     const U w1 = load<U>(radius_words + l), w2 = load<U>(angle_words + l);
     const F u1 = __builtin_convertvector((I)(w1 >> 1), F) * 0x1p-31f + 0x1p-32f;
     const F u2 = __builtin_convertvector((I)(w2 >> 8), F) * 0x1p-24f;
-    F r = -2.0f * log_lanes<kBytes>(u1);
+    F r;
+    log_lanes<kBytes>(u1, r);
+    r *= -2.0f;
     for (int64_t i = 0; i < L::kCount; ++i) r[i] = std::sqrt(r[i]);
     F sn, cs;
     sincos_lanes<kBytes>(u2, sn, cs);
@@ -298,7 +291,9 @@ __attribute__((target("arch=x86-64-v4"))) DPTORCH_INLINE void box_muller_wide(
   const U w1 = (U)radius_words, w2 = (U)angle_words;
   const F u1 = __builtin_convertvector((I)(w1 >> 1), F) * 0x1p-31f + 0x1p-32f;
   const F u2 = __builtin_convertvector((I)(w2 >> 8), F) * 0x1p-24f;
-  radius = _mm512_sqrt_ps((__m512)(-2.0f * log_lanes<64>(u1)));
+  F log_u1;
+  log_lanes<64>(u1, log_u1);
+  radius = _mm512_sqrt_ps((__m512)(-2.0f * log_u1));
   F sn, cs;
   sincos_lanes<64>(u2, sn, cs);
   sin_out = (__m512)sn;
@@ -491,7 +486,9 @@ void normal_fill(double* out, int64_t count, uint64_t first, uint64_t key, uint6
 
 float log_poly(float x) {
   Lanes<16>::F v = {x, x, x, x};
-  return log_lanes<16>(v)[0];
+  Lanes<16>::F log_v;
+  log_lanes<16>(v, log_v);
+  return log_v[0];
 }
 
 void sincos_turns(float u, float* sin_out, float* cos_out) {

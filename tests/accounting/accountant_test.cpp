@@ -254,6 +254,9 @@ TEST(AccountantTest, DeserialiseRejectsCorruptState) {
   rejects(good.substr(0, good.size() / 2), "not valid JSON");
   rejects("[1, 2]", "not a dptorch accountant state");
   rejects("{\"history\": [], \"mechanism\": \"rdp\"}", "not a dptorch accountant state");
+  // Found by the damaged-checkpoint test: a "format" that is not a string made the JSON library
+  // throw its own type_error, not a c10::Error.
+  rejects("{\"format\": 1}", "not a dptorch accountant state");
   const std::string head = "{\"format\": \"dptorch.accountant\", \"version\": 1, ";
   rejects(
       "{\"format\": \"dptorch.accountant\", \"version\": 7, \"mechanism\": \"rdp\", "
