@@ -185,7 +185,11 @@ struct Fixture {
         archive.write("optimizer", part);
         break;
       }
-      case 2: archive.write("optimizer", torch::serialize::OutputArchive()); break;
+      case 2: {
+        torch::serialize::OutputArchive nothing;
+        archive.write("optimizer", nothing);
+        break;
+      }
       default: break;
     }
     switch (input.ConsumeIntegralInRange<int>(0, 3)) {

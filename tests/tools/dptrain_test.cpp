@@ -9,6 +9,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cmath>
 #include <filesystem>
@@ -419,6 +420,47 @@ TEST_F(DptrainTest, InterruptedRunResumesToTheSameResult) {
   auto again = run_tool("dptrain", "--resume " + out("part"));
   ASSERT_EQ(again.status, 0) << again.err;
   EXPECT_EQ(read_json(dir_ / "part" / "report.json")["epsilon"], a["epsilon"]);
+}
+
+// The files --resume reads are checked files: one flipped bit in the checkpoint (or in
+// --no-privacy's model.pt) stops the run with exit status 2 and one line naming the file, and
+// the file is left as it was for the user to restore. An intact model.pt resumes a --no-privacy
+// run to the uninterrupted run's result.
+TEST_F(DptrainTest, DamagedCheckpointsAreRefusedByName) {
+  const std::string plain =
+      "--model cnn --no-privacy --train-subset 512 --batch-size 64 --epochs 2 --lr 0.5 --threads 2 "
+      "--seed 3";
+  auto whole = run_tool("dptrain", plain + " --out " + out("whole"));
+  ASSERT_EQ(whole.status, 0) << whole.err;
+  for (const std::string& settings : {kQuick + " --epsilon 50", plain}) {
+    SCOPED_TRACE(settings);
+    const std::string name = settings == plain ? "plain" : "private";
+    const fs::path file = dir_ / name / (name == "plain" ? "model.pt" : "checkpoint.pt");
+    auto part = run_tool("dptrain", settings + " --stop-after-steps 11 --out " + out(name));
+    ASSERT_EQ(part.status, 130) << part.err;
+    std::string bytes;
+    {
+      std::ifstream in(file, std::ios::binary);
+      bytes.assign(std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>());
+    }
+    const std::string good = bytes;
+    bytes[bytes.size() / 2] = static_cast<char>(bytes[bytes.size() / 2] ^ 0x20);
+    std::ofstream(file, std::ios::binary | std::ios::trunc) << bytes;
+    auto r = run_tool("dptrain", "--resume " + out(name));
+    EXPECT_EQ(r.status, 2);
+    EXPECT_THAT(r.err, HasSubstr(file.string() + " is corrupt"));
+    EXPECT_EQ(std::count(r.err.begin(), r.err.end(), '\n'), 1) << r.err;
+    std::ifstream in(file, std::ios::binary);
+    EXPECT_EQ(std::string(std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>()),
+              bytes);
+    if (name == "plain") {
+      std::ofstream(file, std::ios::binary | std::ios::trunc) << good;
+      auto rest = run_tool("dptrain", "--resume " + out(name));
+      ASSERT_EQ(rest.status, 0) << rest.err;
+      EXPECT_EQ(read_json(dir_ / "whole" / "report.json")["test_accuracy"],
+                read_json(dir_ / name / "report.json")["test_accuracy"]);
+    }
+  }
 }
 
 }  // namespace
