@@ -17,6 +17,7 @@
 
 #include <cstdlib>
 #include <fstream>
+#include <functional>
 #include <memory>
 #include <sstream>
 #include <string>
@@ -151,47 +152,20 @@ struct Fixture {
     if (input.ConsumeIntegralInRange<int>(0, 3) != 3) {
       archive.write("info", torch::tensor(info, torch::kLong).to(dtype));
     }
-    switch (input.ConsumeIntegralInRange<int>(0, 3)) {
-      case 0: {
-        torch::serialize::OutputArchive part;
-        model->save(part);
-        archive.write("model", part);
-        break;
-      }
-      case 1: {
-        torch::serialize::OutputArchive part;
-        wider->save(part);
-        archive.write("model", part);
-        break;
-      }
-      case 2: {
-        torch::serialize::OutputArchive part;
-        empty->save(part);
-        archive.write("model", part);
-        break;
-      }
-      default: break;
-    }
-    switch (input.ConsumeIntegralInRange<int>(0, 3)) {
-      case 0: {
-        torch::serialize::OutputArchive part;
-        run->optimizer->inner().save(part);
-        archive.write("optimizer", part);
-        break;
-      }
-      case 1: {
-        torch::serialize::OutputArchive part;
-        adam->save(part);
-        archive.write("optimizer", part);
-        break;
-      }
-      case 2: {
-        torch::serialize::OutputArchive nothing;
-        archive.write("optimizer", nothing);
-        break;
-      }
-      default: break;
-    }
+    // `key` written by one of `savers`, or absent (the choice past the last).
+    using Saver = std::function<void(torch::serialize::OutputArchive&)>;
+    auto write_part = [&](const char* key, const std::vector<Saver>& savers) {
+      const auto choice = input.ConsumeIntegralInRange<size_t>(0, savers.size());
+      if (choice == savers.size()) return;
+      torch::serialize::OutputArchive part;
+      savers[choice](part);
+      archive.write(key, part);
+    };
+    write_part("model",
+               {[&](auto& part) { model->save(part); }, [&](auto& part) { wider->save(part); },
+                [&](auto& part) { empty->save(part); }});
+    write_part("optimizer", {[&](auto& part) { run->optimizer->inner().save(part); },
+                             [&](auto& part) { adam->save(part); }, [](auto&) {}});
     switch (input.ConsumeIntegralInRange<int>(0, 3)) {
       case 0: archive.write("max_norm", c10::IValue(input.ConsumeFloatingPoint<double>())); break;
       case 1: archive.write("max_norm", c10::IValue(std::string("1.0"))); break;
