@@ -225,7 +225,7 @@ dptorch::features::ChannelWhitening run_whitening(
   constexpr uint64_t kWhiteningSeedSalt = 0x5eed5ca77e2ULL;
   constexpr int64_t kFeatures = kScatterChannels * 7 * 7;
   const fs::path saved = out / "whitening.pt";
-  const dptorch::accounting::HistoryEntry release{config.whitening_noise / std::sqrt(2.0), 1.0, 1};
+  const auto release = dptorch::features::channel_whitening_release(config.whitening_noise);
   dptorch::features::ChannelWhitening fitted{nullptr};
   // A run killed before it saved the whitening released nothing: a resumed one fits it anew.
   if ((!group || group->rank() == 0) && resume && fs::exists(saved)) {

@@ -96,7 +96,12 @@ ChannelWhitening fit_channel_whitening(const torch::Tensor& features,
   shape.insert(shape.begin(), channels);
   const auto fopts = features.options().dtype(torch::kFloat);
   return ChannelWhitening(mean.reshape(shape).to(fopts), ((matrix + matrix.t()) / 2).to(fopts),
-                          accounting::HistoryEntry{sigma / std::sqrt(2.0), 1.0, 1});
+                          channel_whitening_release(sigma));
+}
+
+accounting::HistoryEntry channel_whitening_release(double noise_multiplier) {
+  // Two Gaussian mechanisms of multiplier σ on one data set compose to one of σ/√2.
+  return {noise_multiplier / std::sqrt(2.0), 1.0, 1};
 }
 
 }  // namespace dptorch::features

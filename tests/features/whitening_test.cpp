@@ -13,6 +13,7 @@
 
 namespace {
 
+using dptorch::features::channel_whitening_release;
 using dptorch::features::ChannelWhitening;
 using dptorch::features::ChannelWhiteningOptions;
 using dptorch::features::fit_channel_whitening;
@@ -123,6 +124,7 @@ TEST(ChannelWhitening, ClipsEachExampleAndNoisesAtItsSensitivity) {
   EXPECT_DOUBLE_EQ(fitted->release()->noise_multiplier, 7.0 / std::sqrt(2.0));
   EXPECT_DOUBLE_EQ(fitted->release()->sample_rate, 1.0);
   EXPECT_EQ(fitted->release()->steps, 1);
+  EXPECT_TRUE(*fitted->release() == channel_whitening_release(7.0));
   // The clipped examples (3, 0) and (0, 5) have covariance Σ = [[2.25, −3.75], [−3.75, 6.25]];
   // W = (Σ + I)^(-1/2), and W² (Σ + I) = I.
   const auto sigma = torch::tensor({{2.25, -3.75}, {-3.75, 6.25}}, torch::kDouble);

@@ -85,4 +85,9 @@ TORCH_MODULE(ChannelWhitening);
                                                      const ChannelWhiteningOptions& options,
                                                      optim::NoiseSource& noise);
 
+/// The release fit_channel_whitening makes with noise multiplier σ (its release()), as an
+/// accountant history block: {σ/√2, q = 1, 1 step}. For a whitening kept and loaded again, whose
+/// release must still be counted.
+[[nodiscard]] accounting::HistoryEntry channel_whitening_release(double noise_multiplier);
+
 }  // namespace dptorch::features
