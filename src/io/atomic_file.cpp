@@ -1,5 +1,7 @@
 #include <dptorch/io/atomic_file.h>
 
+#include "io/descriptor.h"
+
 #include <c10/util/Exception.h>
 
 #include <fcntl.h>
@@ -13,26 +15,7 @@
 namespace dptorch::io {
 namespace {
 
-// Closes a descriptor when it goes out of scope (unless released).
-class Descriptor {
- public:
-  explicit Descriptor(int fd) : fd_(fd) {}
-  Descriptor(const Descriptor&) = delete;
-  Descriptor& operator=(const Descriptor&) = delete;
-  ~Descriptor() {
-    if (fd_ >= 0) ::close(fd_);
-  }
-  int get() const { return fd_; }
-  // Closes now and reports whether close succeeded (it can fail with a deferred write error).
-  bool close() {
-    const int fd = fd_;
-    fd_ = -1;
-    return ::close(fd) == 0;
-  }
-
- private:
-  int fd_;
-};
+using detail::Descriptor;
 
 [[noreturn]] void fail(const std::string& path, const std::string& tmp, const char* what,
                        int error) {

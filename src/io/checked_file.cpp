@@ -2,6 +2,8 @@
 #include <dptorch/io/atomic_file.h>
 #include <dptorch/io/checked_file.h>
 
+#include "io/descriptor.h"
+
 #include <c10/util/Exception.h>
 #include <zlib.h>
 
@@ -18,6 +20,8 @@
 
 namespace dptorch::io {
 namespace {
+
+using detail::Descriptor;
 
 constexpr const char* kVersion = "v1";
 // A header line is at most this long: "dptorch " + a kind + " v1 size=" + 20 digits + " crc32=" +
@@ -54,19 +58,8 @@ void check_kind(std::string_view kind) {
       });
   TORCH_CHECK_VALUE(ok, "a checked file's kind must be 1 to ", kMaxKind,
                     " letters, digits, '-', '_' or '.', but is '",
-                    detail::printable(std::string(kind), 80), "'");
+                    dptorch::detail::printable(std::string(kind), 80), "'");
 }
-
-// Closes a descriptor when it goes out of scope.
-struct Descriptor {
-  explicit Descriptor(int descriptor) : fd(descriptor) {}
-  Descriptor(const Descriptor&) = delete;
-  Descriptor& operator=(const Descriptor&) = delete;
-  ~Descriptor() {
-    if (fd >= 0) ::close(fd);
-  }
-  int fd;
-};
 
 // Reads exactly `size` bytes at the descriptor's position into `out`; false if the file ends first.
 bool read_exactly(int fd, char* out, size_t size, const std::string& path, std::string_view kind) {
@@ -111,18 +104,18 @@ void write_checked_file(const std::string& path, std::string_view kind, std::str
 std::string read_checked_file(const std::string& path, std::string_view kind) {
   check_kind(kind);
   Descriptor file(::open(path.c_str(), O_RDONLY | O_CLOEXEC));
-  if (file.fd < 0) {
+  if (file.get() < 0) {
     const int error = errno;
     TORCH_CHECK_VALUE(error != ENOENT, kind, " ", path, " does not exist");
     TORCH_CHECK(false, kind, " ", path, " cannot be opened (", std::strerror(error), ")");
   }
   struct stat info {};
-  TORCH_CHECK(::fstat(file.fd, &info) == 0 && S_ISREG(info.st_mode), kind, " ", path,
+  TORCH_CHECK(::fstat(file.get(), &info) == 0 && S_ISREG(info.st_mode), kind, " ", path,
               " is not a regular file");
   const auto file_size = static_cast<uint64_t>(info.st_size);
   // The header line, from at most kMaxHeader bytes at the start.
   std::string head(static_cast<size_t>(std::min<uint64_t>(file_size, kMaxHeader)), '\0');
-  TORCH_CHECK(read_exactly(file.fd, head.data(), head.size(), path, kind), kind, " ", path,
+  TORCH_CHECK(read_exactly(file.get(), head.data(), head.size(), path, kind), kind, " ", path,
               " changed while it was read");
   const std::string expected = "dptorch " + std::string(kind) + " ";
   const auto newline = head.find('\n');
@@ -138,13 +131,14 @@ std::string read_checked_file(const std::string& path, std::string_view kind) {
   const std::string line = head.substr(0, newline);
   if (line.rfind(expected, 0) != 0) {
     const std::string other = line.substr(8, line.find(' ', 8) - 8);
-    TORCH_CHECK_VALUE(false, kind, " ", path, " is a dptorch '", detail::printable(other, 64),
-                      "' file, not a ", kind, " file; pass the ", kind, " that dptorch wrote");
+    TORCH_CHECK_VALUE(false, kind, " ", path, " is a dptorch '",
+                      dptorch::detail::printable(other, 64), "' file, not a ", kind,
+                      " file; pass the ", kind, " that dptorch wrote");
   }
   // The rest: "v1 size=<n> crc32=<hex>", in exactly the form header_of writes.
   const std::string rest = line.substr(expected.size());
   TORCH_CHECK_VALUE(rest.rfind(std::string(kVersion) + " ", 0) == 0, kind, " ", path,
-                    " has a header of another version ('", detail::printable(line, 100),
+                    " has a header of another version ('", dptorch::detail::printable(line, 100),
                     "'; this build reads ", kVersion, ")");
   const auto size_at = rest.find(" size="), crc_at = rest.find(" crc32=");
   uint64_t payload_size = 0;
@@ -160,7 +154,7 @@ std::string read_checked_file(const std::string& path, std::string_view kind) {
     if (parsed) crc = static_cast<uint32_t>(std::stoul(crc_text, nullptr, 16));
   }
   TORCH_CHECK_VALUE(parsed && line + "\n" == header_of(kind, payload_size, crc), kind, " ", path,
-                    " has a damaged header ('", detail::printable(line, 100), "')");
+                    " has a damaged header ('", dptorch::detail::printable(line, 100), "')");
   // The size the header states is checked against the file's before anything is allocated.
   const uint64_t header_size = line.size() + 1;
   const uint64_t present = file_size - header_size;
@@ -171,8 +165,9 @@ std::string read_checked_file(const std::string& path, std::string_view kind) {
   std::string payload(static_cast<size_t>(payload_size), '\0');
   const size_t in_head = head.size() - static_cast<size_t>(header_size);
   std::memcpy(payload.data(), head.data() + header_size, in_head);
-  TORCH_CHECK(read_exactly(file.fd, payload.data() + in_head, payload.size() - in_head, path, kind),
-              kind, " ", path, " changed while it was read");
+  TORCH_CHECK(
+      read_exactly(file.get(), payload.data() + in_head, payload.size() - in_head, path, kind),
+      kind, " ", path, " changed while it was read");
   const uint32_t actual = crc32_of(payload);
   TORCH_CHECK_VALUE(actual == crc, kind, " ", path,
                     " is corrupt: its content does not match its checksum (crc32 ", hex8(actual),
