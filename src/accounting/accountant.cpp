@@ -155,6 +155,12 @@ std::vector<HistoryEntry> Accountant::history() const {
 void Accountant::reset() {
   std::lock_guard<std::mutex> lock(mutex_);
   history_.clear();
+  ++version_;
+}
+
+uint64_t Accountant::version() const {
+  std::lock_guard<std::mutex> lock(mutex_);
+  return version_;
 }
 
 void Accountant::step(double noise_multiplier, double sample_rate, int64_t steps) {
@@ -163,6 +169,7 @@ void Accountant::step(double noise_multiplier, double sample_rate, int64_t steps
     return;
   }
   std::lock_guard<std::mutex> lock(mutex_);
+  ++version_;
   if (!history_.empty() && history_.back().noise_multiplier == noise_multiplier &&
       history_.back().sample_rate == sample_rate) {
     history_.back().steps += steps;
@@ -177,6 +184,7 @@ void Accountant::set_history(std::vector<HistoryEntry> history) {
   }
   std::lock_guard<std::mutex> lock(mutex_);
   history_ = std::move(history);
+  ++version_;
 }
 
 int64_t Accountant::total_steps() const {
@@ -209,6 +217,7 @@ void Accountant::deserialize(const std::string& state) {
                     printable(state_mechanism), "\")");
   std::lock_guard<std::mutex> lock(mutex_);
   history_ = std::move(history);
+  ++version_;
 }
 
 void check_budget(const PrivacyBudget& budget) {

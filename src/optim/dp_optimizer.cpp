@@ -111,11 +111,11 @@ int64_t DPOptimizer::steps_within_budget() {
   if (!budget) return -1;
   // Counted at the next step's σ: a schedule that changes σ asks again.
   const double sigma = noise_multiplier();
-  if (budget_allowance_ < 0 || accountant_->history() != budget_history_ ||
+  if (budget_allowance_ < 0 || accountant_->version() != budget_version_ ||
       sigma != budget_sigma_) {
     budget_allowance_ =
         accounting::steps_within_budget(*accountant_, sigma, options_.sample_rate(), *budget);
-    budget_history_ = accountant_->history();
+    budget_version_ = accountant_->version();
     budget_sigma_ = sigma;
   }
   return budget_allowance_;
@@ -240,11 +240,11 @@ void DPOptimizer::step() {
   apply_clipping_schedule();
   if (accountant_ && options_.sample_rate() > 0) {
     const bool cached = options_.budget() && budget_allowance_ > 0 &&
-                        accountant_->history() == budget_history_ && sigma == budget_sigma_;
+                        accountant_->version() == budget_version_ && sigma == budget_sigma_;
     accountant_->step(sigma, options_.sample_rate());
     if (cached) {
       --budget_allowance_;
-      budget_history_ = accountant_->history();
+      budget_version_ = accountant_->version();
     }
   }
 }

@@ -61,6 +61,10 @@ class Accountant {
   /// Forgets the history.
   void reset();
 
+  /// A counter that changes whenever the history does (step, set_history, reset, deserialize):
+  /// what a cache of a result about the history compares, instead of a copy of it.
+  [[nodiscard]] uint64_t version() const;
+
   /// Total number of recorded steps over all blocks.
   int64_t total_steps() const;
 
@@ -100,6 +104,7 @@ class Accountant {
  private:
   mutable std::mutex mutex_;
   std::vector<HistoryEntry> history_;
+  uint64_t version_ = 0;
 };
 
 /// A privacy budget: the ε at δ a run may spend, as its accountant measures it.

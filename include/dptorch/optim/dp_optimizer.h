@@ -151,8 +151,8 @@ class DPOptimizer {
   std::shared_ptr<accounting::Accountant> accountant_;
   std::shared_ptr<AdaptiveClipper> adaptive_;
   int64_t steps_ = 0;
-  // steps_within_budget() for the accountant's history as it was when last asked.
-  std::vector<accounting::HistoryEntry> budget_history_;
+  // steps_within_budget() for the accountant's history at version budget_version_.
+  uint64_t budget_version_ = 0;
   double budget_sigma_ = -1;
   int64_t budget_allowance_ = -1;
 };
